@@ -1,0 +1,100 @@
+"""Data contracts as pyarrow schemas, plus validation of input shards before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# --- inputs -------------------------------------------------------------------------------------
+CORPUS_IMAGE_BYTES = pa.schema([("doc_id", pa.string()), ("image", pa.binary()), ("text", pa.string())])
+CORPUS_IMAGE_URI = pa.schema([("doc_id", pa.string()), ("image_uri", pa.string()), ("text", pa.string())])
+QUERIES = pa.schema([("query_id", pa.string()), ("text", pa.string())])
+QRELS = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("relevance", pa.int32())])
+
+# --- outputs ------------------------------------------------------------------------------------
+REJECTS = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("source", pa.string()),
+        ("row_index", pa.int64()),
+        ("id", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """Embeddings cache rows: id, where it came from (row in its source shard), unit-norm vector."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [("id", pa.string()), ("row_index", pa.int64()), ("embedding", pa.list_(value, dim))]
+    )
+
+
+RESULTS = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("rank", pa.int32()),
+        ("doc_id", pa.string()),
+        ("retrieval_score", pa.float32()),
+        ("rerank_score", pa.float32()),
+        ("reranker", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+class SchemaError(ValueError):
+    """An input shard does not follow its contract (names the shard and the column)."""
+
+
+_STRING = (pa.string(), pa.large_string())
+_BINARY = (pa.binary(), pa.large_binary())
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """What a shard of a given kind must contain."""
+
+    name: str  # "corpus" | "queries"
+    id_column: str
+    payload_columns: tuple[str, ...]  # exactly one of these must be present
+
+
+CORPUS = InputKind("corpus", "doc_id", ("image", "image_uri"))
+QUERY = InputKind("queries", "query_id", ("text",))
+
+
+def check_shard_schema(schema: pa.Schema, kind: InputKind, shard: str) -> str:
+    """Validate one shard's schema; return the payload column it uses.
+
+    Raises :class:`SchemaError` naming the shard and the offending column.
+    """
+    names = set(schema.names)
+    if kind.id_column not in names:
+        raise SchemaError(f"{shard}: required column '{kind.id_column}' is missing (has {sorted(names)})")
+    if schema.field(kind.id_column).type not in _STRING:
+        raise SchemaError(
+            f"{shard}: column '{kind.id_column}' must be string, got {schema.field(kind.id_column).type}"
+        )
+    present = [c for c in kind.payload_columns if c in names]
+    if kind is CORPUS:
+        if len(present) != 1:
+            raise SchemaError(
+                f"{shard}: needs exactly one of columns 'image' (binary) or 'image_uri' (string), "
+                f"found {present or 'neither'}"
+            )
+        col = present[0]
+        want = _BINARY if col == "image" else _STRING
+        if schema.field(col).type not in want:
+            raise SchemaError(f"{shard}: column '{col}' has type {schema.field(col).type}, expected {want[0]}")
+        if "text" in names and schema.field("text").type not in _STRING:
+            raise SchemaError(f"{shard}: column 'text' must be string, got {schema.field('text').type}")
+        return col
+    if not present:
+        raise SchemaError(f"{shard}: required column 'text' is missing (has {sorted(names)})")
+    if schema.field("text").type not in _STRING:
+        raise SchemaError(f"{shard}: column 'text' must be string, got {schema.field('text').type}")
+    return "text"

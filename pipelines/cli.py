@@ -1,0 +1,119 @@
+"""The ``mmrerank`` command line: ``main(argv)`` is the console script and is callable from tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from operators.models import ModelLoadError
+from operators.schemas import SchemaError
+from operators.shards import InputError
+from operators.storage import StorageError, redact
+from pipelines.config import ConfigError, load_config
+
+log = logging.getLogger("mmrerank")
+
+# Errors a user can fix: reported in one line (exit 2), never with a traceback.
+USER_ERRORS = (ConfigError, SchemaError, InputError, StorageError, ModelLoadError, FileNotFoundError, ValueError)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+    if verbose < 2:
+        # open_clip logs its chatter through the root logger itself: drop that below WARNING.
+        for h in logging.getLogger().handlers:
+            h.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args.set))
+    sys.stdout.write(yaml.safe_dump(cfg.redacted_dump(), sort_keys=False))
+    return 0
+
+
+def cmd_make_sample(args: argparse.Namespace) -> int:
+    from pipelines.sample import make_sample
+
+    info = make_sample(args.out, docs=args.docs, queries=args.queries, shards=args.shards, seed=args.seed,
+                       bad_rows=args.bad_rows, image_size=args.image_size, image_uri=args.image_uri)
+    log.info("sample written: corpus=%s queries=%s qrels=%s (%d docs, %d queries, %d bad rows)",
+             info.corpus, info.queries, info.qrels, info.docs, info.queries_n, len(info.bad_rows))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipelines.embed import run_embed, summary_lines
+
+    cfg = load_config(args.config, _overrides(args.set))
+    kinds = tuple(args.only) if args.only else ("corpus", "queries")
+    results = run_embed(cfg, kinds, force=args.force)
+    for line in summary_lines(results):
+        log.info("%s", line)
+    for r in results:
+        log.info("%s embeddings: %s (set %s)", r.kind, r.cache, r.set_uri)
+    if args.json:
+        sys.stdout.write(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmrerank", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="validate a config file and print it resolved (no secrets)")
+    v.add_argument("config")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    v.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("make-sample", help="write a deterministic synthetic corpus, queries and qrels")
+    s.add_argument("--out", required=True, help="output URI (local path or s3://)")
+    s.add_argument("--docs", type=int, default=200)
+    s.add_argument("--queries", type=int, default=20)
+    s.add_argument("--shards", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--image-uri", action="store_true", help="store images as files and reference them by URI")
+    s.add_argument("--bad-rows", action="store_true", help="add the documented mix of broken rows")
+    s.set_defaults(fn=cmd_make_sample)
+
+    e = sub.add_parser("embed", help="embed corpus images and query texts into the embeddings cache")
+    e.add_argument("config")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    e.add_argument("--only", action="append", choices=["corpus", "queries"], help="embed only this input")
+    e.add_argument("--force", action="store_true", help="ignore the cache and re-embed every shard")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    e.set_defaults(fn=cmd_embed)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.fn(args))
+    except USER_ERRORS as e:
+        log.error("%s", redact(str(e)))
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

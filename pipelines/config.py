@@ -1,0 +1,186 @@
+"""Typed configuration: one YAML file validated into pydantic models before any work starts.
+
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` whose message names the
+field path (``embed.batch_size: Input should be greater than 0``). Secrets never go in here
+except through ``storage``, whose secret fields are excluded from every dump.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from operators.models import ModelSpec
+from operators.storage import StorageOptions, normalize
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class ConfigError(ValueError):
+    """Configuration is invalid; the message names every offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class StorageConfig(_Strict):
+    """S3 settings; anything left out comes from the standard AWS environment / profile."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: str | None = Field(default=None, repr=False, exclude=True)
+    secret_access_key: str | None = Field(default=None, repr=False, exclude=True)
+    session_token: str | None = Field(default=None, repr=False, exclude=True)
+    anon: bool = False
+
+    def options(self) -> StorageOptions:
+        return StorageOptions(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            profile=self.profile,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            session_token=self.session_token,
+            anon=self.anon,
+        )
+
+
+class RayConfig(_Strict):
+    """Where the job runs. ``address: null`` starts a local Ray instance."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, gt=0)
+    object_store_memory_mb: int | None = Field(default=None, gt=64)
+    # Shipped to every worker; AWS_* variables present in the driver are forwarded automatically.
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    progress_bars: bool = True
+
+
+class EmbedConfig(_Strict):
+    """Embedding stage: corpus images and query texts through one open_clip model."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    batch_size: int = Field(default=32, gt=0, le=65536)
+    dtype: Literal["float32", "float16"] = "float32"
+    # Actor pool size: "auto" = one per GPU on GPU clusters, one on CPU.
+    num_actors: int | Literal["auto"] = "auto"
+    # Logical CPUs one embedder actor holds. Keep < the node's CPUs so read/decode/write tasks run.
+    actor_num_cpus: float = Field(default=1.0, gt=0)
+    # Torch intra-op threads in a CPU actor: "auto" = node CPUs / CPU actors on that node.
+    torch_threads: int | Literal["auto"] = "auto"
+    # Read+decode tasks. Differs from actor_num_cpus on purpose: Ray Data fuses a CPU map into the
+    # actor stage when their resources match, and decode must overlap with the model, not precede it.
+    decode_num_cpus: float = Field(default=0.5, gt=0)
+    write_num_cpus: float = Field(default=0.25, gt=0)
+    rows_per_read_task: int = Field(default=256, gt=0)
+    write_batch_size: int = Field(default=4096, gt=0)
+    max_image_pixels: int = Field(default=89_478_485, gt=0)  # PIL's own default cap
+    max_image_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [f for f in v if f.upper() not in ALLOWED_FORMATS]
+        if bad:
+            raise ValueError(f"unknown formats {bad}; choose from {list(ALLOWED_FORMATS)}")
+        return tuple(f.upper() for f in v)
+
+    @field_validator("num_actors", "torch_threads")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return v
+
+
+class Config(_Strict):
+    """Root of a pipeline config file."""
+
+    root: str = Field(description="Output root URI: embeddings/, indexes/, runs/ and LATEST live here")
+    corpus: str | None = Field(default=None, description="URI of a directory (or glob) of corpus Parquet shards")
+    queries: str | None = Field(default=None, description="URI of a directory (or glob) of query Parquet shards")
+    qrels: str | None = None
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+
+    @field_validator("root", "corpus", "queries", "qrels")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must be a non-empty path or URI")
+        return normalize(os.path.expanduser(v))
+
+    @model_validator(mode="after")
+    def _inputs(self) -> Config:
+        if self.corpus is None and self.queries is None:
+            raise ValueError("at least one of 'corpus' or 'queries' must be set")
+        return self
+
+    def redacted_dump(self) -> dict[str, Any]:
+        """The resolved config as plain data, with every secret left out."""
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative local paths in the file are relative to the file's directory, not the cwd."""
+    for key in ("root", "corpus", "queries", "qrels"):
+        v = data.get(key)
+        if isinstance(v, str) and "://" not in v and not os.path.isabs(os.path.expanduser(v)):
+            data[key] = str((base / v).resolve())
+    return data
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>", base: Path | None = None) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(data).__name__}")
+    if base is not None:
+        data = _resolve_relative(dict(data), base)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file; ``overrides`` are merged on top (dotted keys allowed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid config {p}: not valid YAML: {e}") from None
+    for k, v in (overrides or {}).items():
+        _set_dotted(data, k, v)
+    return parse_config(data, str(p), base=p.parent.resolve())
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
