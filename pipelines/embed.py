@@ -189,7 +189,7 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
     idc = KINDS[kind].id_column
     # Same resources as decode, so read+decode fuse into one task (no extra object-store hop).
     ds = ray.data.read_datasource(ShardSource(todo, idc, opts, e.rows_per_read_task),
-                                  ray_remote_args={"num_cpus": e.decode_num_cpus})
+                                  num_cpus=e.decode_num_cpus)
     if kind == "corpus":
         ds = ds.map_batches(
             DecodeImages(rm.preprocess, e.max_image_pixels, e.allowed_formats, e.max_image_bytes, opts),
