@@ -74,6 +74,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from pipelines.quickstart import quickstart
+
+    quickstart(args.out, docs=args.docs, queries=args.queries, shards=args.shards)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrerank", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -102,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="ignore the cache and re-embed every shard")
     e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     e.set_defaults(fn=cmd_embed)
+    q = sub.add_parser("quickstart", help="make a sample and run the pipeline on the embedded default")
+    q.add_argument("--out", default="mmrerank-quickstart", help="where the sample and outputs go")
+    q.add_argument("--docs", type=int, default=200)
+    q.add_argument("--queries", type=int, default=20)
+    q.add_argument("--shards", type=int, default=4)
+    q.set_defaults(fn=cmd_quickstart)
     return p
 
 
