@@ -61,6 +61,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK (PIL inverts Adobe CMYK JPEGs), L, 1, P, YCbCr, LAB, HSV
 
 
+def _oserror_kind(e: OSError) -> str:
+    msg = str(e).lower()
+    return TRUNCATED if "truncated" in msg or "broken data stream" in msg else UNDECODABLE
+
+
 def decode_image(data: bytes | None, max_pixels: int, allowed_formats: tuple[str, ...],
                  max_bytes: int | None = None) -> Image.Image:
     """Decode ``data`` into an 8-bit RGB PIL image or raise :class:`RejectError`."""
@@ -79,6 +84,8 @@ def decode_image(data: bytes | None, max_pixels: int, allowed_formats: tuple[str
             raise RejectError(BOMB, f"decompression bomb: {e}") from None
         except UnidentifiedImageError:
             raise RejectError(UNDECODABLE, f"not a recognised image ({len(data)} bytes)") from None
+        except OSError as e:  # e.g. a JPEG cut inside its header
+            raise RejectError(_oserror_kind(e), f"{type(e).__name__}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any header failure is an undecodable row
             raise RejectError(UNDECODABLE, f"{type(e).__name__}: {e}") from None
         fmt = (img.format or "").upper()
@@ -94,9 +101,7 @@ def decode_image(data: bytes | None, max_pixels: int, allowed_formats: tuple[str
         except Image.DecompressionBombError as e:
             raise RejectError(BOMB, f"decompression bomb: {e}") from None
         except OSError as e:
-            msg = str(e)
-            kind = TRUNCATED if "truncated" in msg or "broken data stream" in msg else UNDECODABLE
-            raise RejectError(kind, f"{type(e).__name__}: {msg}") from None
+            raise RejectError(_oserror_kind(e), f"{type(e).__name__}: {e}") from None
         except Exception as e:  # noqa: BLE001
             raise RejectError(UNDECODABLE, f"{type(e).__name__}: {e}") from None
     try:

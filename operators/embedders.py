@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -21,9 +20,10 @@ import pyarrow as pa
 
 from operators import decode as R
 from operators.models import Preprocess, ResolvedModel, build_model, image_transform, resolve_precision
-from operators.schemas import REJECTS, embeddings_schema
+from operators.parts import PartsSink, cached_storage, part_name
+from operators.schemas import embeddings_schema
 from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
-from operators.storage import Storage, StorageOptions, join
+from operators.storage import StorageOptions, join
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ _PASS = (ID, ROW, SHARD, SOURCE)
 @lru_cache(maxsize=4)
 def _transform(pp: Preprocess) -> Any:
     return image_transform(pp)
-
-
-@lru_cache(maxsize=2)
-def _storage(options: StorageOptions | None) -> Storage:
-    return Storage(options)
 
 
 def _size(pp: Preprocess) -> tuple[int, int]:
@@ -86,7 +81,7 @@ class DecodeImages:
 
     def _fetch(self, uri: str) -> bytes:
         try:
-            return _storage(self.storage_options).read_bytes(uri)
+            return cached_storage(self.storage_options).read_bytes(uri)
         except Exception as e:  # noqa: BLE001
             raise R.RejectError(R.URI_UNREADABLE, f"cannot read {uri}: {type(e).__name__}: {e}") from None
 
@@ -177,93 +172,21 @@ class TextEmbedder(_Embedder):
         return self._finish(self.model.encode_text(tokens))
 
 
-def _part_name(prefix: str, first_row: int) -> str:
-    # Named by the first input row it holds: a retried write overwrites, never duplicates.
-    return f"{prefix}-{first_row:012d}.parquet"
-
-
-class EmbeddingsSink:
-    """Writes embedded rows and rejects into ``<cache>/<shard_key>/`` parts; returns what it wrote.
-
-    Used as a Ray Data ``Datasink`` (see :func:`make_datasink`) and directly in tests.
-    """
+class EmbeddingsSink(PartsSink):
+    """Embedded rows and rejects into ``<cache>/<shard_key>/part-*.parquet`` / ``rejects-*.parquet``."""
 
     def __init__(self, cache: str, dim: int, dtype: str, stage: str,
                  storage_options: StorageOptions | None = None) -> None:
-        self.cache, self.dim, self.dtype, self.stage = cache, dim, dtype, stage
-        self.storage_options = storage_options
+        super().__init__(stage, storage_options)
+        self.cache, self.dim, self.dtype = cache, dim, dtype
 
-    def write_batch(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        """Write one batch (numpy columns, possibly spanning shards); one record per shard touched."""
-        storage = _storage(self.storage_options)
-        out: list[dict[str, Any]] = []
-        shards = np.asarray(batch[SHARD]).astype(str)
-        if len(shards) == 0:
-            return out
-        okmask = np.array([not e for e in batch[ERR_TYPE]], dtype=bool)
-        rows = np.asarray(batch[ROW], dtype=np.int64)
-        schema = embeddings_schema(self.dim, self.dtype)
+    def path(self, what: str, key: str, first_row: int) -> str:
+        return join(self.cache, key, part_name("part" if what == "ok" else "rejects", first_row))
+
+    def ok_table(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         np_dtype = np.float16 if self.dtype == "float16" else np.float32
-        for key in sorted(set(shards.tolist())):
-            sel = shards == key
-            first = int(rows[sel].min())
-            rec: dict[str, Any] = {"shard": key, "first_row": first, "rows_ok": 0, "rows_rejected": 0,
-                                   "part": None, "rejects": None, "reject_types": {}}
-            ok = sel & okmask
-            if ok.any():
-                emb = np.asarray(np.stack(batch[EMBEDDING][ok]), dtype=np_dtype)
-                part = pa.Table.from_arrays(
-                    [pa.array(batch[ID][ok].tolist(), pa.string()), pa.array(rows[ok]),
-                     pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim)],
-                    schema=schema)
-                name = _part_name("part", first)
-                storage.write_table(join(self.cache, key, name), part)
-                rec["part"], rec["rows_ok"] = name, int(ok.sum())
-            bad = sel & ~okmask
-            if bad.any():
-                types = batch[ERR_TYPE][bad].tolist()
-                rej = pa.Table.from_arrays(
-                    [pa.array([self.stage] * int(bad.sum()), pa.string()),
-                     pa.array(batch[SOURCE][bad].tolist(), pa.string()), pa.array(rows[bad]),
-                     pa.array(batch[ID][bad].tolist(), pa.string()), pa.array(types, pa.string()),
-                     pa.array(batch[ERR_MSG][bad].tolist(), pa.string())],
-                    schema=REJECTS)
-                name = _part_name("rejects", first)
-                storage.write_table(join(self.cache, key, name), rej)
-                rec["rejects"], rec["rows_rejected"] = name, int(bad.sum())
-                rec["reject_types"] = {t: types.count(t) for t in sorted(set(types))}
-            out.append(rec)
-        return out
-
-
-def make_datasink(sink: EmbeddingsSink, min_rows: int) -> Any:
-    """Wrap :class:`EmbeddingsSink` as a Ray Data Datasink; results land in ``.results`` on the driver."""
-    from ray.data import Datasink
-
-    class _Sink(Datasink):
-        def __init__(self) -> None:
-            self.results: list[dict[str, Any]] = []
-
-        @property
-        def min_rows_per_write(self) -> int:
-            return min_rows
-
-        def get_name(self) -> str:
-            return f"Write{sink.stage.title()}Embeddings"
-
-        def write(self, blocks: Iterable[Any], ctx: Any) -> list[dict[str, Any]]:
-            from ray.data.block import BlockAccessor
-
-            # One write call may get several blocks; each shard's rows in it become one part file.
-            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-            tables = [t for t in tables if t.num_rows]
-            if not tables:
-                return []
-            merged = BlockAccessor.for_block(pa.concat_tables(tables)).to_batch_format("numpy")
-            return sink.write_batch(merged)
-
-        def on_write_complete(self, write_result: Any) -> None:
-            for r in write_result.write_returns:
-                self.results.extend(r)
-
-    return _Sink()
+        emb = np.asarray(np.stack(batch[EMBEDDING][mask]), dtype=np_dtype)
+        return pa.Table.from_arrays(
+            [pa.array(batch[ID][mask].tolist(), pa.string()), pa.array(np.asarray(batch[ROW])[mask]),
+             pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), self.dim)],
+            schema=embeddings_schema(self.dim, self.dtype))

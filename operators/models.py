@@ -275,6 +275,9 @@ def build_model(rm: ResolvedModel, device: str = "cpu", precision: str = "fp32",
         else:
             assert rm.checkpoint_uri is not None
             path = _local_checkpoint(rm.checkpoint_uri, storage_options)
+            if Storage().sha256(path) != rm.weights_id:
+                raise ModelLoadError(f"checkpoint {rm.checkpoint_uri} changed since it was resolved "
+                                     "(sha256 differs from the fingerprint): refusing to mix weights")
             model = open_clip.create_model(rm.arch, pretrained=None, **common)
             # weights_only=True: a checkpoint that would run pickled code on load is refused.
             open_clip.load_checkpoint(model, path, strict=True, weights_only=True)

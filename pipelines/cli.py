@@ -23,14 +23,21 @@ USER_ERRORS = (ConfigError, SchemaError, InputError, StorageError, ModelLoadErro
 
 
 def _setup_logging(verbose: int) -> None:
+    """Log to stderr unless the caller (a notebook, pytest) already configured logging."""
     level = logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if verbose < 2:
+            # open_clip logs its chatter through the root logger itself: drop that below WARNING.
+            handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
+        root.addHandler(handler)
+        root.setLevel(level)
+    for ours in ("mmrerank", "operators", "pipelines"):
+        logging.getLogger(ours).setLevel(level)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
-    if verbose < 2:
-        # open_clip logs its chatter through the root logger itself: drop that below WARNING.
-        for h in logging.getLogger().handlers:
-            h.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, object]:

@@ -61,6 +61,15 @@ class RayConfig(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict)
     progress_bars: bool = True
 
+    @field_validator("env_vars")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if any(s in k.upper() for s in ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY"))]
+        if bad:
+            raise ValueError(f"{bad}: credentials must not go in the config (they would reach Ray's GCS and "
+                             "dashboard); give workers credentials through their node environment")
+        return v
+
 
 class EmbedConfig(_Strict):
     """Embedding stage: corpus images and query texts through one open_clip model."""
@@ -102,6 +111,33 @@ class EmbedConfig(_Strict):
         return v
 
 
+class IndexConfig(_Strict):
+    """FAISS index shards built from the corpus embeddings (inner product on unit vectors)."""
+
+    factory: str = Field(default="Flat", min_length=1, description="faiss index_factory string")
+    shards: int = Field(default=2, gt=0, le=4096)
+    train_sample: int = Field(default=100_000, gt=0, description="vectors sampled (seeded) to train IVF/PQ")
+    seed: int = 0
+    build_num_cpus: float = Field(default=1.0, gt=0)
+
+
+class SearchConfig(_Strict):
+    """Sharded top-k search of the query embeddings."""
+
+    k: int = Field(default=100, gt=0, le=100_000)
+    nprobe: int = Field(default=16, gt=0)
+    ef_search: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # One searcher actor per index shard; on CPU it holds this many logical CPUs and faiss threads.
+    searcher_num_cpus: float = Field(default=1.0, gt=0)
+    # GPU share per searcher when device is cuda (several shards can share one GPU).
+    searcher_num_gpus: float = Field(default=0.25, gt=0, le=1)
+    router_num_cpus: float = Field(default=0.25, gt=0)
+    # Optional precomputed query vectors (query_id, embedding) instead of the query embeddings cache.
+    query_embeddings: str | None = None
+
+
 class Config(_Strict):
     """Root of a pipeline config file."""
 
@@ -112,6 +148,8 @@ class Config(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("root", "corpus", "queries", "qrels")
     @classmethod
@@ -146,10 +184,16 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Relative local paths in the file are relative to the file's directory, not the cwd."""
-    for key in ("root", "corpus", "queries", "qrels"):
-        v = data.get(key)
+    def fix(d: dict[str, Any], key: str) -> None:
+        v = d.get(key)
         if isinstance(v, str) and "://" not in v and not os.path.isabs(os.path.expanduser(v)):
-            data[key] = str((base / v).resolve())
+            d[key] = str((base / v).resolve())
+
+    for key in ("root", "corpus", "queries", "qrels"):
+        fix(data, key)
+    if isinstance(data.get("search"), dict):
+        data["search"] = dict(data["search"])
+        fix(data["search"], "query_embeddings")
     return data
 
 
