@@ -196,3 +196,34 @@ def faiss_version() -> str:
     import faiss
 
     return str(faiss.__version__)
+
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(storage: Any, uri: str) -> dict[str, Any]:
+    """The manifest of a complete index (written last by the builder)."""
+    from operators.storage import join
+
+    try:
+        return storage.read_json(join(uri, MANIFEST))
+    except FileNotFoundError:
+        raise IndexIntegrityError(f"{uri}: no {MANIFEST}: not a complete index") from None
+
+
+def load_shard(storage: Any, uri: str, entry: dict[str, Any]) -> tuple[Any, Any]:
+    """Load one shard and its id table, each checked against the manifest before faiss sees it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from operators.storage import join
+
+    name = join(uri, entry["file"])
+    index = load_index(storage.read_bytes(name), name, entry["size"], entry["sha256"])
+    ids_name = join(uri, entry["ids_file"])
+    ids_bytes = storage.read_bytes(ids_name)
+    verify_bytes(ids_bytes, ids_name, entry["ids_size"], entry["ids_sha256"])
+    ids = pq.read_table(pa.BufferReader(ids_bytes))
+    if ids.num_rows != index.ntotal or index.ntotal != entry["ntotal"]:
+        raise IndexIntegrityError(f"{name}: {index.ntotal} vectors, {ids.num_rows} ids, manifest {entry['ntotal']}")
+    return index, ids

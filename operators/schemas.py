@@ -65,6 +65,9 @@ class InputKind:
 
 CORPUS = InputKind("corpus", "doc_id", ("image", "image_uri"))
 QUERY = InputKind("queries", "query_id", ("text",))
+# Vectors: the embeddings cache's parts, or user-supplied precomputed query vectors.
+CACHED_VECTORS = InputKind("vectors", "id", ("embedding",))
+QUERY_VECTORS = InputKind("query_vectors", "query_id", ("embedding",))
 
 
 def check_shard_schema(schema: pa.Schema, kind: InputKind, shard: str) -> str:
@@ -93,6 +96,14 @@ def check_shard_schema(schema: pa.Schema, kind: InputKind, shard: str) -> str:
         if "text" in names and schema.field("text").type not in _STRING:
             raise SchemaError(f"{shard}: column 'text' must be string, got {schema.field('text').type}")
         return col
+    if kind.payload_columns == ("embedding",):
+        if not present:
+            raise SchemaError(f"{shard}: required column 'embedding' is missing (has {sorted(names)})")
+        t = schema.field("embedding").type
+        if not (pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)) or not (
+                pa.types.is_floating(t.value_type)):
+            raise SchemaError(f"{shard}: column 'embedding' must be a list of floats, got {t}")
+        return "embedding"
     if not present:
         raise SchemaError(f"{shard}: required column 'text' is missing (has {sorted(names)})")
     if schema.field("text").type not in _STRING:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from operators.faiss_shards import IndexConfigError, IndexIntegrityError
 from operators.models import ModelLoadError
 from operators.schemas import SchemaError
 from operators.shards import InputError
@@ -19,7 +20,8 @@ from pipelines.config import ConfigError, load_config
 log = logging.getLogger("mmrerank")
 
 # Errors a user can fix: reported in one line (exit 2), never with a traceback.
-USER_ERRORS = (ConfigError, SchemaError, InputError, StorageError, ModelLoadError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, SchemaError, InputError, StorageError, ModelLoadError, IndexConfigError,
+               IndexIntegrityError, FileNotFoundError, ValueError)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -81,6 +83,27 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipelines.index import build_index
+
+    cfg = load_config(args.config, _overrides(args.set))
+    r = build_index(cfg)
+    m = r.manifest
+    log.info("index %s: %s, dim %d, %d vectors in %d shards (%s)%s", r.uri, m["factory"], m["dim"], r.ntotal,
+             len(m["shards"]), "/".join(str(s["ntotal"]) for s in m["shards"]), " (reused)" if r.reused else "")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pipelines.search import run_search
+
+    cfg = load_config(args.config, _overrides(args.set))
+    r = run_search(cfg, run_id=args.run_id)
+    if args.json:
+        sys.stdout.write(json.dumps(r.to_json(), indent=2) + "\n")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines.quickstart import quickstart
 
@@ -116,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="ignore the cache and re-embed every shard")
     e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     e.set_defaults(fn=cmd_embed)
+    i = sub.add_parser("index", help="build (or reuse) the sharded FAISS index from the corpus embeddings")
+    i.add_argument("config")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    i.set_defaults(fn=cmd_index)
+
+    r = sub.add_parser("search", help="top-k candidates for every query from the sharded index")
+    r.add_argument("config")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    r.add_argument("--run-id", default=None, help="write under <root>/runs/RUN_ID (default: a new id)")
+    r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    r.set_defaults(fn=cmd_search)
+
     q = sub.add_parser("quickstart", help="make a sample and run the pipeline on the embedded default")
     q.add_argument("--out", default="mmrerank-quickstart", help="where the sample and outputs go")
     q.add_argument("--docs", type=int, default=200)

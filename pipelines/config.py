@@ -129,8 +129,10 @@ class SearchConfig(_Strict):
     ef_search: int = Field(default=64, gt=0)
     batch_size: int = Field(default=256, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # One searcher actor per index shard; on CPU it holds this many logical CPUs and faiss threads.
-    searcher_num_cpus: float = Field(default=1.0, gt=0)
+    # One searcher actor per index shard. Logical CPUs it holds (it is idle between batches) and the
+    # faiss threads it uses ("auto": the node's cores split over the shards).
+    searcher_num_cpus: float = Field(default=0.5, gt=0)
+    searcher_threads: int | Literal["auto"] = "auto"
     # GPU share per searcher when device is cuda (several shards can share one GPU).
     searcher_num_gpus: float = Field(default=0.25, gt=0, le=1)
     router_num_cpus: float = Field(default=0.25, gt=0)
