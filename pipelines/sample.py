@@ -1,0 +1,618 @@
+"""Deterministic synthetic multimodal corpus (shapes on plain backgrounds) with queries, qrels and bad rows.
+
+Used by tests, benchmarks and the quickstart: ``make_sample(out)`` writes a small corpus that follows the
+data contracts in :mod:`operators.schemas`, with known relevance judgements and, on request, a documented
+mix of broken and odd rows. ``python -m pipelines.sample OUT`` does the same from a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import logging
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from operators.schemas import CORPUS_IMAGE_BYTES, CORPUS_IMAGE_URI, QRELS, QUERIES
+from operators.storage import Storage, join, scheme_of, strip_scheme
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ROW_GROUP_SIZE = 32
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 30),
+    "purple": (130, 50, 170),
+    "orange": (245, 130, 20),
+    "pink": (240, 110, 180),
+    "cyan": (30, 200, 210),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+BOMB_SIZE = (20000, 20000)  # 400M pixels: over PIL's own 2 * MAX_IMAGE_PIXELS limit, so open() refuses it
+
+# Independent random streams (numpy SeedSequence keys), so adding bad rows never changes clean docs.
+_STREAM_DOC, _STREAM_QUERY, _STREAM_BAD = 0, 1, 2
+
+_QUERY_TEMPLATES = ("a photo of {a}", "{bare}", "a picture with {a}", "an image showing {a}")
+
+Pair = tuple[str, str]  # (color, shape)
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """Where a sample lives and what it contains. All paths are URIs under ``root``.
+
+    ``docs`` / ``queries_n`` count the clean docs / queries; ``rows`` counts every corpus row (clean docs
+    plus bad rows). ``shards`` is the number of shard files in ``corpus`` (the empty shard included).
+    """
+
+    root: str
+    corpus: str
+    queries: str
+    qrels: str
+    qrels_trec: str
+    manifest: str
+    docs: int
+    queries_n: int
+    qrels_n: int
+    shards: int
+    rows: int
+    seed: int
+    image_uri: bool
+    shard_uris: list[str] = field(default_factory=list)
+    empty_shard: str | None = None
+    bad_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def expected_rejects(self) -> list[dict[str, Any]]:
+        return [b for b in self.bad_rows if b["expect"] == "reject"]
+
+    @property
+    def expected_accepts(self) -> list[dict[str, Any]]:
+        return [b for b in self.bad_rows if b["expect"] == "accept"]
+
+
+@dataclass
+class _Row:
+    slot: str  # file-name id: unique per row even when doc_id is null or duplicated
+    doc_id: str | None
+    data: bytes | None  # None: no file behind the URI (uri_unreadable)
+    ext: str
+    text: str
+    pairs: frozenset[Pair] | None = None  # set for rows that count in qrels
+    bad: dict[str, Any] | None = None
+
+
+# --- drawing ------------------------------------------------------------------------------------------
+
+
+def _article(color: str) -> str:
+    return "an" if color[0] in "aeiou" else "a"
+
+
+def _phrase(pairs: Sequence[Pair], articles: bool = True) -> str:
+    items = [f"{_article(c)} {c} {s}" if articles else f"{c} {s}" for c, s in pairs]
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _caption(pairs: Sequence[Pair], background: str) -> str:
+    return f"{_phrase(pairs)} on {_article(background)} {background} background"
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx - 0.866 * r, cy + 0.5 * r), (cx + 0.866 * r, cy + 0.5 * r)]
+    if shape == "star":
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else 0.45 * r
+            ang = -np.pi / 2 + i * np.pi / 5
+            pts.append((round(cx + rad * np.cos(ang), 2), round(cy + rad * np.sin(ang), 2)))
+        return pts
+    raise ValueError(shape)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill: Any) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "cross":
+        t = max(1, round(0.35 * r))
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
+
+
+@dataclass(frozen=True)
+class _Scene:
+    pairs: tuple[Pair, ...]  # drawing order, distinct
+    background: str
+    boxes: tuple[tuple[int, int, int], ...]  # (cx, cy, r) per pair
+
+    @property
+    def caption(self) -> str:
+        return _caption(self.pairs, self.background)
+
+
+def _random_scene(rng: np.random.Generator, size: tuple[int, int]) -> _Scene:
+    """1-3 distinct (color, shape) pairs, each in its own cell of a 2x2 grid so none is hidden."""
+    w, h = size
+    colors, backgrounds = list(COLORS), list(BACKGROUNDS)
+    k = int(rng.integers(1, 4))
+    pairs: list[Pair] = []
+    while len(pairs) < k:
+        p = (colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))])
+        if p not in pairs:
+            pairs.append(p)
+    background = backgrounds[int(rng.integers(len(backgrounds)))]
+    cells = rng.permutation(4)[:k]
+    cw, ch = w / 2, h / 2
+    boxes = []
+    for cell in cells:
+        x0, y0 = (int(cell) % 2) * cw, (int(cell) // 2) * ch
+        r = max(2, int(rng.uniform(0.30, 0.46) * min(cw, ch)))
+        cx = int(x0 + rng.uniform(r, max(r, cw - r)))
+        cy = int(y0 + rng.uniform(r, max(r, ch - r)))
+        boxes.append((cx, cy, r))
+    return _Scene(tuple(pairs), background, tuple(boxes))
+
+
+def _render(scene: _Scene, size: tuple[int, int], palette: dict[str, Any] | None = None) -> Image.Image:
+    pal: dict[str, Any] = dict(palette or {**COLORS, **BACKGROUNDS})
+    img = Image.new("RGB", size, pal[scene.background])
+    draw = ImageDraw.Draw(img)
+    for (color, shape), (cx, cy, r) in zip(scene.pairs, scene.boxes, strict=True):
+        _draw_shape(draw, shape, cx, cy, r, pal[color])
+    return img
+
+
+def _encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        kw.setdefault("quality", 90)
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+# --- broken / odd images ------------------------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+@functools.lru_cache(maxsize=1)
+def _bomb_png() -> bytes:
+    """A valid mode-"1" PNG of BOMB_SIZE, all black: ~50 KB on disk, 400M pixels once decoded.
+
+    Built by hand (never allocated as an image); the size is readable from the IHDR header alone.
+    """
+    w, h = BOMB_SIZE
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    row = b"\0" * (1 + (w + 7) // 8)  # filter byte + packed bits
+    co = zlib.compressobj(9)
+    block = row * 1000
+    parts = [co.compress(block) for _ in range(h // 1000)]
+    parts.append(co.compress(row * (h % 1000)))
+    parts.append(co.flush())
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts))
+            + _png_chunk(b"IEND", b""))
+
+
+def _truncate_jpeg(data: bytes) -> bytes:
+    """Cut a JPEG halfway through its entropy-coded data: headers intact, so open() works, load() fails."""
+    sos = data.find(b"\xff\xda")
+    if sos < 0:
+        raise ValueError("not a baseline JPEG")
+    sos_end = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+    return data[: sos_end + (len(data) - sos_end) // 2]
+
+
+def _exif_rotated(upright: Image.Image) -> bytes:
+    """Stored pixels rotated 90 degrees counter-clockwise; EXIF orientation 6 says "rotate 90 CW to view"."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif.tobytes())
+
+
+# --- layout helpers -----------------------------------------------------------------------------------
+
+
+def _root_uri(out: str) -> str:
+    if scheme_of(out) == "file":
+        path = strip_scheme(out)
+        return f"file://{path}" if out.startswith("file://") else path
+    return out.rstrip("/")
+
+
+def _doc_id(i: int) -> str:
+    return f"doc-{i:06d}"
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+def _block_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    return [(s * n // shards, (s + 1) * n // shards) for s in range(shards)]
+
+
+def _relative(root: str, uri: str) -> str:
+    return uri[len(root) + 1 :] if uri.startswith(root + "/") else uri
+
+
+# --- clean corpus, queries, qrels ---------------------------------------------------------------------
+
+
+def _clean_docs(seed: int, docs: int, image_size: int) -> list[_Row]:
+    rows = []
+    for i in range(docs):
+        rng = np.random.default_rng([seed, _STREAM_DOC, i])  # doc i does not depend on `docs`
+        scene = _random_scene(rng, (image_size, image_size))
+        fmt = "JPEG" if i % 2 else "PNG"
+        data = _encode(_render(scene, (image_size, image_size)), fmt)
+        rows.append(_Row(_doc_id(i), _doc_id(i), data, ".jpg" if fmt == "JPEG" else ".png", scene.caption,
+                         frozenset(scene.pairs)))
+    return rows
+
+
+def _make_queries(seed: int, n: int, clean: list[_Row]) -> list[tuple[str, str, frozenset[Pair]]]:
+    """Each query names 1-2 (color, shape) pairs taken from one clean doc, so it has >= 1 relevant doc."""
+    rng = np.random.default_rng([seed, _STREAM_QUERY])
+    out: list[tuple[str, str, frozenset[Pair]]] = []
+    seen: set[frozenset[Pair]] = set()
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        row = clean[int(rng.integers(len(clean)))]
+        pairs = sorted(row.pairs or ())
+        k = int(rng.integers(1, min(2, len(pairs)) + 1))
+        chosen = [pairs[int(j)] for j in sorted(rng.permutation(len(pairs))[:k])]
+        key = frozenset(chosen)
+        tmpl = _QUERY_TEMPLATES[int(rng.integers(len(_QUERY_TEMPLATES)))]
+        if key in seen and attempts < 50 * max(1, n):  # prefer distinct queries; allow repeats if exhausted
+            continue
+        seen.add(key)
+        text = tmpl.format(a=_phrase(chosen), bare=_phrase(chosen, articles=False))
+        out.append((f"q-{len(out):05d}", text, key))
+    return out
+
+
+def _qrels(queries: list[tuple[str, str, frozenset[Pair]]], judged: list[_Row]) -> list[tuple[str, str, int]]:
+    rows = []
+    for qid, _text, qpairs in queries:
+        for r in judged:
+            if r.pairs is not None and r.doc_id is not None and qpairs <= r.pairs:
+                rows.append((qid, r.doc_id, 2 if r.pairs == qpairs else 1))
+    return rows
+
+
+# --- bad rows -----------------------------------------------------------------------------------------
+
+
+def _bad_rows(seed: int, first_slot: int, image_size: int, shards: int, image_uri: bool,
+              blocks: list[list[_Row]]) -> list[tuple[int, int, _Row]]:
+    """The bad/odd rows as (shard, insert position among that shard's clean docs, row)."""
+    size = (image_size, image_size)
+    specs: list[tuple[str, str, str | None, str]] = [
+        ("empty_image", "reject", "empty_image", "zero-byte image"),
+        ("undecodable", "reject", "undecodable", "random bytes, no image signature"),
+        ("truncated_image", "reject", "truncated_image",
+         "JPEG cut halfway through its scan data: header opens, load() raises"),
+        ("decompression_bomb", "reject", "decompression_bomb",
+         f"mode-1 PNG whose header declares {BOMB_SIZE[0]}x{BOMB_SIZE[1]} pixels (~50 KB file)"),
+        ("unsupported_format", "reject", "unsupported_format",
+         "PPM image: PIL opens it but the format is not in the allowed set"),
+        ("null_id", "reject", "null_id", "doc_id is null (image is valid)"),
+        ("duplicate_id_same_shard", "reject", "duplicate_id",
+         "doc_id repeats an earlier row of the same shard (image is valid)"),
+        ("duplicate_id_cross_shard", "reject", "duplicate_id",
+         "doc_id repeats a row of an earlier shard (image is valid)"),
+    ]
+    if shards < 2:
+        specs = [s for s in specs if s[0] != "duplicate_id_cross_shard"]
+    if image_uri:
+        specs.append(("uri_unreadable", "reject", "uri_unreadable", "image_uri points at a missing file"))
+    specs += [
+        ("cmyk_jpeg", "accept", None, "CMYK JPEG (mode CMYK); convert to RGB"),
+        ("gray16_png", "accept", None, "16-bit grayscale PNG (mode I;16); scale to 8 bits"),
+        ("palette_png_trns", "accept", None, "palette PNG with a transparent colour (mode P + tRNS)"),
+        ("exif_rotated_jpeg", "accept", None,
+         "JPEG stored rotated 90 degrees CCW with EXIF orientation 6; exif_transpose restores it"),
+        ("rgba_png", "accept", None, "RGBA PNG with a half-transparent background"),
+        ("gray_l_png", "accept", None, "8-bit grayscale PNG (mode L)"),
+    ]
+    gray_palette = {"white": (255, 255, 255), "black": (0, 0, 0)}
+    out: list[tuple[int, int, _Row]] = []
+    duplicated: set[str | None] = set()  # each duplicate_id row repeats a different clean doc
+    for k, (case, expect, error_type, why) in enumerate(specs):
+        rng = np.random.default_rng([seed, _STREAM_BAD, k])
+        slot = _doc_id(first_slot + k)
+        scene = _random_scene(rng, size)
+        img = _render(scene, size)
+        shard = k % shards
+        lo = 0
+        doc_id: str | None = slot
+        pairs: frozenset[Pair] | None = None
+        caption = scene.caption
+        ext, data, fmt, mode = ".png", None, None, None
+        if case == "empty_image":
+            data = b""
+        elif case == "undecodable":
+            data = b"\x00NOTANIMAGE" + rng.bytes(245)
+            ext = ".bin"
+        elif case == "truncated_image":
+            data, ext, fmt, mode = _truncate_jpeg(_encode(img, "JPEG")), ".jpg", "JPEG", "RGB"
+        elif case == "decompression_bomb":
+            data, fmt, mode = _bomb_png(), "PNG", "1"
+        elif case == "unsupported_format":
+            data, ext, fmt, mode = _encode(img, "PPM"), ".ppm", "PPM", "RGB"
+        elif case == "null_id":
+            data, fmt, mode, doc_id = _encode(img, "PNG"), "PNG", "RGB", None
+        elif case.startswith("duplicate_id"):
+            data, fmt, mode = _encode(img, "PNG"), "PNG", "RGB"
+            if case == "duplicate_id_cross_shard":
+                shard = shard if shard > 0 else shards - 1
+                earlier = [r for b in blocks[:shard] for r in b if r.doc_id not in duplicated]
+                doc_id = earlier[int(rng.integers(len(earlier)))].doc_id
+            else:
+                j = int(rng.integers(len(blocks[shard])))
+                doc_id, lo = blocks[shard][j].doc_id, j + 1
+            duplicated.add(doc_id)
+        elif case == "uri_unreadable":
+            data = None
+        elif case == "cmyk_jpeg":
+            data, ext, fmt, mode = _encode(img.convert("CMYK"), "JPEG"), ".jpg", "JPEG", "CMYK"
+            pairs = frozenset(scene.pairs)
+        elif case in ("gray16_png", "gray_l_png"):
+            scene = _Scene(tuple(("white", s) for _c, s in scene.pairs), "black", scene.boxes)
+            caption = scene.caption
+            gray = _render(scene, size, gray_palette).convert("L")
+            if case == "gray16_png":
+                gray = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)
+            data, fmt, mode = _encode(gray, "PNG"), "PNG", gray.mode
+            # "white" is no query colour: these docs are judged but match no query.
+            pairs = frozenset(scene.pairs)
+        elif case == "palette_png_trns":
+            # Index 0 is the background and is fully transparent (tRNS); shapes use indices 1..k.
+            pimg = Image.new("P", size, 0)
+            pal = list(BACKGROUNDS[scene.background])
+            pd = ImageDraw.Draw(pimg)
+            for n, ((c, s), (cx, cy, r)) in enumerate(zip(scene.pairs, scene.boxes, strict=True), start=1):
+                pal += list(COLORS[c])
+                _draw_shape(pd, s, cx, cy, r, n)
+            pimg.putpalette(pal)
+            data, fmt, mode = _encode(pimg, "PNG", transparency=0), "PNG", "P"
+            pairs = frozenset(scene.pairs)
+        elif case == "exif_rotated_jpeg":
+            w, h = image_size, max(16, image_size * 3 // 4)  # not square: the rotation shows in the size
+            scene = _random_scene(rng, (w, h))
+            caption = scene.caption
+            data, ext, fmt, mode = _exif_rotated(_render(scene, (w, h))), ".jpg", "JPEG", "RGB"
+            pairs = frozenset(scene.pairs)
+        elif case == "rgba_png":
+            rgba = img.convert("RGBA")
+            alpha = Image.new("L", size, 128)  # shapes opaque, background half transparent
+            mask = Image.new("L", size, 0)
+            md = ImageDraw.Draw(mask)
+            for (_c, s), (cx, cy, r) in zip(scene.pairs, scene.boxes, strict=True):
+                _draw_shape(md, s, cx, cy, r, 255)
+            rgba.putalpha(Image.composite(Image.new("L", size, 255), alpha, mask))
+            data, fmt, mode = _encode(rgba, "PNG"), "PNG", "RGBA"
+            pairs = frozenset(scene.pairs)
+        pos = int(rng.integers(lo, len(blocks[shard]) + 1))
+        bad = {"case": case, "expect": expect, "error_type": error_type, "why": why, "doc_id": doc_id,
+               "image_format": fmt, "image_mode": mode}
+        out.append((shard, pos, _Row(slot, doc_id, data, ext, caption, pairs, bad)))
+    return out
+
+
+# --- entry points -------------------------------------------------------------------------------------
+
+
+def make_sample(
+    out: str,
+    docs: int = 200,
+    queries: int = 20,
+    shards: int = 4,
+    seed: int = 0,
+    bad_rows: bool = False,
+    image_size: int = 64,
+    image_uri: bool = False,
+    storage: Storage | None = None,
+) -> SampleInfo:
+    """Write a synthetic corpus, queries and qrels under ``out`` (any storage URI) and describe it.
+
+    Layout::
+
+        corpus/shard-00000.parquet ...   doc_id, image (or image_uri), text; contiguous blocks of docs,
+                                         row groups of 32 rows
+        images/doc-000123.png|.jpg|...   only with image_uri=True (one file per row)
+        queries/queries.parquet          query_id, text
+        qrels.parquet, qrels.txt         query_id, doc_id, relevance (int32) / TREC "qid 0 docid rel"
+        sample.json                      params, counts, bad rows; paths relative to ``out``
+
+    Images are ``image_size`` squared, 1-3 distinct (color, shape) pairs on a plain background, each shape
+    in its own quadrant; even docs are PNG, odd docs JPEG. Captions say what is drawn, e.g. "a red circle
+    and a blue square on a white background". A query names 1-2 pairs of one doc; a doc is relevant when
+    it contains all of them: relevance 2 when its pair set equals the query's, else 1.
+
+    Same arguments give byte-identical files; doc ``i`` depends only on (``seed``, ``i``, ``image_size``).
+
+    With ``bad_rows=True`` the rows below are inserted at seeded positions in the shards (bad row ``k``
+    goes to shard ``k % shards``), each with its own slot id ``doc-{docs + k:06d}`` (the row's doc_id
+    unless stated otherwise), and an extra empty shard ``shard-{shards:05d}.parquet`` (0 rows) is written.
+    Expected REJECTED (``error_type``):
+
+    - ``empty_image``: zero bytes (an empty file in image_uri mode).
+    - ``undecodable``: random bytes, no image signature (PIL: UnidentifiedImageError).
+    - ``truncated_image``: a JPEG cut halfway through its scan data; ``Image.open`` works, ``load()``
+      raises OSError.
+    - ``decompression_bomb``: a valid ~50 KB mode-"1" PNG whose IHDR declares 20000x20000 (400M) pixels;
+      detectable from the header (PIL's own check raises DecompressionBombError on open).
+    - ``unsupported_format``: a PPM image (PIL opens it; PPM is outside JPEG/PNG/WEBP/GIF/BMP/TIFF).
+    - ``null_id``: valid image, doc_id null.
+    - ``duplicate_id`` (twice): valid image whose doc_id repeats a clean doc earlier in the same shard,
+      and one in an earlier shard (omitted when ``shards == 1``); this later occurrence is the reject.
+    - ``uri_unreadable`` (image_uri mode only): the URI names a file that does not exist.
+
+    Expected ACCEPTED (``error_type`` None; real ids and captions, judged in qrels like clean docs):
+    a CMYK JPEG, a 16-bit grayscale PNG (mode I;16), a palette PNG with tRNS transparency (mode P), a
+    non-square JPEG stored rotated with EXIF orientation 6, an RGBA PNG, and an 8-bit grayscale PNG
+    (mode L). The grayscale ones show white shapes on black, a colour no query asks for.
+
+    Each ``SampleInfo.bad_rows`` entry: ``shard`` (shard URI), ``row_index`` (row in that shard),
+    ``doc_id``, ``expect``, ``error_type``, ``why``, plus ``case`` (unique name), ``slot``,
+    ``image_format`` and ``image_mode`` (what PIL reports for the stored bytes, None when it cannot).
+    """
+    if docs < 1 or shards < 1 or docs < shards:
+        raise ValueError(f"need docs >= shards >= 1, got docs={docs}, shards={shards}")
+    if queries < 0:
+        raise ValueError(f"queries must be >= 0, got {queries}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    st = storage or Storage()
+    root = _root_uri(out)
+    corpus_dir = join(root, "corpus")
+
+    clean = _clean_docs(seed, docs, image_size)
+    blocks = [clean[a:b] for a, b in _block_bounds(docs, shards)]
+    shard_rows: list[list[_Row]] = [list(b) for b in blocks]
+    judged = list(clean)
+    if bad_rows:
+        extras = _bad_rows(seed, docs, image_size, shards, image_uri, blocks)
+        for s in range(shards):
+            mine = sorted((pos, k) for k, (sh, pos, _r) in enumerate(extras) if sh == s)
+            merged = list(blocks[s])
+            for offset, (pos, k) in enumerate(mine):
+                merged.insert(pos + offset, extras[k][2])
+            shard_rows[s] = merged
+        judged += [r for _s, _p, r in extras if r.pairs is not None]
+        judged.sort(key=lambda r: r.slot)
+        shard_rows.append([])  # the empty shard
+
+    q = _make_queries(seed, queries, clean)
+    qrels = _qrels(q, judged)
+
+    schema = CORPUS_IMAGE_URI if image_uri else CORPUS_IMAGE_BYTES
+    shard_uris: list[str] = []
+    bad_list: list[dict[str, Any]] = []
+    for s, rows in enumerate(shard_rows):
+        uri = join(corpus_dir, _shard_name(s))
+        shard_uris.append(uri)
+        if image_uri:
+            payload: list[Any] = []
+            for r in rows:
+                if r.data is None:  # uri_unreadable: make sure nothing (say from an older run) is there
+                    img_uri = join(root, "images", f"{r.slot}-missing{r.ext}")
+                    st.rm(img_uri)
+                else:
+                    img_uri = join(root, "images", r.slot + r.ext)
+                    st.write_bytes(img_uri, r.data)
+                payload.append(img_uri)
+        else:
+            payload = [r.data for r in rows]
+        cols = [[r.doc_id for r in rows], payload, [r.text for r in rows]]
+        st.write_table(uri, pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema, strict=True)],
+                                                 schema=schema), row_group_size=ROW_GROUP_SIZE)
+        for i, r in enumerate(rows):
+            if r.bad is not None:
+                bad_list.append({"shard": uri, "row_index": i, "slot": r.slot, **r.bad})
+
+    bad_list.sort(key=lambda b: b["slot"])  # the documented order, whatever shard each went to
+
+    queries_uri = join(root, "queries", "queries.parquet")
+    st.write_table(queries_uri, pa.Table.from_arrays(
+        [pa.array([x[0] for x in q], pa.string()), pa.array([x[1] for x in q], pa.string())], schema=QUERIES))
+    qrels_uri, trec_uri = join(root, "qrels.parquet"), join(root, "qrels.txt")
+    st.write_table(qrels_uri, pa.Table.from_arrays(
+        [pa.array([x[0] for x in qrels], pa.string()), pa.array([x[1] for x in qrels], pa.string()),
+         pa.array([x[2] for x in qrels], pa.int32())], schema=QRELS))
+    st.write_bytes(trec_uri, "".join(f"{a} 0 {b} {c}\n" for a, b, c in qrels).encode())
+
+    rows_total = sum(len(r) for r in shard_rows)
+    manifest_uri = join(root, "sample.json")
+    st.write_json(manifest_uri, {
+        "format_version": FORMAT_VERSION,
+        "paths": "relative to the directory holding this file",
+        "params": {"docs": docs, "queries": queries, "shards": shards, "seed": seed, "bad_rows": bad_rows,
+                   "image_size": image_size, "image_uri": image_uri},
+        "counts": {"docs": docs, "queries": len(q), "qrels": len(qrels), "rows": rows_total,
+                   "shards": len(shard_uris), "bad_rows": len(bad_list)},
+        "corpus": "corpus", "queries": "queries/queries.parquet", "qrels": "qrels.parquet",
+        "qrels_trec": "qrels.txt",
+        "shard_files": [_relative(root, u) for u in shard_uris],
+        "empty_shard": _relative(root, shard_uris[-1]) if bad_rows else None,
+        "vocabulary": {"colors": list(COLORS), "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS)},
+        "bad_rows": [{**b, "shard": _relative(root, b["shard"])} for b in bad_list],
+    })
+    log.info("sample written to %s: %d docs + %d bad rows in %d shards, %d queries, %d qrels",
+             root, docs, len(bad_list), len(shard_uris), len(q), len(qrels))
+    return SampleInfo(
+        root=root, corpus=corpus_dir, queries=queries_uri, qrels=qrels_uri, qrels_trec=trec_uri,
+        manifest=manifest_uri, docs=docs, queries_n=len(q), qrels_n=len(qrels), shards=len(shard_uris),
+        rows=rows_total, seed=seed, image_uri=image_uri, shard_uris=shard_uris,
+        empty_shard=shard_uris[-1] if bad_rows else None, bad_rows=bad_list,
+    )
+
+
+def load_sample_info(out: str, storage: Storage | None = None) -> SampleInfo:
+    """Read ``sample.json`` under ``out`` back into a :class:`SampleInfo` with full URIs."""
+    st = storage or Storage()
+    root = _root_uri(out)
+    m = st.read_json(join(root, "sample.json"))
+    p, c = m["params"], m["counts"]
+    return SampleInfo(
+        root=root, corpus=join(root, m["corpus"]), queries=join(root, m["queries"]),
+        qrels=join(root, m["qrels"]), qrels_trec=join(root, m["qrels_trec"]),
+        manifest=join(root, "sample.json"), docs=c["docs"], queries_n=c["queries"], qrels_n=c["qrels"],
+        shards=c["shards"], rows=c["rows"], seed=p["seed"], image_uri=p["image_uri"],
+        shard_uris=[join(root, s) for s in m["shard_files"]],
+        empty_shard=join(root, m["empty_shard"]) if m["empty_shard"] else None,
+        bad_rows=[{**b, "shard": join(root, b["shard"])} for b in m["bad_rows"]],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.sample", description=__doc__)
+    ap.add_argument("out")
+    ap.add_argument("--docs", type=int, default=200)
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bad-rows", action="store_true")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--image-uri", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    make_sample(a.out, docs=a.docs, queries=a.queries, shards=a.shards, seed=a.seed, bad_rows=a.bad_rows,
+                image_size=a.image_size, image_uri=a.image_uri)
+
+
+if __name__ == "__main__":
+    main()
