@@ -140,6 +140,64 @@ class SearchConfig(_Strict):
     query_embeddings: str | None = None
 
 
+class FusionConfig(_Strict):
+    """How the final score combines reranker and retrieval scores (per query)."""
+
+    method: Literal["none", "weighted", "rrf"] = "none"
+    weight: float = Field(default=0.7, ge=0, le=1, description="weighted: share of the (min-max normalised) rerank score")
+    rrf_k: int = Field(default=60, gt=0)
+
+
+class SelectionConfig(_Strict):
+    """Which candidates a query keeps, ranked by final score (ties broken by doc_id)."""
+
+    mode: Literal["top_n", "threshold", "top_k_above_threshold"] = "top_n"
+    top_n: int = Field(default=10, gt=0)
+    threshold: float | None = None
+    k: int = Field(default=10, gt=0, description="top_k_above_threshold: at most this many above the threshold")
+
+    @model_validator(mode="after")
+    def _threshold(self) -> SelectionConfig:
+        if self.mode != "top_n" and self.threshold is None:
+            raise ValueError(f"threshold is required with mode {self.mode!r}")
+        return self
+
+
+class RerankConfig(_Strict):
+    """The reranking stage: one backend by explicit name, batched on an actor pool."""
+
+    backend: Literal["none", "clip", "blip_itm", "vlm_yesno", "cross_encoder"] = "clip"
+    clip_model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="mmr-tiny", seed=1))
+    model: str | None = Field(default=None, description="HF backends: local dir, s3:// dir, or hub id")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    lora_adapter: str | None = None
+    prompt: str | None = None  # vlm_yesno; default: RagVL's prompt (with or without caption)
+    positive_token: str = "Yes"
+    negative_token: str = "No"
+    use_caption: bool = True
+    max_length: int = Field(default=512, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    num_actors: int | Literal["auto"] = "auto"
+    actor_num_cpus: float = Field(default=1.0, gt=0)
+    torch_threads: int | Literal["auto"] = "auto"
+    join_partitions: int = Field(default=4, gt=0, description="hash partitions of the candidate/content joins")
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @model_validator(mode="after")
+    def _model(self) -> RerankConfig:
+        if self.backend in ("blip_itm", "vlm_yesno", "cross_encoder") and not self.model:
+            raise ValueError(f"model is required for backend {self.backend!r}")
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("trust_remote_code needs a pinned revision (a commit hash)")
+        if self.prompt is not None and "{query}" not in self.prompt:
+            raise ValueError("prompt must contain {query}")
+        return self
+
+
 class Config(_Strict):
     """Root of a pipeline config file."""
 
@@ -152,6 +210,7 @@ class Config(_Strict):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
 
     @field_validator("root", "corpus", "queries", "qrels")
     @classmethod

@@ -1,0 +1,102 @@
+"""The reranker interface and its registry (backends are chosen by explicit name, never by model name).
+
+A backend scores a batch of (query, document) pairs; a document is an image, a caption, or both, as
+the backend declares. Higher scores mean more relevant. Backends are registered with
+:func:`register` and built with :func:`create`; the rest of the pipeline only sees :class:`Reranker`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# RagVL's prompts (arXiv 2407.21439): P("Yes") to "is this image relevant to the question?".
+RAGVL_PROMPT_CAPTION = (
+    "Image Caption: {caption}\nQuestion: {query}\n"
+    "Based on the image and its caption, is the image relevant to the question? Answer 'Yes' or 'No'."
+)
+RAGVL_PROMPT = "Question: {query}\nIs the image relevant to the question? Answer 'Yes' or 'No'."
+
+
+@dataclass(frozen=True)
+class RerankerSpec:
+    """Everything a backend needs to build itself in a worker (plain data, picklable)."""
+
+    backend: str
+    model: str | None = None  # HF backends: local dir, s3 dir, or hub id
+    revision: str | None = None
+    trust_remote_code: bool = False
+    lora_adapter: str | None = None
+    clip_model: Any = None  # operators.models.ResolvedModel for the clip backend
+    prompt: str = RAGVL_PROMPT_CAPTION
+    prompt_no_caption: str = RAGVL_PROMPT
+    positive_token: str = "Yes"
+    negative_token: str = "No"
+    use_caption: bool = True
+    max_length: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RerankerLoadError(RuntimeError):
+    """A reranker model could not be loaded (never replaced by a random model)."""
+
+
+class Reranker(ABC):
+    """Scores (query, document) pairs. Subclasses set ``name`` and what documents they need."""
+
+    name: ClassVar[str]
+    needs_image: ClassVar[bool] = True
+    needs_caption: ClassVar[bool] = False
+
+    def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> None:
+        self.spec, self.device, self.precision = spec, device, precision
+
+    @abstractmethod
+    def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
+              captions: Sequence[str | None]) -> np.ndarray:
+        """One float per pair, higher = more relevant; raises on failure (the caller isolates rows)."""
+
+    def rank(self, query: str, images: Sequence[Image.Image | None],
+             captions: Sequence[str | None]) -> list[tuple[int, float, int]]:
+        """``(index, score, rank)`` for one query's documents, best first (ties by index)."""
+        s = self.score([query] * len(images), images, captions)
+        order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
+        return [(i, float(s[i]), r + 1) for r, i in enumerate(order)]
+
+
+REGISTRY: dict[str, type[Reranker]] = {}
+
+
+def register(name: str) -> Callable[[type[Reranker]], type[Reranker]]:
+    def deco(cls: type[Reranker]) -> type[Reranker]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"reranker backend {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def create(spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> Reranker:
+    from operators import rerankers  # noqa: F401 - importing the package registers the backends
+
+    try:
+        cls = REGISTRY[spec.backend]
+    except KeyError:
+        raise ValueError(f"rerank.backend: unknown backend {spec.backend!r}; known: {sorted(REGISTRY)}") from None
+    return cls(spec, device, precision)
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
