@@ -82,8 +82,11 @@ class PartsSink(ABC):
         return out
 
 
-def make_datasink(sink: PartsSink, min_rows: int, name: str) -> Any:
-    """Wrap a :class:`PartsSink` as a Ray Data Datasink; write records land in ``.results`` on the driver."""
+def make_datasink(sink: Any, min_rows: int, name: str) -> Any:
+    """Wrap a sink as a Ray Data Datasink; write records land in ``.results`` on the driver.
+
+    ``sink`` has ``write_arrow(table)`` or, like :class:`PartsSink`, ``write_batch(numpy columns)``.
+    """
     from ray.data import Datasink
 
     class _Sink(Datasink):
@@ -105,8 +108,10 @@ def make_datasink(sink: PartsSink, min_rows: int, name: str) -> Any:
             tables = [t for t in tables if t.num_rows]
             if not tables:
                 return []
-            merged = BlockAccessor.for_block(pa.concat_tables(tables)).to_batch_format("numpy")
-            return sink.write_batch(merged)
+            table = pa.concat_tables(tables)
+            if hasattr(sink, "write_arrow"):
+                return sink.write_arrow(table)
+            return sink.write_batch(BlockAccessor.for_block(table).to_batch_format("numpy"))
 
         def on_write_complete(self, write_result: Any) -> None:
             for r in write_result.write_returns:

@@ -61,6 +61,8 @@ class InputKind:
     name: str  # "corpus" | "queries"
     id_column: str
     payload_columns: tuple[str, ...]  # exactly one of these must be present
+    unique_ids: bool = True  # a repeated id is a reject (duplicate_id)
+    extra_columns: tuple[str, ...] = ()  # read and passed along as they are
 
 
 CORPUS = InputKind("corpus", "doc_id", ("image", "image_uri"))
@@ -68,6 +70,9 @@ QUERY = InputKind("queries", "query_id", ("text",))
 # Vectors: the embeddings cache's parts, or user-supplied precomputed query vectors.
 CACHED_VECTORS = InputKind("vectors", "id", ("embedding",))
 QUERY_VECTORS = InputKind("query_vectors", "query_id", ("embedding",))
+# Search output read back for reranking: one row per (query, candidate), so ids repeat.
+CANDIDATE_ROWS = InputKind("candidates", "query_id", ("doc_id",), unique_ids=False,
+                           extra_columns=("rank", "retrieval_score", "doc_shard", "doc_row"))
 
 
 def check_shard_schema(schema: pa.Schema, kind: InputKind, shard: str) -> str:
@@ -96,6 +101,11 @@ def check_shard_schema(schema: pa.Schema, kind: InputKind, shard: str) -> str:
         if "text" in names and schema.field("text").type not in _STRING:
             raise SchemaError(f"{shard}: column 'text' must be string, got {schema.field('text').type}")
         return col
+    missing = [c for c in kind.extra_columns if c not in names]
+    if missing:
+        raise SchemaError(f"{shard}: required columns {missing} are missing (has {sorted(names)})")
+    if kind is CANDIDATE_ROWS:
+        return "doc_id"
     if kind.payload_columns == ("embedding",):
         if not present:
             raise SchemaError(f"{shard}: required column 'embedding' is missing (has {sorted(names)})")

@@ -102,6 +102,8 @@ def plan_shards(uris: list[str], kind: InputKind, storage: Storage) -> list[Shar
         for i, v in enumerate(ids.to_pylist()):
             if v is None:
                 bad.append((i, R.NULL_ID))
+            elif not kind.unique_ids:
+                continue
             elif v in seen:
                 bad.append((i, R.DUPLICATE_ID))
             else:
@@ -114,12 +116,14 @@ def plan_shards(uris: list[str], kind: InputKind, storage: Storage) -> list[Shar
 
 
 def _read_rows(plan: ShardPlan, shard_key: str, row_groups: list[int], first_row: int,
-               id_column: str, options: StorageOptions | None, batch_rows: int) -> Iterator[pa.Table]:
+               id_column: str, options: StorageOptions | None, batch_rows: int,
+               extra: tuple[str, ...] = ()) -> Iterator[pa.Table]:
     storage = Storage(options)
     pf = storage.parquet_file(plan.uri)
     bad = dict(plan.bad_ids)
     start = first_row
-    for rb in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=[id_column, plan.payload]):
+    for rb in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups,
+                              columns=[id_column, plan.payload, *extra]):
         n = rb.num_rows
         rows = np.arange(start, start + n, dtype=np.int64)
         # "" means "no error": an all-null column would change type between blocks.
@@ -147,6 +151,7 @@ def _read_rows(plan: ShardPlan, shard_key: str, row_groups: list[int], first_row
             {
                 ID: rb.column(0).cast(pa.string()),
                 plan.payload: payload,
+                **{c: rb.column(c) for c in extra},
                 ROW: pa.array(rows),
                 SHARD: pa.array([shard_key] * n, pa.string()),
                 SOURCE: pa.array([plan.uri] * n, pa.string()),
@@ -161,8 +166,10 @@ class ShardSource(Datasource):
     """Reads planned shards as row-group ranges; every row carries shard key, source and row index."""
 
     def __init__(self, plans: list[tuple[ShardPlan, str]], id_column: str,
-                 storage_options: StorageOptions | None, rows_per_task: int = 256) -> None:
+                 storage_options: StorageOptions | None, rows_per_task: int = 256,
+                 extra_columns: tuple[str, ...] = ()) -> None:
         self._plans = plans
+        self._extra = extra_columns
         self._id_column = id_column
         self._options = storage_options
         self._rows_per_task = rows_per_task
@@ -192,10 +199,10 @@ class ShardSource(Datasource):
 
     def _task(self, plan: ShardPlan, key: str, groups: list[int], first: int, rows: int) -> ReadTask:
         groups = list(groups)
-        opts, idc, batch = self._options, self._id_column, self._rows_per_task
+        opts, idc, batch, extra = self._options, self._id_column, self._rows_per_task, self._extra
 
         def read_fn() -> Iterator[pa.Table]:
-            yield from _read_rows(plan, key, groups, first, idc, opts, batch)
+            yield from _read_rows(plan, key, groups, first, idc, opts, batch, extra)
 
         meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(plan.uri,))
         return ReadTask(read_fn, meta)

@@ -183,7 +183,7 @@ class RerankConfig(_Strict):
     num_actors: int | Literal["auto"] = "auto"
     actor_num_cpus: float = Field(default=1.0, gt=0)
     torch_threads: int | Literal["auto"] = "auto"
-    join_partitions: int = Field(default=4, gt=0, description="hash partitions of the candidate/content joins")
+    select_buckets: int = Field(default=4, gt=0, le=65536, description="query hash buckets for selection tasks")
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
 

@@ -28,8 +28,8 @@ from operators.parts import make_datasink
 from operators.schemas import CORPUS, QUERY, InputKind
 from operators.shards import ShardPlan, ShardSource, cache_dir, list_shards, plan_shards
 from operators.storage import Storage, join
-from pipelines.config import Config, EmbedConfig
-from pipelines.ray_env import ensure_ray
+from pipelines.config import Config
+from pipelines.ray_env import actor_pool, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +91,6 @@ class EmbedIntegrityError(RuntimeError):
 
 def _set_key(plans: list[tuple[ShardPlan, str]]) -> str:
     return hashlib.sha256(json.dumps([k for _, k in plans]).encode()).hexdigest()[:24]
-
-
-def _resources(cfg: EmbedConfig, res: dict[str, float]) -> tuple[str, int, dict[str, Any], int | None]:
-    """Device, pool size, actor resources and torch threads, resolved once for the whole cluster."""
-    gpus = int(res.get("GPU", 0))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-    if device == "cuda":
-        n = gpus if cfg.num_actors == "auto" else cfg.num_actors
-        return device, max(1, n), {"num_gpus": 1, "num_cpus": min(cfg.actor_num_cpus, 1.0)}, None
-    n = 1 if cfg.num_actors == "auto" else cfg.num_actors
-    threads = None if cfg.torch_threads == "auto" else cfg.torch_threads
-    return device, n, {"num_cpus": cfg.actor_num_cpus}, threads
-
-
-def _check_resources(cfg: EmbedConfig, res: dict[str, float], n: int, actor: dict[str, Any]) -> None:
-    cpus = res.get("CPU", 0)
-    need = n * actor.get("num_cpus", 0)
-    # Read/decode/write tasks need CPU too: an actor pool holding every CPU starves them and hangs.
-    if actor.get("num_cpus", 0) and need + min(cfg.decode_num_cpus, cfg.write_num_cpus) > cpus:
-        raise ValueError(
-            f"embed.actor_num_cpus: {n} actor(s) x {actor['num_cpus']} CPU leave no CPU for read/decode/"
-            f"write tasks on a cluster with {cpus:g} CPUs; lower embed.actor_num_cpus or embed.num_actors"
-        )
-    if actor.get("num_gpus") and n > res.get("GPU", 0):
-        raise ValueError(f"embed.num_actors: {n} GPU actors requested, cluster has {res.get('GPU', 0):g} GPUs")
 
 
 def embed_kind(cfg: Config, kind: str, rm: ResolvedModel | None = None, storage: Storage | None = None,
@@ -183,12 +158,7 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
     e = cfg.embed
     opts = cfg.storage.options()
     res = ensure_ray(cfg.ray)
-    device, n_actors, actor_res, threads = _resources(e, res)
-    _check_resources(e, res, n_actors, actor_res)
-    if device == "cpu" and threads is None:
-        # "auto": the node's cores split over the CPU actors (Ray spreads them over the nodes).
-        node_cpus = max(1, int(res.get("CPU", 1)) // max(1, len(ray.nodes())))
-        threads = max(1, node_cpus // n_actors)
+    device, n_actors, actor_res, threads = actor_pool(e, res, "embed", min(e.decode_num_cpus, e.write_num_cpus))
     idc = KINDS[kind].id_column
     # Same resources as decode, so read+decode fuse into one task (no extra object-store hop).
     ds = ray.data.read_datasource(ShardSource(todo, idc, opts, e.rows_per_read_task),

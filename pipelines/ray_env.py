@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from pipelines.config import RayConfig
 
@@ -40,3 +40,43 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
     # become reject rows inside the operators, so an errored block means a real bug or outage.
     ctx.max_errored_blocks = 0
     return dict(ray.cluster_resources())
+
+
+class PoolConfig(Protocol):
+    """The fields an actor-pool stage config has (embed, rerank)."""
+
+    device: str
+    num_actors: int | str
+    actor_num_cpus: float
+    torch_threads: int | str
+
+
+def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str,
+               other_tasks_cpus: float) -> tuple[str, int, dict[str, Any], int]:
+    """Device, pool size, per-actor resources and torch threads, resolved once for the cluster.
+
+    GPU clusters: one actor per GPU. CPU: ``num_actors`` (1 for auto), each holding ``actor_num_cpus``
+    logical CPUs and using the node's cores split over the actors (Ray starts workers with
+    OMP_NUM_THREADS=1). A pool that would leave no CPU for the stage's other tasks is refused: it hangs.
+    """
+    import ray
+
+    gpus = int(res.get("GPU", 0))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    if device == "cuda":
+        n = max(1, gpus if cfg.num_actors == "auto" else int(cfg.num_actors))
+        if n > gpus:
+            raise ValueError(f"{section}.num_actors: {n} GPU actors requested, cluster has {gpus} GPUs")
+        return device, n, {"num_gpus": 1, "num_cpus": min(cfg.actor_num_cpus, 1.0)}, 1
+    n = 1 if cfg.num_actors == "auto" else int(cfg.num_actors)
+    cpus = res.get("CPU", 0)
+    if n * cfg.actor_num_cpus + other_tasks_cpus > cpus:
+        raise ValueError(
+            f"{section}.actor_num_cpus: {n} actor(s) x {cfg.actor_num_cpus} CPU leave no CPU for the stage's "
+            f"other tasks on a cluster with {cpus:g} CPUs; lower {section}.actor_num_cpus or {section}.num_actors")
+    if cfg.torch_threads != "auto":
+        threads = int(cfg.torch_threads)
+    else:
+        node_cpus = max(1, int(cpus) // max(1, len(ray.nodes())))
+        threads = max(1, node_cpus // n)
+    return device, n, {"num_cpus": cfg.actor_num_cpus}, threads

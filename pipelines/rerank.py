@@ -1,0 +1,178 @@
+"""``mmrerank rerank``: candidates -> content -> batched reranker actors -> fusion + selection -> results.
+
+Reads ``<run>/candidates`` (from ``mmrerank search``), writes ``<run>/scored`` (every scored pair),
+``<run>/rejects/rerank-*``, ``<run>/results`` (the results contract) and ``rerank_stats.json``.
+
+Candidate content comes from the corpus shards by the ``(shard, row)`` recorded at embedding time:
+candidates are regrouped by corpus shard (small Ray tasks), then each corpus shard is read once (only
+its row groups with wanted rows) by a Ray Data source that streams (query, candidate, content) pairs
+to the reranker actors. Scored pairs are bucketed by query so selection needs no shuffle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from operators.models import resolve_model
+from operators.parts import make_datasink
+from operators.rerank_ops import PairsSource, RerankPairs, ScoredSink, bucket_candidates, select_bucket
+from operators.rerankers.base import RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, RerankerSpec
+from operators.schemas import CANDIDATE_ROWS, CORPUS, check_shard_schema
+from operators.shards import ERR_MSG, ERR_TYPE, ShardSource, list_shards, plan_shards
+from operators.storage import Storage, join
+from pipelines.config import Config, RerankConfig
+from pipelines.embed import EmbedResult, embed_kind
+from pipelines.index import IndexMismatchError
+from pipelines.ray_env import actor_pool, ensure_ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RerankResult:
+    run_id: str
+    out: str
+    reranker: str
+    pairs_in: int
+    pairs_scored: int
+    pairs_rejected: int
+    queries_in: int
+    queries_with_results: int
+    results: int
+    reject_types: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    rerank_s: float = 0.0
+
+    @property
+    def queries_without_results(self) -> int:
+        """Queries whose every candidate was dropped (threshold selection) or rejected."""
+        return self.queries_in - self.queries_with_results
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["queries_without_results"] = self.queries_without_results
+        d["pairs_per_s"] = self.pairs_in / self.rerank_s if self.rerank_s else None
+        return d
+
+
+def reranker_spec(rc: RerankConfig, cfg: Config) -> RerankerSpec:
+    clip = resolve_model(rc.clip_model, cfg.storage.options()) if rc.backend == "clip" else None
+    return RerankerSpec(
+        backend=rc.backend, model=rc.model, revision=rc.revision, trust_remote_code=rc.trust_remote_code,
+        lora_adapter=rc.lora_adapter, clip_model=clip,
+        prompt=rc.prompt or RAGVL_PROMPT_CAPTION, prompt_no_caption=rc.prompt or RAGVL_PROMPT,
+        positive_token=rc.positive_token, negative_token=rc.negative_token, use_caption=rc.use_caption,
+        max_length=rc.max_length)
+
+
+def reranker_label(rc: RerankConfig) -> str:
+    if rc.backend == "clip":
+        return f"clip:{rc.clip_model.name}"
+    return rc.backend if rc.backend == "none" else f"{rc.backend}:{rc.model}"
+
+
+def _corpus_shards(storage: Storage, corpus: EmbedResult) -> dict[str, tuple[str, str]]:
+    out = {}
+    for s in corpus.shards:
+        payload = check_shard_schema(storage.parquet_file(s.source).schema_arrow, CORPUS, s.source)
+        out[s.key] = (s.source, payload)
+    return out
+
+
+def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
+               corpus: EmbedResult | None = None) -> RerankResult:
+    """Rerank the candidates of ``run_id`` and write its results."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    t0 = time.perf_counter()
+    storage = storage or Storage(cfg.storage.options())
+    opts = cfg.storage.options()
+    rc = cfg.rerank
+    out = join(cfg.root, "runs", run_id)
+    spec = reranker_spec(rc, cfg)  # resolves the clip model: a bad spec fails before any work
+    cand_uris = storage.ls(join(out, "candidates"), "*.parquet")
+    if not cand_uris:
+        raise FileNotFoundError(f"{out}/candidates: no candidates; run `mmrerank search` first")
+    for sub in ("scored", "results", "_pairs"):
+        storage.rm(join(out, sub), recursive=True)  # a re-run of this stage replaces, never appends
+    for old in storage.ls(join(out, "rejects"), "rerank-*.parquet"):
+        storage.rm(old)
+
+    res = ensure_ray(cfg.ray)
+    t1 = time.perf_counter()
+    buckets = rc.select_buckets
+    if rc.backend == "none":
+        plans = plan_shards(cand_uris, CANDIDATE_ROWS, storage)
+        pairs_in = sum(p.num_rows for p in plans)
+        scored = ray.data.read_datasource(
+            ShardSource([(p, p.key()) for p in plans], "query_id", opts, 4096, CANDIDATE_ROWS.extra_columns),
+            num_cpus=0.25).map_batches(_retrieval_only, batch_format="numpy", num_cpus=0.25)
+    else:
+        corpus = corpus or embed_kind(cfg, "corpus", storage=storage)
+        query_uris = list_shards(cfg.queries, storage) if cfg.queries else []
+        pairs_dir = join(out, "_pairs")
+        task = ray.remote(bucket_candidates).options(num_cpus=0.25)
+        counts = ray.get([task.remote(u, _stem(u), pairs_dir, query_uris, opts) for u in cand_uris])
+        per_shard: dict[str, int] = {}
+        for c in counts:
+            for k, n in c.items():
+                per_shard[k] = per_shard.get(k, 0) + n
+        pairs_in = sum(per_shard.values())
+        corpus_map = _corpus_shards(storage, corpus)
+        unknown = sorted(set(per_shard) - set(corpus_map))
+        if unknown:
+            raise IndexMismatchError(f"{out}: candidates point into corpus shards {unknown[:3]} that the current "
+                                     "corpus does not have (was the corpus changed after search?)")
+        sources = {k: (*corpus_map[k], storage.ls(join(pairs_dir, k), "*.parquet"), n) for k, n in per_shard.items()}
+        device, n_actors, actor_res, threads = actor_pool(rc, res, "rerank", 0.5)
+        scored = ray.data.read_datasource(PairsSource(sources, opts, rc.batch_size * 4), num_cpus=0.5).map_batches(
+            RerankPairs,
+            fn_constructor_kwargs={"spec": spec, "device": device, "precision": rc.precision,
+                                   "torch_threads": threads, "max_pixels": cfg.embed.max_image_pixels,
+                                   "allowed_formats": cfg.embed.allowed_formats, "storage_options": opts},
+            compute=ActorPoolStrategy(size=n_actors), batch_size=rc.batch_size, batch_format="numpy", **actor_res)
+    sink = make_datasink(ScoredSink(out, buckets, opts), 4096, "WriteScored")
+    scored.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    records = sink.results
+    storage.rm(join(out, "_pairs"), recursive=True)
+    rerank_s = time.perf_counter() - t1
+
+    scored_n = sum(r["rows_ok"] for r in records)
+    rejected = sum(r["rows_rejected"] for r in records)
+    if scored_n + rejected != pairs_in:
+        raise RuntimeError(f"{out}: {pairs_in} candidate pairs in, {scored_n} scored + {rejected} rejected out")
+    types: dict[str, int] = {}
+    for r in records:
+        for t, c in r["reject_types"].items():
+            types[t] = types.get(t, 0) + c
+
+    # Per query: fuse and select, one Ray task per hash bucket (only scores travel, not content).
+    label = reranker_label(rc)
+    sel = ray.remote(select_bucket).options(num_cpus=0.25)
+    counts2 = ray.get([sel.remote(b, join(out, "scored"), out, rc.fusion.model_dump(), rc.selection.model_dump(),
+                                  label, run_id, opts) for b in range(buckets)])
+    queries_in = len({q for u in cand_uris for q in storage.read_table(u, ["query_id"]).column(0).to_pylist()})
+    result = RerankResult(run_id, out, label, pairs_in, scored_n, rejected, queries_in,
+                          sum(c["queries"] for c in counts2), sum(c["rows"] for c in counts2), types, 0.0, rerank_s)
+    result.wall_s = time.perf_counter() - t0
+    storage.write_json(join(out, "rerank_stats.json"), result.to_json())
+    log.info("rerank (%s): %d pairs -> %d scored, %d rejected; %d/%d queries kept results (%d rows) in %.1fs",
+             label, pairs_in, scored_n, rejected, result.queries_with_results, queries_in, result.results, rerank_s)
+    return result
+
+
+def _stem(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def _retrieval_only(batch: dict[str, Any]) -> dict[str, Any]:
+    """``backend: none``: the retrieval score is the rerank score (a baseline run, no model)."""
+    out = dict(batch)
+    out["rerank_score"] = batch["retrieval_score"]
+    out[ERR_TYPE], out[ERR_MSG] = batch[ERR_TYPE], batch[ERR_MSG]
+    return out
