@@ -173,6 +173,9 @@ class RerankConfig(_Strict):
     trust_remote_code: bool = False
     lora_adapter: str | None = None
     prompt: str | None = None  # vlm_yesno; default: RagVL's prompt (with or without caption)
+    prompt_no_caption: str | None = None  # vlm_yesno: for candidates without a caption
+    # Backend-specific options, e.g. vlm_yesno: system_prompt, image_position (first|last), processor_kwargs.
+    options: dict[str, Any] = Field(default_factory=dict)
     positive_token: str = "Yes"
     negative_token: str = "No"
     use_caption: bool = True

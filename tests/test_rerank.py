@@ -1,0 +1,145 @@
+"""Reranking stage on local Ray: scores equal direct backend calls, order equals sorting, rows accounted."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from operators import fusion
+from operators.rerank_ops import RERANK_ERROR, RerankPairs
+from operators.rerankers.base import create
+from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
+from pipelines.config import parse_config
+from pipelines.rerank import reranker_spec, run_rerank
+from pipelines.sample import SampleInfo, make_sample
+from pipelines.search import run_search
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
+    return make_sample(str(tmp_path_factory.mktemp("rr") / "s"), docs=30, queries=5, shards=3, seed=11,
+                       image_size=40)
+
+
+def _cfg(root: Path, sample: SampleInfo, **rerank: Any) -> Any:
+    return parse_config({
+        "root": str(root), "corpus": sample.corpus, "queries": sample.queries, "ray": {"progress_bars": False},
+        "index": {"factory": "Flat", "shards": 2}, "search": {"k": 8},
+        "rerank": {"backend": "clip", "batch_size": 8, "select_buckets": 3, **rerank},
+    })
+
+
+def _corpus(sample: SampleInfo) -> dict[str, tuple[bytes, str]]:
+    t = pa.concat_tables([pq.read_table(u) for u in sample.shard_uris])
+    return {d: (img, cap) for d, img, cap in zip(t.column("doc_id").to_pylist(), t.column("image").to_pylist(),
+                                                 t.column("text").to_pylist(), strict=True)}
+
+
+def _read(dir_: Path) -> pa.Table:
+    return pq.read_table(sorted(dir_.rglob("*.parquet")))
+
+
+def test_clip_rerank_matches_direct_scores_and_sorting(sample: SampleInfo, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "out", sample, selection={"mode": "top_n", "top_n": 5})
+    search = run_search(cfg, run_id="r1")
+    res = run_rerank(cfg, "r1")
+    run = Path(search.out)
+    assert res.pairs_in == search.candidates == 5 * 8
+    assert res.pairs_scored + res.pairs_rejected == res.pairs_in and res.pairs_rejected == 0
+
+    # Direct reference, no Ray: the same backend built in-process on the same pairs.
+    backend = create(reranker_spec(cfg.rerank, cfg))
+    docs = _corpus(sample)
+    qt = pq.read_table(sample.queries)
+    qtext = dict(zip(qt.column("query_id").to_pylist(), qt.column("text").to_pylist(), strict=True))
+    scored = _read(run / "scored").to_pylist()
+    ref = backend.score([qtext[r["query_id"]] for r in scored],
+                        [Image.open(io.BytesIO(docs[r["doc_id"]][0])).convert("RGB") for r in scored],
+                        [docs[r["doc_id"]][1] for r in scored])
+    np.testing.assert_allclose([r["rerank_score"] for r in scored], ref, atol=1e-5)
+
+    # Final order per query = sort by (rerank score desc, doc_id), first 5.
+    results = _read(run / "results").to_pylist()
+    assert {r["run_id"] for r in results} == {"r1"} and {r["reranker"] for r in results} == {"clip:mmr-tiny"}
+    for q in qtext:
+        mine = sorted((r for r in scored if r["query_id"] == q), key=lambda r: (-r["rerank_score"], r["doc_id"]))
+        got = sorted((r for r in results if r["query_id"] == q), key=lambda r: r["rank"])
+        assert [r["doc_id"] for r in got] == [r["doc_id"] for r in mine[:5]]
+        assert [r["rank"] for r in got] == [1, 2, 3, 4, 5]
+    assert res.results == 25 and res.queries_with_results == 5
+
+
+def test_threshold_selection_can_leave_a_query_empty(sample: SampleInfo, tmp_path: Path) -> None:
+    base = _cfg(tmp_path / "out", sample)
+    run_search(base, run_id="r2")
+    run_rerank(base, "r2")
+    scored = _read(tmp_path / "out" / "runs" / "r2" / "scored").to_pylist()
+    best = {}
+    for r in scored:
+        best[r["query_id"]] = max(best.get(r["query_id"], -9.0), r["rerank_score"])
+    # A threshold between the best scores of two queries: at least one query keeps nothing.
+    thr = float(np.median(sorted(best.values())))
+    cfg = _cfg(tmp_path / "out", sample, selection={"mode": "top_k_above_threshold", "threshold": thr, "k": 3},
+               fusion={"method": "none"})
+    res = run_rerank(cfg, "r2")
+    expect = {}
+    for q in best:
+        rows = [r for r in scored if r["query_id"] == q]
+        keep = fusion.select(np.array([r["rerank_score"] for r in rows]), [r["doc_id"] for r in rows],
+                             "top_k_above_threshold", threshold=thr, k=3)
+        expect[q] = [rows[i]["doc_id"] for i in keep]
+    results = _read(tmp_path / "out" / "runs" / "r2" / "results").to_pylist()
+    got = {q: [r["doc_id"] for r in sorted((r for r in results if r["query_id"] == q), key=lambda r: r["rank"])]
+           for q in best}
+    assert got == expect
+    empty = sum(1 for v in expect.values() if not v)
+    assert empty >= 1 and res.queries_without_results == empty
+    assert all(r["rerank_score"] >= thr for r in results)
+
+
+def test_failing_pair_is_rejected_rest_scored(sample: SampleInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(Path("/unused"), sample)
+    docs = list(_corpus(sample).items())[:4]
+    n = len(docs)
+    batch = {ID: np.array(["q1", "q2", "q1", "q3"], object), "doc_id": np.array([d for d, _ in docs], object),
+             "rank": np.arange(1, n + 1), "retrieval_score": np.linspace(0.9, 0.6, n).astype(np.float32),
+             "doc_shard": np.array(["s"] * n, object), "doc_row": np.arange(n),
+             "query_text": np.array(["a red circle", "POISON blue", "a red circle", "green star"], object),
+             "doc_image": np.array([img for _, (img, _) in docs], object), "doc_image_uri": np.array([None] * n, object),
+             "doc_caption": np.array([c for _, (_, c) in docs], object), SHARD: np.array(["k"] * n, object),
+             ROW: np.arange(n), SOURCE: np.array(["s"] * n, object), ERR_TYPE: np.array([""] * n, object),
+             ERR_MSG: np.array([""] * n, object)}
+    monkeypatch.setenv("MMR_FAULT_INJECT", "rerank_query:POISON")
+    op = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)
+    out = op(batch)
+    assert list(out[ERR_TYPE]) == ["", RERANK_ERROR, "", ""]
+    assert "injected" in out[ERR_MSG][1]
+    monkeypatch.delenv("MMR_FAULT_INJECT")
+    clean = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)(batch)
+    ok = [0, 2, 3]
+    np.testing.assert_allclose(out["rerank_score"][ok], clean["rerank_score"][ok], atol=1e-6)
+    assert np.isnan(out["rerank_score"][1])
+
+
+def test_missing_content_and_query_text_are_rejects(sample: SampleInfo) -> None:
+    cfg = _cfg(Path("/unused"), sample)
+    img = next(iter(_corpus(sample).values()))[0]
+    batch = {ID: np.array(["q1", "q2", "q3"], object), "doc_id": np.array(["a", "b", "c"], object),
+             "rank": np.arange(1, 4), "retrieval_score": np.ones(3, np.float32),
+             "doc_shard": np.array(["s"] * 3, object), "doc_row": np.arange(3),
+             "query_text": np.array(["x", None, "y"], object), "doc_image": np.array([img, img, None], object),
+             "doc_image_uri": np.array([None] * 3, object), "doc_caption": np.array([None] * 3, object),
+             SHARD: np.array(["k"] * 3, object), ROW: np.arange(3), SOURCE: np.array(["s"] * 3, object),
+             ERR_TYPE: np.array([""] * 3, object), ERR_MSG: np.array([""] * 3, object)}
+    out = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)(batch)
+    assert list(out[ERR_TYPE]) == ["", "query_text_missing", "doc_content_missing"]
+    assert np.isfinite(out["rerank_score"][0])
