@@ -194,6 +194,8 @@ class RerankConfig(_Strict):
     def _model(self) -> RerankConfig:
         if self.backend in ("blip_itm", "vlm_yesno", "cross_encoder") and not self.model:
             raise ValueError(f"model is required for backend {self.backend!r}")
+        if self.backend == "cross_encoder" and not self.use_caption:
+            raise ValueError("the cross_encoder backend scores (query, caption): use_caption must stay true")
         if self.trust_remote_code and not self.revision:
             raise ValueError("trust_remote_code needs a pinned revision (a commit hash)")
         if self.prompt is not None and "{query}" not in self.prompt:

@@ -15,7 +15,6 @@ from PIL import Image
 
 from operators.rerankers import hf
 from operators.rerankers.base import Reranker, RerankerLoadError, RerankerSpec, register
-from operators.rerankers.cross_encoder import CheckedLoad, check_tokenizer, text_max_length
 
 
 @register("blip_itm")
@@ -27,15 +26,15 @@ class BlipItmReranker(Reranker):
         super().__init__(spec, device, precision)
         from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-        self.model = hf.load_model(CheckedLoad(BlipForImageTextRetrieval, spec.model), spec, device,
+        self.model = hf.load_model(BlipForImageTextRetrieval, spec, device,
                                    precision)
         self.processor = hf.load_processor(AutoProcessor, spec)
         if not (hasattr(self.processor, "image_processor") and hasattr(self.processor, "tokenizer")):
             raise RerankerLoadError(f"rerank.model: {spec.model!r} has no image processor config (got a "
                                     f"{type(self.processor).__name__}); blip_itm needs a BLIP processor")
         text_config = self.model.config.text_config
-        check_tokenizer(self.processor.tokenizer, text_config, spec.model)
-        self.max_length = text_max_length(spec.max_length, self.processor.tokenizer, text_config)
+        hf.check_tokenizer(self.processor.tokenizer, text_config, spec.model)
+        self.max_length = hf.text_max_length(spec.max_length, self.processor.tokenizer, text_config)
         self.dtype = next(self.model.parameters()).dtype
 
     def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,84 +26,6 @@ from operators.rerankers.base import Reranker, RerankerLoadError, RerankerSpec, 
 log = logging.getLogger(__name__)
 
 _ACTIVATIONS = ("sigmoid", "none")
-
-
-class CheckedLoad:
-    """``model_cls`` whose ``from_pretrained`` refuses a checkpoint that leaves weights uninitialised.
-
-    transformers random-initialises weights a checkpoint lacks (a ``BertModel`` loaded as
-    ``BertForSequenceClassification`` gets a random ``classifier``) and only logs a warning; scoring
-    with such a head is meaningless, so it is a :class:`RerankerLoadError` here. Passed to
-    :func:`hf.load_model` in place of the class, so safetensors, revision pinning and LoRA stay as
-    they are (the check runs before the adapter is applied).
-    """
-
-    def __init__(self, model_cls: Any, label: str | None) -> None:
-        self.model_cls, self.label = model_cls, label
-        self.__name__ = model_cls.__name__
-
-    def from_pretrained(self, *args: Any, **kwargs: Any) -> Any:
-        model, info = self.model_cls.from_pretrained(*args, output_loading_info=True, **kwargs)
-        check_loading_info(info, self.__name__, self.label)
-        return model
-
-
-def _some(keys: Any, n: int = 8) -> str:
-    keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-def check_loading_info(info: dict[str, Any], cls_name: str, label: str | None) -> None:
-    """Raise :class:`RerankerLoadError` if ``from_pretrained`` left weights missing or mismatched."""
-    missing = info.get("missing_keys") or ()
-    mismatched = info.get("mismatched_keys") or ()
-    errors = info.get("error_msgs") or ()
-    if missing:
-        raise RerankerLoadError(
-            f"rerank.model: {label!r} is not a {cls_name} checkpoint: {len(missing)} weights are missing "
-            f"and would be randomly initialised: {_some(missing)}")
-    if mismatched:
-        raise RerankerLoadError(f"rerank.model: {label!r}: weights with the wrong shape for {cls_name}: "
-                                f"{_some(mismatched)}")
-    if errors:
-        raise RerankerLoadError(f"rerank.model: {label!r}: errors loading {cls_name}: "
-                                f"{'; '.join(map(str, errors))}")
-    unexpected = info.get("unexpected_keys") or ()
-    if unexpected:
-        log.warning("rerank.model %r: %d checkpoint weights unused by %s: %s", label, len(unexpected),
-                    cls_name, _some(unexpected))
-
-
-def check_tokenizer(tokenizer: Any, config: Any, label: str | None) -> None:
-    """Refuse a tokenizer with no vocabulary or one the model cannot embed.
-
-    transformers builds an *empty* tokenizer (special tokens only, every word ``[UNK]``) from a
-    directory that has a model but no tokenizer files, without an error.
-    """
-    try:
-        vocab = tokenizer.get_vocab()
-    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: nothing to check
-        return
-    special = set(getattr(tokenizer, "all_special_tokens", ()))
-    if not set(vocab) - special:
-        raise RerankerLoadError(f"rerank.model: {label!r} has no tokenizer files (the loaded tokenizer has "
-                                "special tokens only)")
-    n_embed = getattr(config, "vocab_size", None)
-    if isinstance(n_embed, int) and len(tokenizer) > n_embed:
-        raise RerankerLoadError(f"rerank.model: {label!r}: the tokenizer has {len(tokenizer)} tokens but the "
-                                f"model embeds only {n_embed}")
-
-
-def text_max_length(spec_max: int, tokenizer: Any, config: Any) -> int:
-    """``rerank.max_length`` capped by what the tokenizer and the position embeddings allow."""
-    n = int(spec_max)
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
-        n = min(n, tok_max)
-    pos_max = getattr(config, "max_position_embeddings", None)
-    if isinstance(pos_max, int) and pos_max > 0:
-        n = min(n, pos_max)
-    return n
 
 
 @register("cross_encoder")
@@ -120,15 +41,16 @@ class CrossEncoderReranker(Reranker):
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"cross_encoder: activation must be one of {_ACTIVATIONS}, "
                              f"got {self.activation!r}")
-        self.model = hf.load_model(CheckedLoad(AutoModelForSequenceClassification, spec.model), spec, device,
+        self.model = hf.load_model(AutoModelForSequenceClassification, spec, device,
                                    precision)
         self.num_labels = int(self.model.config.num_labels)
         if self.num_labels not in (1, 2):
             raise RerankerLoadError(f"rerank.model: {spec.model!r} has {self.num_labels} labels; the "
-                                    "cross_encoder backend needs 1 (relevance logit) or 2 (label 1 = relevant)")
+                                    "cross_encoder backend needs 1 (relevance logit) or 2 (label 1 = "
+                                    "relevant)")
         self.tokenizer = hf.load_processor(AutoTokenizer, spec)
-        check_tokenizer(self.tokenizer, self.model.config, spec.model)
-        self.max_length = text_max_length(spec.max_length, self.tokenizer, self.model.config)
+        hf.check_tokenizer(self.tokenizer, self.model.config, spec.model)
+        self.max_length = hf.text_max_length(spec.max_length, self.tokenizer, self.model.config)
 
     def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
               captions: Sequence[str | None]) -> np.ndarray:

@@ -61,13 +61,16 @@ def load_model(model_cls: Any, spec: RerankerSpec, device: str, precision: str) 
     """``model_cls.from_pretrained`` with the project's rules; eval mode, on ``device``."""
     src = _source(spec)
     try:
-        model = model_cls.from_pretrained(src, dtype=torch_dtype(precision) if device == "cuda" else None,
-                                          use_safetensors=True, **common_kwargs(spec))
+        model, info = model_cls.from_pretrained(src, dtype=torch_dtype(precision) if device == "cuda" else None,
+                                                use_safetensors=True, output_loading_info=True,
+                                                **common_kwargs(spec))
     except RerankerLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure is fatal: never fall back to random weights
         raise RerankerLoadError(f"rerank.model: cannot load {spec.model!r} as {model_cls.__name__}: "
                                 f"{type(e).__name__}: {e}") from None
+    # transformers random-initialises weights a checkpoint lacks and only warns: refuse that here.
+    check_loading_info(info, model_cls.__name__, spec.model)
     if spec.lora_adapter:
         try:
             from peft import PeftModel
@@ -82,7 +85,67 @@ def load_model(model_cls: Any, spec: RerankerSpec, device: str, precision: str) 
 
 def load_processor(proc_cls: Any, spec: RerankerSpec) -> Any:
     try:
-        return proc_cls.from_pretrained(_source(spec), **common_kwargs(spec))
+        proc = proc_cls.from_pretrained(_source(spec), **common_kwargs(spec))
     except Exception as e:  # noqa: BLE001
         raise RerankerLoadError(f"rerank.model: cannot load the processor/tokenizer of {spec.model!r}: "
                                 f"{type(e).__name__}: {e}") from None
+    check_tokenizer(getattr(proc, "tokenizer", proc), None, spec.model)
+    return proc
+
+
+def _some(keys: Any, n: int = 8) -> str:
+    keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_loading_info(info: dict[str, Any], cls_name: str, label: str | None) -> None:
+    """Raise :class:`RerankerLoadError` if ``from_pretrained`` left weights missing or mismatched."""
+    missing = info.get("missing_keys") or ()
+    mismatched = info.get("mismatched_keys") or ()
+    errors = info.get("error_msgs") or ()
+    if missing:
+        raise RerankerLoadError(
+            f"rerank.model: {label!r} is not a {cls_name} checkpoint: {len(missing)} weights are missing "
+            f"and would be randomly initialised: {_some(missing)}")
+    if mismatched:
+        raise RerankerLoadError(f"rerank.model: {label!r}: weights with the wrong shape for {cls_name}: "
+                                f"{_some(mismatched)}")
+    if errors:
+        raise RerankerLoadError(f"rerank.model: {label!r}: errors loading {cls_name}: "
+                                f"{'; '.join(map(str, errors))}")
+    unexpected = info.get("unexpected_keys") or ()
+    if unexpected:
+        log.warning("rerank.model %r: %d checkpoint weights unused by %s: %s", label, len(unexpected),
+                    cls_name, _some(unexpected))
+
+
+def check_tokenizer(tokenizer: Any, config: Any, label: str | None) -> None:
+    """Refuse a tokenizer with no vocabulary or one the model cannot embed.
+
+    transformers builds an *empty* tokenizer (special tokens only, every word ``[UNK]``) from a
+    directory that has a model but no tokenizer files, without an error.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: nothing to check
+        return
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    if not set(vocab) - special:
+        raise RerankerLoadError(f"rerank.model: {label!r} has no tokenizer files (the loaded tokenizer has "
+                                "special tokens only)")
+    n_embed = getattr(config, "vocab_size", None)
+    if isinstance(n_embed, int) and len(tokenizer) > n_embed:
+        raise RerankerLoadError(f"rerank.model: {label!r}: the tokenizer has {len(tokenizer)} tokens but the "
+                                f"model embeds only {n_embed}")
+
+
+def text_max_length(spec_max: int, tokenizer: Any, config: Any) -> int:
+    """``rerank.max_length`` capped by what the tokenizer and the position embeddings allow."""
+    n = int(spec_max)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        n = min(n, tok_max)
+    pos_max = getattr(config, "max_position_embeddings", None)
+    if isinstance(pos_max, int) and pos_max > 0:
+        n = min(n, pos_max)
+    return n
