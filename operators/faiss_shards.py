@@ -149,9 +149,16 @@ def set_search_params(index: Any, params: SearchParams) -> None:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = params.nprobe
-    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
-    if hnsw is not None:
-        hnsw.efSearch = max(params.ef_search, params.k)
+    # HNSW may sit inside wrappers (PCA/L2norm pre-transforms, IDMap, refine): unwrap to find it.
+    cur, seen = index, 0
+    while cur is not None and seen < 8:
+        cur = faiss.downcast_index(cur)
+        hnsw = getattr(cur, "hnsw", None)
+        if hnsw is not None:
+            hnsw.efSearch = max(params.ef_search, params.k)
+            break
+        cur = getattr(cur, "index", None) or getattr(cur, "base_index", None)
+        seen += 1
 
 
 def to_device(index: Any, device: str) -> Any:

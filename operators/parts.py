@@ -108,7 +108,8 @@ def make_datasink(sink: Any, min_rows: int, name: str) -> Any:
             tables = [t for t in tables if t.num_rows]
             if not tables:
                 return []
-            table = pa.concat_tables(tables)
+            # A block whose column is all null is typed null: promote instead of failing.
+            table = pa.concat_tables(tables, promote_options="default")
             if hasattr(sink, "write_arrow"):
                 return sink.write_arrow(table)
             return sink.write_batch(BlockAccessor.for_block(table).to_batch_format("numpy"))

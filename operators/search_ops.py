@@ -41,7 +41,13 @@ class ShardSearcher:
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
-        index, ids = F.load_shard(Storage(storage_options), index_uri, entry)
+        self.error: F.IndexIntegrityError | None = None
+        try:
+            index, ids = F.load_shard(Storage(storage_options), index_uri, entry)
+        except F.IndexIntegrityError as e:
+            # Kept and re-raised from ntotal(): Ray does not carry a constructor's exception to callers.
+            self.error = e
+            return
         F.set_search_params(index, params)
         self.index = F.to_device(index, device)
         self.offset = int(entry["offset"])
@@ -50,14 +56,19 @@ class ShardSearcher:
         self.doc_rows = ids.column("row_index").to_numpy()
 
     def ntotal(self) -> int:
+        if self.error is not None:
+            raise self.error
         return int(self.index.ntotal)
 
     def search(self, queries: np.ndarray, k: int) -> dict[str, np.ndarray]:
         D, I = F.search(self.index, queries, k, self.offset)  # noqa: E741
         hit = I >= 0
-        local = np.where(hit, I - self.offset, 0)
-        return {"D": D, "I": I, "doc": np.where(hit, self.doc_ids[local], None),
-                "shard": np.where(hit, self.doc_shards[local], None), "row": np.where(hit, self.doc_rows[local], -1)}
+        local = I[hit] - self.offset
+        doc = np.full(I.shape, None, dtype=object)
+        shard = np.full(I.shape, None, dtype=object)
+        row = np.full(I.shape, -1, dtype=np.int64)
+        doc[hit], shard[hit], row[hit] = self.doc_ids[local], self.doc_shards[local], self.doc_rows[local]
+        return {"D": D, "I": I, "doc": doc, "shard": shard, "row": row}
 
 
 def check_vectors(values: Any, dim: int, err_type: np.ndarray, err_msg: np.ndarray) -> np.ndarray:
