@@ -38,11 +38,6 @@ N_DOCS = sum(SHARD_ROWS)
 N_QUERIES = 6
 ATOL = 1e-5
 
-ALL_REJECTED_BUG = ("operators/search_ops.py SearchRouter.__call__ returns doc_id/doc_shard as object arrays of None "
-                    "for a batch whose queries are all rejected; Ray Data types them as arrow null, and the "
-                    "candidates sink (operators/parts.py:111, make_datasink _Sink.write: pa.concat_tables) fails to combine that "
-                    "block with a string-typed one: ArrowInvalid 'Schema at index 1 was different'")
-
 
 @dataclasses.dataclass
 class Env:
