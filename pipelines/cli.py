@@ -16,12 +16,13 @@ from operators.schemas import SchemaError
 from operators.shards import InputError
 from operators.storage import StorageError, redact
 from pipelines.config import ConfigError, load_config
+from pipelines.publish import PublishError
 
 log = logging.getLogger("mmrerank")
 
 # Errors a user can fix: reported in one line (exit 2), never with a traceback.
 USER_ERRORS = (ConfigError, SchemaError, InputError, StorageError, ModelLoadError, IndexConfigError,
-               IndexIntegrityError, FileNotFoundError, ValueError)
+               IndexIntegrityError, PublishError, FileNotFoundError, ValueError)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -104,6 +105,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.run import run
+
+    cfg = load_config(args.config, _overrides(args.set))
+    report = run(cfg, resume=args.resume, run_id=args.run_id, publish=not args.no_publish)
+    for line in report.table():
+        log.info("%s", line)
+    return 0
+
+
+def cmd_rerank(args: argparse.Namespace) -> int:
+    from pipelines.rerank import run_rerank
+
+    cfg = load_config(args.config, _overrides(args.set))
+    run_rerank(cfg, args.run_id)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines.quickstart import quickstart
 
@@ -150,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id", default=None, help="write under <root>/runs/RUN_ID (default: a new id)")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     r.set_defaults(fn=cmd_search)
+
+    rr = sub.add_parser("rerank", help="rerank the candidates of a run (after `search`)")
+    rr.add_argument("config")
+    rr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    rr.add_argument("--run-id", required=True)
+    rr.set_defaults(fn=cmd_rerank)
+
+    n = sub.add_parser("run", help="the nightly job: embed, index, search, rerank, publish (resumable)")
+    n.add_argument("config")
+    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    n.add_argument("--resume", default=None, metavar="RUN_ID", help="finish this unfinished run")
+    n.add_argument("--run-id", default=None, help="id for a new run (default: timestamp + random)")
+    n.add_argument("--no-publish", action="store_true", help="write the run but leave LATEST alone")
+    n.set_defaults(fn=cmd_run)
 
     q = sub.add_parser("quickstart", help="make a sample and run the pipeline on the embedded default")
     q.add_argument("--out", default="mmrerank-quickstart", help="where the sample and outputs go")

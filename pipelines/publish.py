@@ -1,0 +1,177 @@
+"""Publishing a run: a manifest written last, then ``<root>/LATEST`` advanced by compare-and-swap.
+
+A reader (Serve, notebooks, eval) trusts a run only through :func:`read_latest` / :func:`verify_run`:
+``LATEST`` names a run whose ``_MANIFEST.json`` exists, and every file the manifest lists has the
+recorded size (and sha256 when asked). ``LATEST`` is replaced atomically: on S3 with a conditional PUT
+(``If-Match`` the ETag we read, or ``If-None-Match: *`` when there is none), locally under an
+exclusive lock with write-then-rename, so two runs racing can never corrupt it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from operators.storage import Storage, join, scheme_of, strip_scheme
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_MANIFEST.json"
+LATEST = "LATEST"
+
+
+class PublishError(RuntimeError):
+    """A run cannot be published, or a published run does not check out."""
+
+
+def _rel(base: str, uri: str) -> str:
+    return strip_scheme(uri)[len(strip_scheme(base)) + 1:]
+
+
+def list_files(storage: Storage, run_dir: str) -> list[str]:
+    fs = storage.fs(run_dir)
+    base = strip_scheme(run_dir)
+    if not fs.exists(base):
+        return []
+    files = sorted(fs.find(base))
+    prefix = "" if scheme_of(run_dir) == "file" else f"{scheme_of(run_dir)}://"
+    return [prefix + f for f in files]
+
+
+def write_manifest(storage: Storage, run_dir: str, run_id: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """List every file of the run with size, sha256 and (Parquet) row count; written last."""
+    entries: dict[str, Any] = {}
+    for uri in list_files(storage, run_dir):
+        rel = _rel(run_dir, uri)
+        if rel == MANIFEST or rel.startswith("_pairs/") or rel.endswith(".tmp"):
+            continue
+        data = storage.read_bytes(uri)
+        e: dict[str, Any] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if rel.endswith(".parquet"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            e["rows"] = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+        entries[rel] = e
+    manifest = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": entries, **extra}
+    storage.write_json(join(run_dir, MANIFEST), manifest)
+    return manifest
+
+
+def verify_run(storage: Storage, run_dir: str, deep: bool = False) -> dict[str, Any]:
+    """The run's manifest, after checking that every listed file is there (sizes; sha256 if ``deep``)."""
+    try:
+        manifest = storage.read_json(join(run_dir, MANIFEST))
+    except FileNotFoundError:
+        raise PublishError(f"{run_dir}: no {MANIFEST}: the run is incomplete") from None
+    for rel, e in manifest["files"].items():
+        uri = join(run_dir, rel)
+        try:
+            size = int(storage.info(uri)["size"])
+        except FileNotFoundError:
+            raise PublishError(f"{run_dir}: {rel} is listed in the manifest but missing") from None
+        if size != e["size"]:
+            raise PublishError(f"{run_dir}: {rel} has {size} bytes, the manifest says {e['size']}")
+        if deep and storage.sha256(uri) != e["sha256"]:
+            raise PublishError(f"{run_dir}: {rel} does not match its sha256")
+    return manifest
+
+
+def read_latest(storage: Storage, root: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(LATEST content, version token)``; ``(None, None)`` when nothing was published yet."""
+    uri = join(root, LATEST)
+    if scheme_of(root) in ("s3", "s3a"):
+        fs = storage.fs(uri)
+        bucket, key = strip_scheme(uri).split("/", 1)
+        try:
+            r = fs.call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None, None
+        body = _sync_read(fs, r["Body"])
+        return json.loads(body), r["ETag"]
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None, None
+    return json.loads(data), hashlib.sha256(data).hexdigest()
+
+
+def _sync_read(fs: Any, body: Any) -> bytes:
+    from fsspec.asyn import sync
+
+    async def _read() -> bytes:
+        async with body as stream:
+            return await stream.read()
+
+    return sync(fs.loop, _read)
+
+
+def _cas_s3(storage: Storage, uri: str, data: bytes, token: str | None) -> bool:
+    fs = storage.fs(uri)
+    bucket, key = strip_scheme(uri).split("/", 1)
+    cond = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, ContentType="application/json", **cond)
+        return True
+    except Exception as e:  # noqa: BLE001 - 412 PreconditionFailed / 409 ConditionalRequestConflict
+        text = f"{type(e).__name__} {e}"
+        if "PreconditionFailed" in text or "412" in text or "Conflict" in text:
+            return False
+        raise
+
+
+def _cas_local(path: str, data: bytes, token: str | None) -> bool:
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = open(path, "rb").read() if os.path.exists(path) else None
+            now = hashlib.sha256(current).hexdigest() if current is not None else None
+            if now != token:
+                return False
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def advance_latest(storage: Storage, root: str, run_id: str, retries: int = 10) -> dict[str, Any]:
+    """Point ``LATEST`` at ``run_id`` (which must verify) with compare-and-swap; returns the new content."""
+    run_dir = join(root, "runs", run_id)
+    manifest = verify_run(storage, run_dir)
+    uri = join(root, LATEST)
+    for attempt in range(retries):
+        current, token = read_latest(storage, root)
+        new = {"run_id": run_id, "manifest": join("runs", run_id, MANIFEST), "created": manifest["created"],
+               "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "previous": current.get("run_id") if current else None}
+        data = json.dumps(new, indent=2, sort_keys=True).encode()
+        ok = _cas_s3(storage, uri, data, token) if scheme_of(root) in ("s3", "s3a") else \
+            _cas_local(strip_scheme(uri), data, token)
+        if ok:
+            log.info("published: LATEST -> %s (was %s)", run_id, new["previous"])
+            return new
+        log.info("LATEST changed while publishing (attempt %d); retrying", attempt + 1)
+        time.sleep(0.05 * (attempt + 1))
+    raise PublishError(f"{uri}: could not advance LATEST after {retries} attempts (concurrent publishers)")
+
+
+def latest_run(storage: Storage, root: str) -> tuple[str, dict[str, Any]] | None:
+    """``(run_dir, manifest)`` of the published run, verified; ``None`` when nothing is published."""
+    current, _ = read_latest(storage, root)
+    if current is None:
+        return None
+    run_dir = join(root, "runs", current["run_id"])
+    return run_dir, verify_run(storage, run_dir)

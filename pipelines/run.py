@@ -1,0 +1,205 @@
+"""``mmrerank run``: the nightly job, shards to published reranked results under one run_id.
+
+Stages: embed corpus (cached per shard) -> index (reused when unchanged) -> embed queries -> search ->
+rerank -> rejects -> stats -> ``_MANIFEST.json`` (last) -> ``LATEST`` (compare-and-swap).
+
+Resumable: ``_RUN.json`` marks a started run and ``_STAGES/<stage>.json`` a finished stage. Running the
+same command again after a crash picks up the newest unfinished run of the same config (or
+``--resume RUN_ID``): embedding and indexing are cache hits, finished stages are skipped, an
+interrupted stage starts over on its own outputs (deterministic names: nothing duplicated or orphaned).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from operators.models import resolve_model
+from operators.shards import list_shards, plan_shards
+from operators.storage import Storage, join
+from pipelines.config import Config
+from pipelines.embed import KINDS, embed_kind
+from pipelines.index import build_index
+from pipelines.publish import MANIFEST, advance_latest, write_manifest
+from pipelines.rerank import reranker_spec, run_rerank
+from pipelines.search import new_run_id, run_search
+
+log = logging.getLogger(__name__)
+
+STAGES = ("embed_corpus", "index", "embed_queries", "search", "rerank", "rejects")
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    run_dir: str
+    resumed: bool
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wall_s: float = 0.0
+    published: bool = False
+
+    def table(self) -> list[str]:
+        lines = [f"{'stage':<14} {'rows_in':>8} {'ok':>8} {'rejected':>8} {'time_s':>8} {'rows/s':>9}  note"]
+        for name in STAGES:
+            s = self.stages.get(name)
+            if not s:
+                continue
+            rate = f"{s['rows_in'] / s['wall_s']:.1f}" if s.get("wall_s") and s.get("rows_in") else "-"
+            lines.append(f"{name:<14} {s.get('rows_in', 0):>8} {s.get('rows_ok', 0):>8} "
+                         f"{s.get('rows_rejected', 0):>8} {s.get('wall_s', 0.0):>8.1f} {rate:>9}  {s.get('note', '')}")
+        lines.append(f"run {self.run_id}: {self.wall_s:.1f}s, output {self.run_dir}"
+                     f"{' (published: LATEST)' if self.published else ''}")
+        return lines
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """What makes two runs "the same job" for resuming (where it runs and progress bars do not count)."""
+    d = cfg.redacted_dump()
+    d.pop("ray", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def preflight(cfg: Config, storage: Storage) -> None:
+    """Everything that can fail without doing work: storage reachable, inputs there and well-formed,
+    models and reranker resolvable. Raises with a message naming the problem (never a secret)."""
+    storage.check_reachable(cfg.root)
+    for kind, src in (("corpus", cfg.corpus), ("queries", cfg.queries)):
+        if src is None:
+            raise ValueError(f"{kind}: `mmrerank run` needs both corpus and queries")
+        storage.check_reachable(src)
+        plan_shards(list_shards(src, storage), KINDS[kind], storage)
+    resolve_model(cfg.embed.model, cfg.storage.options())
+    reranker_spec(cfg.rerank, cfg)
+    from operators.faiss_shards import check_factory
+
+    check_factory(cfg.index.factory, 8 if "PQ" not in cfg.index.factory else 64)
+
+
+def find_unfinished(storage: Storage, cfg: Config) -> str | None:
+    """Newest run of this config that started but never wrote its manifest."""
+    fp = config_fingerprint(cfg)
+    runs_dir = join(cfg.root, "runs")
+    fs = storage.fs(runs_dir)
+    base = runs_dir.split("://", 1)[-1]
+    if not fs.exists(base):
+        return None
+    best: tuple[str, str] | None = None
+    for d in fs.ls(base, detail=False):
+        run_id = d.rstrip("/").rsplit("/", 1)[-1]
+        run_dir = join(runs_dir, run_id)
+        try:
+            meta = storage.read_json(join(run_dir, "_RUN.json"))
+        except FileNotFoundError:
+            continue
+        if meta.get("config_fingerprint") == fp and not storage.exists(join(run_dir, MANIFEST)):
+            if best is None or meta["started"] > best[0]:
+                best = (meta["started"], run_id)
+    return best[1] if best else None
+
+
+def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publish: bool = True) -> RunReport:
+    """The nightly job. Safe to re-run after a crash: it resumes the unfinished run of this config."""
+    t0 = time.perf_counter()
+    storage = Storage(cfg.storage.options())
+    preflight(cfg, storage)
+    resumed = False
+    if resume:
+        run_id, resumed = resume, True
+        if not storage.exists(join(cfg.root, "runs", resume, "_RUN.json")):
+            raise ValueError(f"--resume {resume}: no such run under {cfg.root}/runs")
+    elif run_id is None:
+        found = find_unfinished(storage, cfg)
+        run_id, resumed = (found, True) if found else (new_run_id(), False)
+    run_dir = join(cfg.root, "runs", run_id)
+    if storage.exists(join(run_dir, MANIFEST)):
+        raise ValueError(f"run {run_id} is already complete ({run_dir}/{MANIFEST}); nothing to resume")
+    if not storage.exists(join(run_dir, "_RUN.json")):
+        storage.write_json(join(run_dir, "_RUN.json"), {
+            "run_id": run_id, "config_fingerprint": config_fingerprint(cfg), "config": cfg.redacted_dump(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if resumed:
+        log.info("resuming run %s", run_id)
+    report = RunReport(run_id, run_dir, resumed)
+
+    def done(stage: str) -> dict[str, Any] | None:
+        uri = join(run_dir, "_STAGES", f"{stage}.json")
+        return storage.read_json(uri) if storage.exists(uri) else None
+
+    def finish(stage: str, stats: dict[str, Any]) -> None:
+        report.stages[stage] = stats
+        storage.write_json(join(run_dir, "_STAGES", f"{stage}.json"), stats)
+        log.info("stage %s done: %s", stage, {k: v for k, v in stats.items() if k != "shards"})
+
+    rm = resolve_model(cfg.embed.model, cfg.storage.options())
+    t = time.perf_counter()
+    corpus = embed_kind(cfg, "corpus", rm, storage)
+    finish("embed_corpus", _embed_stats(corpus, time.perf_counter() - t))
+    t = time.perf_counter()
+    index = build_index(cfg, corpus, storage)
+    finish("index", {"rows_in": corpus.rows_ok, "rows_ok": index.ntotal, "rows_rejected": 0,
+                     "wall_s": time.perf_counter() - t, "reused": index.reused, "uri": index.uri,
+                     "note": f"{index.manifest['factory']} x{len(index.manifest['shards'])}"
+                             f"{' (reused)' if index.reused else ''}"})
+    t = time.perf_counter()
+    queries = embed_kind(cfg, "queries", rm, storage)
+    finish("embed_queries", _embed_stats(queries, time.perf_counter() - t))
+
+    prev = done("search")
+    if prev is not None:
+        report.stages["search"] = prev
+    else:
+        t = time.perf_counter()
+        s = run_search(cfg, run_id=run_id, storage=storage, index=index)
+        finish("search", {"rows_in": s.queries_in, "rows_ok": s.queries_ok, "rows_rejected": s.queries_rejected,
+                          "candidates": s.candidates, "wall_s": time.perf_counter() - t,
+                          "note": f"k={s.k}, {s.candidates} candidates"})
+    prev = done("rerank")
+    if prev is not None:
+        report.stages["rerank"] = prev
+    else:
+        t = time.perf_counter()
+        r = run_rerank(cfg, run_id, storage, corpus)
+        finish("rerank", {"rows_in": r.pairs_in, "rows_ok": r.pairs_scored, "rows_rejected": r.pairs_rejected,
+                          "queries_with_results": r.queries_with_results,
+                          "queries_without_results": r.queries_without_results, "results": r.results,
+                          "wall_s": time.perf_counter() - t, "reject_types": r.reject_types,
+                          "note": f"{r.reranker}; {r.results} results, {r.queries_without_results} queries empty"})
+    t = time.perf_counter()
+    n = _collect_embed_rejects(storage, run_dir, corpus, queries)
+    finish("rejects", {"rows_in": n, "rows_ok": n, "rows_rejected": 0, "wall_s": time.perf_counter() - t,
+                       "note": "embedding rejects copied into the run"})
+
+    report.wall_s = time.perf_counter() - t0
+    stats = {"run_id": run_id, "resumed": resumed, "wall_s": report.wall_s, "stages": report.stages,
+             "config_fingerprint": config_fingerprint(cfg)}
+    storage.write_json(join(run_dir, "stats.json"), stats)
+    write_manifest(storage, run_dir, run_id, {"config_fingerprint": config_fingerprint(cfg),
+                                              "reranker": report.stages["rerank"].get("note", "")})
+    if publish:
+        advance_latest(storage, cfg.root, run_id)
+        report.published = True
+    return report
+
+
+def _embed_stats(r: Any, wall: float) -> dict[str, Any]:
+    reused = sum(s.reused for s in r.shards)
+    return {"rows_in": r.rows_in, "rows_ok": r.rows_ok, "rows_rejected": r.rows_rejected, "wall_s": wall,
+            "rows_embedded": r.rows_embedded_now, "shards": len(r.shards), "shards_reused": reused,
+            "note": f"{reused}/{len(r.shards)} shards reused" if reused else f"{len(r.shards)} shards embedded"}
+
+
+def _collect_embed_rejects(storage: Storage, run_dir: str, *results: Any) -> int:
+    """Copy the embedding rejects of this run's shards into ``<run>/rejects`` (deterministic names)."""
+    n = 0
+    for r in results:
+        for s in r.shards:
+            marker = storage.read_json(join(r.cache, s.key, "_SUCCESS.json"))
+            for name in marker["rejects"]:
+                t = storage.read_table(join(r.cache, s.key, name))
+                storage.write_table(join(run_dir, "rejects", f"embed_{r.kind}-{s.key}-{name}"), t)
+                n += t.num_rows
+    return n
