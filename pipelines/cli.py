@@ -123,6 +123,22 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate, format_table
+
+    metrics = evaluate(args.run, args.qrels, k=args.k)
+    sys.stdout.write("\n".join(format_table(metrics)) + "\n")
+    return 0
+
+
+def cmd_export_trec(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import export_trec
+
+    for uri in export_trec(args.run, out=args.out):
+        sys.stdout.write(uri + "\n")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines.quickstart import quickstart
 
@@ -183,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--run-id", default=None, help="id for a new run (default: timestamp + random)")
     n.add_argument("--no-publish", action="store_true", help="write the run but leave LATEST alone")
     n.set_defaults(fn=cmd_run)
+
+    ev = sub.add_parser("eval", help="retrieval vs rerank metrics of a run against qrels; writes metrics.json")
+    ev.add_argument("--run", required=True, help="a run directory URI, or a root URI (its published LATEST run)")
+    ev.add_argument("--qrels", required=True, help="qrels: Parquet (query_id, doc_id, relevance) or TREC text")
+    ev.add_argument("--k", type=int, default=None, help="cutoff for Recall@k (default: the run's search k)")
+    ev.set_defaults(fn=cmd_eval)
+
+    xt = sub.add_parser("export-trec", help="write TREC run files (retrieval.run, rerank.run) for a run")
+    xt.add_argument("--run", required=True, help="a run directory URI, or a root URI (its published LATEST run)")
+    xt.add_argument("--out", default=None, help="output directory URI (default: <run_dir>/trec)")
+    xt.set_defaults(fn=cmd_export_trec)
 
     q = sub.add_parser("quickstart", help="make a sample and run the pipeline on the embedded default")
     q.add_argument("--out", default="mmrerank-quickstart", help="where the sample and outputs go")
