@@ -139,6 +139,18 @@ def cmd_export_trec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.serve import ServeSettings, start
+
+    settings = ServeSettings(root=args.root, host=args.host, port=args.port, reload_interval_s=args.reload_interval)
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False)
+    start(settings, blocking=True)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines.quickstart import quickstart
 
@@ -210,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     xt.add_argument("--run", required=True, help="a run directory URI, or a root URI (its published LATEST run)")
     xt.add_argument("--out", default=None, help="output directory URI (default: <run_dir>/trec)")
     xt.set_defaults(fn=cmd_export_trec)
+
+    sv = sub.add_parser("serve", help="serve the published run over HTTP (Ray Serve), live search + rerank")
+    sv.add_argument("--root", required=True, help="output root whose LATEST run is served")
+    sv.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless told otherwise)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--reload-interval", type=float, default=10.0, help="seconds between LATEST polls")
+    sv.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    sv.set_defaults(fn=cmd_serve)
 
     q = sub.add_parser("quickstart", help="make a sample and run the pipeline on the embedded default")
     q.add_argument("--out", default="mmrerank-quickstart", help="where the sample and outputs go")

@@ -1,0 +1,525 @@
+"""``mmrerank serve``: a Ray Serve app answering from the published run, and live for unseen queries.
+
+* ``GET /v1/results/{query_id}``: the precomputed reranked list of the published run, held in memory
+  in columnar form (:class:`ResultsStore`).
+* ``POST /v1/search``: live path: embed the text -> search every index shard -> fetch candidate
+  content by ``(shard, row)`` -> rerank -> the same fusion and selection as the batch job.
+* ``POST /v1/rerank``: the Cohere/Jina request shape, so existing clients work.
+* ``GET /healthz``, ``GET /v1/runs/current``.
+
+Hot reload: a background task polls ``LATEST``; a new run is loaded and verified off the request path
+and swapped in with one assignment; an incomplete or corrupt run is refused, the old one keeps serving
+and ``/healthz`` reports the refusal. The model deployments batch requests with ``@serve.batch``.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.
+import asyncio
+import base64
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from operators import faiss_shards as F
+from operators.fusion import fuse, select
+from operators.storage import Storage, join, scheme_of
+
+log = logging.getLogger(__name__)
+
+
+class ServeSettings(BaseModel):
+    """Limits and placement of the app; every limit answers 4xx with a message, never a 500."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: str
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+    reload_interval_s: float = Field(default=10.0, gt=0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_text_chars: int = Field(default=2000, gt=0)
+    max_top_k: int = Field(default=1000, gt=0)
+    max_top_n: int = Field(default=100, gt=0)
+    max_documents: int = Field(default=100, gt=0)
+    max_ongoing_requests: int = Field(default=32, gt=0)
+    max_queued_requests: int = Field(default=64, gt=0)
+    allowed_url_schemes: tuple[str, ...] = ("s3",)  # image_url fetches; file/http are refused (no SSRF/LFI)
+    device: str = "auto"
+
+
+# --- request / response models ------------------------------------------------------------------
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    top_k: int = Field(default=100, gt=0)
+    top_n: int | None = Field(default=None, gt=0)
+    rerank: bool = True
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    image_url: str | None = None
+    image_b64: str | None = None
+
+    @model_validator(mode="after")
+    def _one_image(self) -> "RerankDocument":
+        if self.image_url and self.image_b64:
+            raise ValueError("give image_url or image_b64, not both")
+        if not (self.text or self.image_url or self.image_b64):
+            raise ValueError("a document needs text, image_url or image_b64")
+        return self
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1)
+    documents: list[RerankDocument | str] = Field(min_length=1)
+    top_n: int | None = Field(default=None, gt=0)
+    return_documents: bool = False
+    model: str | None = None  # accepted for client compatibility; the served reranker is fixed
+
+
+# --- the published run, in memory -------------------------------------------------------------------
+
+
+@dataclass
+class ResultsStore:
+    """One run's results as sorted columns: ~(24 + len(doc_id)) bytes per row plus the id index."""
+
+    run_id: str
+    created: str
+    run_dir: str
+    config: dict[str, Any]
+    index_uri: str | None
+    offsets: dict[str, tuple[int, int]]
+    doc_id: pa.Array
+    rank: np.ndarray
+    retrieval_score: np.ndarray
+    rerank_score: np.ndarray
+    final_score: np.ndarray
+    reranker: str
+
+    @property
+    def rows(self) -> int:
+        return len(self.rank)
+
+    def lookup(self, query_id: str, top_n: int | None) -> list[dict[str, Any]] | None:
+        span = self.offsets.get(query_id)
+        if span is None:
+            return None
+        a, b = span
+        if top_n is not None:
+            b = min(b, a + top_n)
+        docs = self.doc_id.slice(a, b - a).to_pylist()
+        return [{"rank": int(self.rank[i]), "doc_id": docs[i - a], "retrieval_score": float(self.retrieval_score[i]),
+                 "rerank_score": float(self.rerank_score[i]), "final_score": float(self.final_score[i])}
+                for i in range(a, b)]
+
+
+def load_store(storage: Storage, root: str) -> ResultsStore:
+    """Load and verify the run ``LATEST`` names; raises if it is incomplete or corrupt."""
+    from pipelines.publish import PublishError, latest_run
+
+    found = latest_run(storage, root)
+    if found is None:
+        raise PublishError(f"{root}: nothing published yet (no LATEST)")
+    run_dir, manifest = found
+    files = [join(run_dir, rel) for rel in manifest["files"] if rel.startswith("results/")]
+    tables = [storage.read_table(u) for u in files]
+    t = pa.concat_tables(tables) if tables else None
+    if t is None or t.num_rows == 0:
+        qid = pa.array([], pa.string())
+        t = pa.table({"query_id": qid, "rank": pa.array([], pa.int32()), "doc_id": qid,
+                      "retrieval_score": pa.array([], pa.float32()), "rerank_score": pa.array([], pa.float32()),
+                      "final_score": pa.array([], pa.float32()), "reranker": qid})
+    t = t.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    q = t.column("query_id").to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(np.r_[True, q[1:] != q[:-1], True]) if len(q) else np.array([0])
+    offsets = {str(q[a]): (int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+    run_meta = storage.read_json(join(run_dir, "_RUN.json"))
+    stats = storage.read_json(join(run_dir, "stats.json"))
+    return ResultsStore(
+        run_id=manifest["run_id"], created=manifest["created"], run_dir=run_dir, config=run_meta["config"],
+        index_uri=stats["stages"].get("index", {}).get("uri"), offsets=offsets,
+        doc_id=t.column("doc_id").combine_chunks().dictionary_encode(),
+        rank=t.column("rank").to_numpy().astype(np.int32),
+        retrieval_score=t.column("retrieval_score").to_numpy().astype(np.float32),
+        rerank_score=t.column("rerank_score").to_numpy().astype(np.float32),
+        final_score=t.column("final_score").to_numpy().astype(np.float32),
+        reranker=t.column("reranker")[0].as_py() if t.num_rows else "")
+
+
+# --- model deployments -------------------------------------------------------------------------------
+
+
+def _device(setting: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
+
+
+class _Live:
+    """What the live path needs from one run: text embedder, index shards, corpus content, reranker."""
+
+    def __init__(self, config: dict[str, Any], index_uri: str, device: str) -> None:
+        import torch
+
+        from operators.models import build_model, resolve_model, resolve_precision
+        from operators.rerankers.base import create
+        from operators.search_ops import ShardSearcher
+        from pipelines.config import parse_config
+        from pipelines.rerank import reranker_label, reranker_spec
+
+        self.cfg = cfg = parse_config(config)
+        opts = cfg.storage.options()
+        self.storage = Storage(opts)
+        precision = resolve_precision(cfg.embed.precision, device)
+        rm = resolve_model(cfg.embed.model, opts)
+        self.model, self.tokenizer = build_model(rm, device, precision, opts)
+        self.device = device
+        manifest = F.read_manifest(self.storage, index_uri)
+        params = F.SearchParams(k=cfg.search.k, nprobe=cfg.search.nprobe, ef_search=cfg.search.ef_search)
+        self.searchers = [ShardSearcher(index_uri, e, params, device, torch.get_num_threads(), opts)
+                          for e in manifest["shards"]]
+        for s in self.searchers:
+            s.ntotal()  # raises IndexIntegrityError for a corrupt shard
+        self.ntotal = sum(s.ntotal() for s in self.searchers)
+        self.spec = reranker_spec(cfg.rerank, cfg)
+        self.label = reranker_label(cfg.rerank)
+        self.backend = None if cfg.rerank.backend == "none" else create(self.spec, device, precision)
+        self.corpus = _corpus_sources(self.storage, cfg.root, manifest["model_fingerprint"],
+                                      [k for e in manifest["shards"] for k in e["corpus_shards"]])
+        self._pf: dict[str, Any] = {}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            feats = self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
+            return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]:
+        parts = [s.search(q, k) for s in self.searchers]
+        D, I = F.merge([(p["D"], p["I"]) for p in parts])  # noqa: E741
+        return D, I, parts
+
+    def content(self, shard: str, row: int) -> tuple[bytes | None, str | None, str | None]:
+        uri, payload = self.corpus[shard]
+        pf = self._pf.get(uri) or self._pf.setdefault(uri, self.storage.parquet_file(uri))
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
+        g = int(np.searchsorted(starts, row, side="right") - 1)
+        cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
+        r = pf.read_row_group(g, columns=cols).slice(int(row - starts[g]), 1).to_pylist()[0]
+        return r.get("image"), r.get("image_uri"), r.get("text")
+
+    def image(self, data: bytes | None, uri: str | None) -> Any:
+        from operators.decode import decode_image
+
+        if data is None and uri is not None:
+            data = self.storage.read_bytes(uri)
+        return decode_image(data, self.cfg.embed.max_image_pixels, self.cfg.embed.allowed_formats)
+
+
+def _corpus_sources(storage: Storage, root: str, model_fp: str, keys: list[str]) -> dict[str, tuple[str, str]]:
+    from operators.schemas import CORPUS, check_shard_schema
+    from operators.shards import cache_dir
+
+    cache = cache_dir(root, model_fp, "corpus")
+    out = {}
+    for k in keys:
+        src = storage.read_json(join(cache, k, "_SUCCESS.json"))["source"]
+        out[k] = (src, check_shard_schema(storage.parquet_file(src).schema_arrow, CORPUS, src))
+    return out
+
+
+@serve.deployment(max_ongoing_requests=64, logging_config={"enable_access_log": False})
+class LiveModels:
+    """Text embedder + index shards (loaded once per replica) + reranker, with dynamic batching."""
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = _device(device)
+        self.live: _Live | None = None
+        self.key: tuple[str, str] | None = None
+
+    def load(self, run_id: str, config: dict[str, Any], index_uri: str) -> str:
+        if self.key != (run_id, index_uri):
+            live = _Live(config, index_uri, self.device)  # built fully before the swap
+            self.live, self.key = live, (run_id, index_uri)
+        return run_id
+
+    def _need(self) -> _Live:
+        if self.live is None:
+            raise RuntimeError("no run loaded")
+        return self.live
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def embed(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self._need().embed(texts))
+
+    async def search(self, text: str, k: int) -> dict[str, Any]:
+        live = self._need()
+        t0 = time.perf_counter()
+        q = await self.embed(text)
+        t1 = time.perf_counter()
+        D, I, parts = live.search(np.asarray(q, np.float32)[None, :], k)  # noqa: E741
+        t2 = time.perf_counter()
+        lookup = {}
+        for p in parts:
+            for g, d, s, r in zip(p["I"].ravel(), p["doc"].ravel(), p["shard"].ravel(), p["row"].ravel(), strict=True):
+                if g >= 0:
+                    lookup[int(g)] = (d, s, int(r))
+        hits = [(lookup[int(g)], float(sc)) for g, sc in zip(I[0], D[0], strict=True) if g >= 0]
+        return {"hits": [{"doc_id": d, "doc_shard": s, "doc_row": r, "retrieval_score": sc}
+                         for (d, s, r), sc in hits],
+                "timing": {"embed_ms": 1000 * (t1 - t0), "search_ms": 1000 * (t2 - t1)}}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _score(self, pairs: list[tuple[str, Any, str | None]]) -> list[float]:
+        live = self._need()
+        assert live.backend is not None
+        caps = [c if live.spec.use_caption else None for _, _, c in pairs]
+        s = live.backend.score([q for q, _, _ in pairs], [im for _, im, _ in pairs], caps)
+        return [float(x) for x in s]
+
+    async def rerank_hits(self, text: str, hits: list[dict[str, Any]], top_n: int | None) -> dict[str, Any]:
+        live = self._need()
+        t0 = time.perf_counter()
+        pairs = []
+        for h in hits:
+            data, uri, cap = live.content(h["doc_shard"], h["doc_row"])
+            image = live.image(data, uri) if live.backend is not None and live.backend.needs_image else None
+            pairs.append((text, image, cap))
+        t1 = time.perf_counter()
+        if live.backend is None:
+            scores = [h["retrieval_score"] for h in hits]
+        else:
+            scores = await asyncio.gather(*[self._score(p) for p in pairs])
+        t2 = time.perf_counter()
+        docs = [h["doc_id"] for h in hits]
+        ret = np.array([h["retrieval_score"] for h in hits], np.float32)
+        rr = np.array(scores, np.float32)
+        rc = live.cfg.rerank
+        final = fuse(ret, rr, docs, **rc.fusion.model_dump()) if hits else np.zeros(0)
+        sel = rc.selection.model_dump()
+        if top_n is not None:
+            sel = {**sel, "top_n": top_n, "k": top_n}
+        keep = select(final, docs, **sel) if hits else []
+        results = [{"rank": i + 1, "doc_id": docs[j], "retrieval_score": float(ret[j]), "rerank_score": float(rr[j]),
+                    "final_score": float(final[j])} for i, j in enumerate(keep)]
+        return {"results": results, "reranker": live.label,
+                "timing": {"fetch_ms": 1000 * (t1 - t0), "rerank_ms": 1000 * (t2 - t1)}}
+
+    async def rerank_docs(self, query: str, docs: list[tuple[Any, str | None]]) -> list[float]:
+        live = self._need()
+        if live.backend is None:
+            raise ValueError("the served run has rerank.backend: none")
+        return list(await asyncio.gather(*[self._score((query, im, cap)) for im, cap in docs]))
+
+    def needs(self) -> dict[str, bool]:
+        live = self._need()
+        b = live.backend
+        return {"image": bool(b and b.needs_image), "caption": bool(b and b.needs_caption)}
+
+
+# --- the HTTP ingress ----------------------------------------------------------------------------------
+
+api = FastAPI(title="mmrerank", version="0.1.0",
+              description="Precomputed reranked multimodal results, and live search + rerank.")
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+@serve.ingress(api)
+class Api:
+    def __init__(self, settings: dict[str, Any], models: Any) -> None:
+        self.settings = ServeSettings(**settings)
+        self.models = models
+        self.storage = Storage()
+        self.store: ResultsStore | None = None
+        self.reload_error: str | None = "loading"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        # Loading happens on this thread, never on the event loop: requests keep being answered.
+        threading.Thread(target=self._poll, daemon=True, name="mmr-reload").start()
+
+    # -- reload -------------------------------------------------------------------------------------
+    def _reload_once(self) -> None:
+        from pipelines.publish import read_latest
+
+        current, _ = read_latest(self.storage, self.settings.root)
+        if current is None:
+            self.reload_error = "nothing published yet"
+            return
+        if self.store is not None and current["run_id"] == self.store.run_id:
+            return
+        try:
+            store = load_store(self.storage, self.settings.root)
+            if store.index_uri:
+                # Load the live models for the new run before switching anything.
+                self.models.load.remote(store.run_id, store.config, store.index_uri).result(timeout_s=600)
+        except Exception as e:  # noqa: BLE001 - keep serving the old run, say why in /healthz
+            self.reload_error = f"refused run {current['run_id']}: {type(e).__name__}: {e}"
+            log.warning("%s", self.reload_error)
+            return
+        with self._lock:
+            self.store, self.reload_error = store, None  # the swap: one assignment
+        log.info("serving run %s (%d result rows)", store.run_id, store.rows)
+
+    def _poll(self) -> None:
+        while True:
+            try:
+                self._reload_once()
+            except Exception as e:  # noqa: BLE001 - the poller must survive storage hiccups
+                self.reload_error = f"{type(e).__name__}: {e}"
+            if self._stop.wait(self.settings.reload_interval_s):
+                return
+
+    def _store(self) -> ResultsStore:
+        store = self.store
+        if store is None:
+            raise HTTPException(status_code=503, detail=f"no run loaded: {self.reload_error}")
+        return store
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        store = self.store
+        return {"status": "ok" if store is not None and self.reload_error is None
+                else "degraded" if store is not None else "loading" if self.reload_error == "loading"
+                else "unavailable",
+                "run_id": store.run_id if store else None, "reload_error": self.reload_error}
+
+    @api.get("/v1/runs/current")
+    def current(self) -> dict[str, Any]:
+        s = self._store()
+        return {"run_id": s.run_id, "created": s.created, "rows": s.rows, "queries": len(s.offsets),
+                "reranker": s.reranker}
+
+    @api.get("/v1/results/{query_id}")
+    def results(self, query_id: str, top_n: int | None = None) -> dict[str, Any]:
+        if top_n is not None and not 0 < top_n <= self.settings.max_top_n:
+            raise HTTPException(status_code=422, detail=f"top_n must be in 1..{self.settings.max_top_n}")
+        s = self._store()
+        rows = s.lookup(query_id, top_n)
+        if rows is None:
+            raise HTTPException(status_code=404, detail=f"unknown query_id {query_id!r} in run {s.run_id}")
+        return {"query_id": query_id, "run_id": s.run_id, "reranker": s.reranker, "results": rows}
+
+    def _limits(self, text: str, top_k: int | None = None, top_n: int | None = None) -> None:
+        st = self.settings
+        if len(text) > st.max_text_chars:
+            raise HTTPException(status_code=422, detail=f"text has {len(text)} characters, max {st.max_text_chars}")
+        if top_k is not None and top_k > st.max_top_k:
+            raise HTTPException(status_code=422, detail=f"top_k must be <= {st.max_top_k}")
+        if top_n is not None and top_n > st.max_top_n:
+            raise HTTPException(status_code=422, detail=f"top_n must be <= {st.max_top_n}")
+
+    @api.post("/v1/search")
+    async def search(self, req: SearchRequest) -> dict[str, Any]:
+        self._limits(req.text, req.top_k, req.top_n)
+        s = self._store()
+        t0 = time.perf_counter()
+        found = await self.models.search.remote(req.text, req.top_k)
+        out: dict[str, Any] = {"run_id": s.run_id, "text": req.text}
+        if req.rerank:
+            rr = await self.models.rerank_hits.remote(req.text, found["hits"], req.top_n)
+            out.update(results=rr["results"], reranker=rr["reranker"], timing={**found["timing"], **rr["timing"]})
+        else:
+            hits = found["hits"][: req.top_n] if req.top_n else found["hits"]
+            out.update(results=[{"rank": i + 1, "doc_id": h["doc_id"], "retrieval_score": h["retrieval_score"]}
+                                for i, h in enumerate(hits)], timing=found["timing"])
+        out["timing"]["total_ms"] = 1000 * (time.perf_counter() - t0)
+        return out
+
+    @api.post("/v1/rerank")
+    async def rerank(self, req: RerankRequest) -> dict[str, Any]:
+        st = self.settings
+        self._limits(req.query, None, req.top_n)
+        if len(req.documents) > st.max_documents:
+            raise HTTPException(status_code=422, detail=f"{len(req.documents)} documents, max {st.max_documents}")
+        self._store()
+        needs = await self.models.needs.remote()
+        docs = [RerankDocument(text=d) if isinstance(d, str) else d for d in req.documents]
+        prepared = []
+        for i, d in enumerate(docs):
+            if d.text is not None and len(d.text) > st.max_text_chars:
+                raise HTTPException(status_code=422, detail=f"documents[{i}].text is longer than {st.max_text_chars}")
+            image = None
+            if needs["image"]:
+                image = self._image(i, d)
+            if needs["caption"] and not d.text:
+                raise HTTPException(status_code=422, detail=f"documents[{i}]: this reranker needs text")
+            prepared.append((image, d.text))
+        scores = await self.models.rerank_docs.remote(req.query, prepared)
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        if req.top_n is not None:
+            order = order[: req.top_n]
+        res = []
+        for i in order:
+            item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
+            if req.return_documents:
+                item["document"] = docs[i].model_dump(exclude_none=True)
+            res.append(item)
+        return {"results": res, "model": self._store().reranker}
+
+    def _image(self, i: int, d: RerankDocument) -> Any:
+        from operators.decode import RejectError, decode_image
+
+        try:
+            if d.image_b64:
+                data = base64.b64decode(d.image_b64, validate=True)
+            elif d.image_url:
+                if scheme_of(d.image_url) not in self.settings.allowed_url_schemes:
+                    raise HTTPException(status_code=422, detail=f"documents[{i}].image_url: scheme not allowed "
+                                                                f"(allowed: {list(self.settings.allowed_url_schemes)})")
+                data = self.storage.read_bytes(d.image_url)
+            else:
+                raise HTTPException(status_code=422, detail=f"documents[{i}]: this reranker needs an image")
+            return decode_image(data, 89_478_485, ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))
+        except HTTPException:
+            raise
+        except RejectError as e:
+            raise HTTPException(status_code=422, detail=f"documents[{i}]: {e.error_type}: {e.message}") from None
+        except Exception as e:  # noqa: BLE001 - bad base64, unreadable URL
+            raise HTTPException(status_code=422, detail=f"documents[{i}]: cannot read image: {type(e).__name__}") from None
+
+
+@api.middleware("http")
+async def _body_limit(request: Request, call_next: Any) -> Any:
+    limit = int(request.app.state.max_body_bytes) if hasattr(request.app.state, "max_body_bytes") else 8 << 20
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})
+    if request.method in ("POST", "PUT") and length is None:
+        body = await request.body()
+        if len(body) > limit:
+            return JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})
+    return await call_next(request)
+
+
+def build_app(settings: ServeSettings) -> Any:
+    """The Serve application graph: the ingress holds a handle to the model deployment."""
+    api.state.max_body_bytes = settings.max_body_bytes
+    models = LiveModels.options(max_ongoing_requests=settings.max_ongoing_requests * 2).bind(settings.device)
+    return Api.options(max_ongoing_requests=settings.max_ongoing_requests,
+                       max_queued_requests=settings.max_queued_requests).bind(settings.model_dump(), models)
+
+
+def start(settings: ServeSettings, blocking: bool = False) -> Any:
+    """Start Serve on ``settings.host:port`` (loopback by default) and deploy the app."""
+    serve.start(http_options={"host": settings.host, "port": settings.port},
+                logging_config={"enable_access_log": False})
+    return serve.run(build_app(settings), blocking=blocking, name="mmrerank", route_prefix="/")
