@@ -523,3 +523,17 @@ def start(settings: ServeSettings, blocking: bool = False) -> Any:
     serve.start(http_options={"host": settings.host, "port": settings.port},
                 logging_config={"enable_access_log": False})
     return serve.run(build_app(settings), blocking=blocking, name="mmrerank", route_prefix="/")
+
+
+def app_from_env(args: dict[str, Any] | None = None) -> Any:
+    """Application builder for RayService / `serve run pipelines.serve:app_from_env root=...`:
+    settings from the builder args, else from MMRERANK_* environment variables."""
+    import os
+
+    if args:
+        return build_app(ServeSettings(**args))
+    settings = ServeSettings(root=os.environ["MMRERANK_ROOT"],
+                             reload_interval_s=float(os.environ.get("MMRERANK_RELOAD_INTERVAL_S", "10")),
+                             host=os.environ.get("MMRERANK_HOST", "127.0.0.1"),
+                             port=int(os.environ.get("MMRERANK_PORT", "8000")))
+    return build_app(settings)

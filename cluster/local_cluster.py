@@ -1,0 +1,183 @@
+"""A multi-node Ray cluster on one host: a head with no CPUs for tasks plus N worker nodes, each a
+separate ``ray start`` process tree, stopped by PID (only the processes this script started).
+
+    python cluster/local_cluster.py start --workers 2 --cpus-per-worker 1 --state /tmp/mmr-cluster
+    RAY_ADDRESS=$(python cluster/local_cluster.py address --state /tmp/mmr-cluster) mmrerank run CONFIG
+    python cluster/local_cluster.py stop --state /tmp/mmr-cluster
+
+Used by the cluster tests (``tests/`` marker ``cluster``) through :class:`LocalCluster`. Token auth is
+whatever Ray's default is; tests that need it off set ``RAY_AUTH_MODE=disabled`` for their own cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("mmrerank.cluster")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_bin() -> str:
+    cand = Path(sys.executable).with_name("ray")
+    return str(cand) if cand.exists() else "ray"
+
+
+@dataclass
+class Node:
+    name: str
+    pgid: int
+    temp_dir: str
+    raylet_pids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LocalCluster:
+    """Head (num_cpus=0) + workers as separate ``ray start --block`` process groups on 127.0.0.1."""
+
+    state: str
+    workers: int = 2
+    cpus_per_worker: float = 1
+    object_store_mb: int = 200
+    address: str = ""
+    nodes: list[Node] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def _start_node(self, name: str, args: list[str]) -> Node:
+        # A short temp dir per node: Ray's socket paths must stay under the 107-byte limit.
+        temp = f"/tmp/mmr-{os.getpid()}-{name}"
+        logf = open(Path(self.state) / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen([_ray_bin(), "start", "--block", f"--temp-dir={temp}", *args],
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **self.env})
+        return Node(name, proc.pid, temp)
+
+    def start(self, timeout_s: float = 120) -> LocalCluster:
+        Path(self.state).mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.nodes.append(self._start_node("head", [
+            "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0",
+            "--include-dashboard=false", f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+            f"--ray-client-server-port={_free_port()}"]))
+        self._wait(1, timeout_s)
+        for i in range(self.workers):
+            self.nodes.append(self._start_node(f"worker{i}", [
+                f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_worker}",
+                "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+                f"--resources={json.dumps({f'mmr_node_{i}': 1})}"]))
+        self._wait(1 + self.workers, timeout_s)
+        self.save()
+        log.info("local cluster up at %s: head + %d workers", self.address, self.workers)
+        return self
+
+    def _alive_nodes(self) -> int:
+        import ray
+
+        out = subprocess.run([sys.executable, "-c", (
+            "import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))"), self.address],
+            capture_output=True, text=True, timeout=60, env={**os.environ, **self.env})
+        del ray
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+    def _wait(self, n: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for node in self.nodes:
+                if not _alive(node.pgid):
+                    raise RuntimeError(f"{node.name} exited; see {self.state}/{node.name}.log")
+            try:
+                if self._alive_nodes() >= n:
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"cluster did not reach {n} nodes in {timeout_s}s; logs in {self.state}")
+
+    def raylet_pid(self, name: str) -> int:
+        """PID of a node's raylet (to kill one node the way a machine failure would)."""
+        node = next(n for n in self.nodes if n.name == name)
+        out = subprocess.run(["pgrep", "-g", str(node.pgid), "-f", "raylet/raylet"], capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        if not pids:
+            raise RuntimeError(f"no raylet found for {name}")
+        return pids[0]
+
+    def kill_node(self, name: str) -> None:
+        node = next(n for n in self.nodes if n.name == name)
+        _killpg(node.pgid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            _killpg(node.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for node in self.nodes:
+            while _alive(node.pgid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            _killpg(node.pgid, signal.SIGKILL)
+        self.nodes.clear()
+        path = Path(self.state) / "cluster.json"
+        if path.exists():
+            path.unlink()
+
+    def save(self) -> None:
+        (Path(self.state) / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, state: str) -> LocalCluster:
+        d = json.loads((Path(state) / "cluster.json").read_text())
+        d["nodes"] = [Node(**n) for n in d["nodes"]]
+        return cls(**d)
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["start", "stop", "address"])
+    p.add_argument("--state", default="/tmp/mmr-cluster", help="where logs and cluster.json (PIDs) live")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--object-store-mb", type=int, default=200)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "start":
+        c = LocalCluster(args.state, args.workers, args.cpus_per_worker, args.object_store_mb).start()
+        sys.stdout.write(c.address + "\n")
+    elif args.command == "address":
+        sys.stdout.write(LocalCluster.load(args.state).address + "\n")
+    else:
+        LocalCluster.load(args.state).stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
