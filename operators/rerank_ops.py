@@ -65,6 +65,8 @@ def bucket_candidates(cand_uri: str, cand_key: str, out_dir: str, query_uris: li
     storage = cached_storage(storage_options)
     t = storage.read_table(cand_uri)
     t = t.append_column(PAIR_ROW, pa.array(np.arange(t.num_rows, dtype=np.int64)))
+    # (candidates part, row) names a pair uniquely: scored part files are named from it.
+    t = t.append_column(PAIR_KEY, pa.array([cand_key] * t.num_rows, pa.string()))
     ids = sorted(set(t.column("query_id").to_pylist()))
     texts: dict[str, str] = {}
     for q in query_uris:  # only the row groups whose statistics admit these ids are decoded
@@ -119,7 +121,7 @@ def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -
         "doc_row": c.column("doc_row"), "query_text": c.column("query_text"),
         "doc_image": col("image", pa.binary()), "doc_image_uri": col("image_uri", pa.string()),
         "doc_caption": col("text", pa.string()),
-        SHARD: c.column(PAIR_KEY) if PAIR_KEY in c.column_names else pa.array([""] * n),
+        SHARD: c.column(PAIR_KEY),
         ROW: c.column(PAIR_ROW), SOURCE: c.column("doc_shard"),
         ERR_TYPE: pa.array([err] * n, pa.string()),
         ERR_MSG: pa.array([f"row {r} not in the corpus shard" if err else "" for r in c.column("doc_row").to_pylist()],

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from operators.storage import Storage, join, scheme_of, strip_scheme
 log = logging.getLogger(__name__)
 
 MANIFEST = "_MANIFEST.json"
+TMP = re.compile(r"\.tmp(-\d+)?$")  # Storage.write_bytes' local write-then-rename leftovers
 LATEST = "LATEST"
 
 
@@ -47,7 +49,7 @@ def write_manifest(storage: Storage, run_dir: str, run_id: str, extra: dict[str,
     entries: dict[str, Any] = {}
     for uri in list_files(storage, run_dir):
         rel = _rel(run_dir, uri)
-        if rel == MANIFEST or rel.startswith("_pairs/") or rel.endswith(".tmp"):
+        if rel == MANIFEST or rel.startswith("_pairs/") or TMP.search(rel):
             continue
         data = storage.read_bytes(uri)
         e: dict[str, Any] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -119,8 +121,11 @@ def _cas_s3(storage: Storage, uri: str, data: bytes, token: str | None) -> bool:
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, ContentType="application/json", **cond)
         return True
     except Exception as e:  # noqa: BLE001 - 412 PreconditionFailed / 409 ConditionalRequestConflict
-        text = f"{type(e).__name__} {e}"
-        if "PreconditionFailed" in text or "412" in text or "Conflict" in text:
+        # s3fs re-raises botocore's ClientError as FileExistsError/OSError: look at the response itself.
+        resp = getattr(e.__cause__, "response", None) or getattr(e, "response", None) or {}
+        code = resp.get("Error", {}).get("Code")
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
             return False
         raise
 

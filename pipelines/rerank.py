@@ -146,6 +146,11 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     rejected = sum(r["rows_rejected"] for r in records)
     if scored_n + rejected != pairs_in:
         raise RuntimeError(f"{out}: {pairs_in} candidate pairs in, {scored_n} scored + {rejected} rejected out")
+    # What was reported must also be what is on storage (a part overwritten by another would not be).
+    stored = sum(storage.parquet_file(join(out, "scored", f"b{r['shard'].split('~')[0]}", r["part"])).metadata.num_rows
+                 for r in records if r["part"])
+    if stored != scored_n:
+        raise RuntimeError(f"{out}: {scored_n} scored pairs written but {stored} on storage (a part was overwritten)")
     types: dict[str, int] = {}
     for r in records:
         for t, c in r["reject_types"].items():

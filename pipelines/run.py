@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +25,13 @@ from operators.storage import Storage, join
 from pipelines.config import Config
 from pipelines.embed import KINDS, embed_kind
 from pipelines.index import build_index
-from pipelines.publish import MANIFEST, advance_latest, write_manifest
+from pipelines.publish import MANIFEST, TMP, advance_latest, list_files, write_manifest
 from pipelines.rerank import reranker_spec, run_rerank
 from pipelines.search import new_run_id, run_search
 
 log = logging.getLogger(__name__)
 
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 STAGES = ("embed_corpus", "index", "embed_queries", "search", "rerank", "rejects")
 
 
@@ -114,10 +116,21 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     elif run_id is None:
         found = find_unfinished(storage, cfg)
         run_id, resumed = (found, True) if found else (new_run_id(), False)
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     run_dir = join(cfg.root, "runs", run_id)
     if storage.exists(join(run_dir, MANIFEST)):
         raise ValueError(f"run {run_id} is already complete ({run_dir}/{MANIFEST}); nothing to resume")
-    if not storage.exists(join(run_dir, "_RUN.json")):
+    if storage.exists(join(run_dir, "_RUN.json")):
+        started = storage.read_json(join(run_dir, "_RUN.json"))
+        if started.get("config_fingerprint") != config_fingerprint(cfg):
+            raise ValueError(f"run {run_id} was started with another config (fingerprint "
+                             f"{str(started.get('config_fingerprint'))[:12]}, now {config_fingerprint(cfg)[:12]}): "
+                             "start a new run instead of resuming it")
+        for uri in list_files(storage, run_dir):  # a write killed mid-way leaves its temp file
+            if TMP.search(uri):
+                storage.rm(uri)
+    else:
         storage.write_json(join(run_dir, "_RUN.json"), {
             "run_id": run_id, "config_fingerprint": config_fingerprint(cfg), "config": cfg.redacted_dump(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
