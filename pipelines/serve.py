@@ -19,11 +19,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -87,7 +87,7 @@ class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(min_length=1)
-    documents: list[RerankDocument | str] = Field(min_length=1)
+    documents: list[RerankDocument | Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     top_n: int | None = Field(default=None, gt=0)
     return_documents: bool = False
     model: str | None = None  # accepted for client compatibility; the served reranker is fixed
@@ -341,6 +341,45 @@ api = FastAPI(title="mmrerank", version="0.1.0",
               description="Precomputed reranked multimodal results, and live search + rerank.")
 
 
+def _max_body_bytes() -> int:
+    try:  # this replica's settings: serve.ingress(api) pickled a copy of `api`, so api.state is not ours
+        return int(serve.get_replica_context().servable_object.settings.max_body_bytes)
+    except Exception:  # noqa: BLE001 - outside a replica (tests of the bare app)
+        return 8 << 20
+
+
+class _BodyLimit:
+    """Pure ASGI middleware (no BaseHTTPMiddleware task/stream per request): 413 over max_body_bytes,
+    by Content-Length up front, or counted while a chunked body streams in."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = _max_body_bytes()
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})(
+                scope, receive, send)
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:  # FastAPI re-raises HTTPException from the body read -> a 413 response
+                    raise HTTPException(status_code=413, detail=f"request body over {limit} bytes")
+            return msg
+
+        return await self.app(scope, counted, send)
+
+
+api.add_middleware(_BodyLimit)
+
+
 @serve.deployment(logging_config={"enable_access_log": False})
 @serve.ingress(api)
 class Api:
@@ -364,6 +403,7 @@ class Api:
             self.reload_error = "nothing published yet"
             return
         if self.store is not None and current["run_id"] == self.store.run_id:
+            self.reload_error = None
             return
         try:
             store = load_store(self.storage, self.settings.root)
@@ -395,7 +435,7 @@ class Api:
 
     # -- endpoints ----------------------------------------------------------------------------------
     @api.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> dict[str, Any]:
         store = self.store
         return {"status": "ok" if store is not None and self.reload_error is None
                 else "degraded" if store is not None else "loading" if self.reload_error == "loading"
@@ -403,13 +443,13 @@ class Api:
                 "run_id": store.run_id if store else None, "reload_error": self.reload_error}
 
     @api.get("/v1/runs/current")
-    def current(self) -> dict[str, Any]:
+    async def current(self) -> dict[str, Any]:
         s = self._store()
         return {"run_id": s.run_id, "created": s.created, "rows": s.rows, "queries": len(s.offsets),
                 "reranker": s.reranker}
 
     @api.get("/v1/results/{query_id}")
-    def results(self, query_id: str, top_n: int | None = None) -> dict[str, Any]:
+    async def results(self, query_id: str, top_n: int | None = None) -> dict[str, Any]:
         if top_n is not None and not 0 < top_n <= self.settings.max_top_n:
             raise HTTPException(status_code=422, detail=f"top_n must be in 1..{self.settings.max_top_n}")
         s = self._store()
@@ -459,7 +499,7 @@ class Api:
                 raise HTTPException(status_code=422, detail=f"documents[{i}].text is longer than {st.max_text_chars}")
             image = None
             if needs["image"]:
-                image = self._image(i, d)
+                image = await asyncio.to_thread(self._image, i, d)  # decode off the event loop
             if needs["caption"] and not d.text:
                 raise HTTPException(status_code=422, detail=f"documents[{i}]: this reranker needs text")
             prepared.append((image, d.text))
@@ -495,19 +535,6 @@ class Api:
             raise HTTPException(status_code=422, detail=f"documents[{i}]: {e.error_type}: {e.message}") from None
         except Exception as e:  # noqa: BLE001 - bad base64, unreadable URL
             raise HTTPException(status_code=422, detail=f"documents[{i}]: cannot read image: {type(e).__name__}") from None
-
-
-@api.middleware("http")
-async def _body_limit(request: Request, call_next: Any) -> Any:
-    limit = int(request.app.state.max_body_bytes) if hasattr(request.app.state, "max_body_bytes") else 8 << 20
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})
-    if request.method in ("POST", "PUT") and length is None:
-        body = await request.body()
-        if len(body) > limit:
-            return JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})
-    return await call_next(request)
 
 
 def build_app(settings: ServeSettings) -> Any:
