@@ -1,0 +1,725 @@
+"""Rerank benchmark: the Ray rerank stage against the raw backend loop, on the same (query, candidate) pairs.
+
+Backends: ``clip`` (a second open_clip model, ``ViT-B-32`` with seeded random weights by default) and
+``vlm_yesno`` on the tiny random Qwen2-VL of ``tests/tiny_vlm.py`` (built offline into the workdir)::
+
+    python benchmarks/bench_rerank.py                                  # both backends, 300 docs x 30 queries, k=20
+    python benchmarks/bench_rerank.py --backends clip --json out.json --workdir /tmp/bench-rerank
+    python benchmarks/bench_rerank.py --backends vlm_yesno --set rerank.batch_size=32
+    python benchmarks/bench_rerank.py --plain-order query              # raw loop in query order (see below)
+
+setup (not timed)
+    ``make_sample`` (``--docs`` x ``--image-size`` px images in ``--shards`` shards, ``--queries`` queries), then
+    embed / index (Flat) / search with the tiny embedder (``--embed-model``, default ``mmr-tiny``) on a local Ray
+    in its own subprocess: ``runs/<id>/candidates`` holds queries x k pairs. Kept in ``--workdir`` and reused
+    when the parameters match.
+
+raw loop (one fresh subprocess, no Ray)
+    ``torch.set_num_threads(<usable CPUs>)``; the backend is built exactly as the pipeline's actor builds it
+    (``operators.rerankers.base.create(reranker_spec(cfg.rerank, cfg))``), timed alone as start-up. The loop
+    (timed as steady): pyarrow reads the candidates, the query texts and the corpus rows the candidates point at
+    (image bytes + caption), ``operators.decode.decode_image`` decodes every pair's image (as ``RerankPairs``
+    does: one decode per pair), and ``backend.score`` runs on batches of ``rerank.batch_size`` pairs. The pairs
+    go in the pipeline's order by default (corpus shard, then row: how ``PairsSource`` streams them), so the
+    batches hold the same mix of queries; this matters for ``clip``, which encodes each distinct query of a
+    batch once. ``--plain-order query`` puts each query's candidates together instead (what a hand-written
+    loop would do) to show what that order is worth.
+
+ray stage (one fresh subprocess)
+    ``ray.init`` (timed), then ``pipelines.rerank.run_rerank(cfg, run_id)`` on a copy of the same candidates,
+    as ``mmrerank rerank`` runs it (it looks the corpus up in the embeddings cache itself). Thin subclasses /
+    wrappers of ``RerankPairs``, ``ScoredSink``, ``PairsSource``, ``bucket_candidates`` and ``select_bucket``
+    are swapped into ``pipelines.rerank``; they only append wall-clock timestamps to a file (microseconds per
+    batch), the computation is the pipeline's own.
+
+    * start-up = from before ``ray.init`` until the reranker actor's constructor returns (``ray.init``, driver
+      planning, the ``bucket_candidates`` tasks, Ray Data start + actor process start + imports, model load;
+      each shown separately). Time to the first scored batch is shown too.
+    * steady = from the actor being ready to the end of the last scored-pairs write: pairs / steady is the
+      steady throughput compared with the raw loop (its idle time waiting for input counts against it).
+    * tail = the rest: the ``select_bucket`` tasks (fusion + selection), row accounting, stats.
+    * end-to-end = ``ray.init`` + ``run_rerank`` (``ray.shutdown`` is not counted).
+    * ``--pipeline-runs 2`` runs the stage again in the same Ray session (pooled workers, imports done; a new
+      actor still loads the model): the warm figures, never the headline.
+
+peak RSS
+    as ``bench_embed.py`` (its ``ProcSampler``): raw loop = ``ru_maxrss``; Ray side = the sum of per-process
+    peaks (VmHWM) of the driver and every process Ray started (an upper bound), the sampled peak of the total
+    at one instant, and the sampled peak total PSS (shared pages split: the fair total).
+
+quiet machine
+    The machine is shared. Before each timed side the benchmark waits (up to ``--wait-idle`` s) until the
+    1-minute load average is below ``--max-load`` (default 1.0), and reports the load average before and after
+    each side plus the CPU time other processes took while it ran (a warning above 5%).
+
+Ratios (Ray / raw) are printed, never asserted. Target: steady >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (str(REPO), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+RUN_ID = "bench-candidates"
+BACKENDS = ("clip", "vlm_yesno")
+
+
+# --- helpers (the ones used inside Ray workers must live in this file: they are pickled by value) ----------
+
+
+def _event(path: str, rec: dict[str, Any]) -> None:
+    """Append one JSON line (small O_APPEND writes from several processes do not interleave)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _proc_start_time() -> float | None:
+    """Wall-clock (epoch) start time of this process, from /proc (None when unavailable)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                     if ln.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def wait_quiet(max_wait: float, max_load: float = 1.0, poll_s: float = 5.0) -> dict[str, Any]:
+    """Wait (up to ``max_wait`` s) until the 1-minute load average is below ``max_load``.
+
+    Returns what was seen: the load average when asked, when done, how long it waited, and whether the
+    machine was quiet at the end (False: it gave up waiting; the figures that follow are suspect).
+    """
+    t0 = time.time()
+    first = os.getloadavg()
+    said = False
+    while True:
+        load = os.getloadavg()
+        if load[0] < max_load or time.time() - t0 >= max_wait:
+            break
+        if not said:
+            print(f"[bench] 1-min load average {load[0]:.2f} >= {max_load}; waiting up to {max_wait:.0f} s "
+                  "for a quiet machine", flush=True)
+            said = True
+        time.sleep(poll_s)
+    quiet = load[0] < max_load
+    if said:
+        print(f"[bench] load average {load[0]:.2f} after {time.time() - t0:.0f} s"
+              + ("" if quiet else " (gave up waiting: NOT QUIET, figures are suspect)"), flush=True)
+    return {"load_when_asked": list(first), "load_at_start": list(load), "waited_s": time.time() - t0,
+            "quiet": quiet, "max_load": max_load}
+
+
+def _config(a: argparse.Namespace, backend: str, setup: dict[str, Any]) -> Any:
+    """The pipeline config both sides use (the raw loop takes the backend spec and decode caps from it)."""
+    from pipelines.config import parse_config
+
+    rerank: dict[str, Any] = {"backend": backend, "batch_size": a.batch_size, "device": "cpu", "precision": "fp32"}
+    if backend == "clip":
+        rerank["clip_model"] = {"name": a.clip_model, "pretrained": None, "seed": 1}
+    else:
+        rerank["model"] = setup["vlm_dir"]
+    data: dict[str, Any] = {
+        "root": setup["root"], "corpus": setup["corpus"], "queries": setup["queries"],
+        "ray": {"progress_bars": False},
+        "embed": {"model": {"name": a.embed_model, "pretrained": None, "seed": 0}, "device": "cpu",
+                  "precision": "fp32"},
+        "index": {"factory": "Flat", "shards": 1},
+        "search": {"k": a.k},
+        "rerank": rerank,
+    }
+    for k, v in _parse_sets(a.set).items():
+        _set_dotted(data, k, v)
+    return parse_config(data, "bench_rerank")
+
+
+def _setup(a: argparse.Namespace) -> dict[str, Any]:
+    return json.loads((Path(a.workdir) / "setup.json").read_text())
+
+
+def _prepared(a: argparse.Namespace) -> dict[str, Any]:
+    return json.loads((Path(a.workdir) / "prepared.json").read_text())
+
+
+# --- setup: sample -> embed -> index -> search (not timed) -------------------------------------------------
+
+
+def run_prepare(a: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from operators.storage import Storage
+    from pipelines.embed import embed_kind
+    from pipelines.index import build_index
+    from pipelines.search import run_search
+
+    setup = _setup(a)
+    t = time.time()
+    vlm = Path(setup["vlm_dir"])
+    if not (vlm / "config.json").exists():
+        from tests.tiny_vlm import save_tiny_vlm
+
+        save_tiny_vlm(vlm)
+    cfg = _config(a, "clip", setup)  # embed / index / search are the same for every backend
+    storage = Storage(cfg.storage.options())
+    corpus = embed_kind(cfg, "corpus", storage=storage)
+    index = build_index(cfg, corpus, storage)
+    s = run_search(cfg, run_id=RUN_ID, storage=storage, index=index)
+    ray.shutdown()
+    return {"run_id": RUN_ID, "candidates": s.candidates, "queries": s.queries_in, "k": s.k,
+            "corpus_map": {sh.key: sh.source for sh in corpus.shards}, "prepare_s": time.time() - t}
+
+
+# --- the raw loop ------------------------------------------------------------------------------------------
+
+
+def _pairs_in_order(cand: Any, order: str) -> list[int]:
+    """Row indices of the candidates table in the order the pairs are scored."""
+    qids = cand.column("query_id").to_pylist()
+    ranks = cand.column("rank").to_pylist()
+    shards = cand.column("doc_shard").to_pylist()
+    rows = cand.column("doc_row").to_pylist()
+    if order == "query":
+        return sorted(range(cand.num_rows), key=lambda i: (qids[i], ranks[i]))
+    # PairsSource: corpus shards in key order, each shard's pairs by row (stable over the candidate parts)
+    return sorted(range(cand.num_rows), key=lambda i: (shards[i], rows[i], i))
+
+
+def run_plain(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from bench_embed import ProcSampler
+
+    from operators import decode as R
+    from operators.rerankers.base import create
+    from pipelines.rerank import reranker_spec
+
+    sampler = ProcSampler(a.rss_interval)
+    sampler.start()
+    load0 = os.getloadavg()
+    setup, prep = _setup(a), _prepared(a)
+    threads = a.plain_threads or _cpus()
+    torch.set_num_threads(threads)
+    cfg = _config(a, a.backend, setup)
+    rc, caps = cfg.rerank, cfg.embed
+
+    t0 = time.perf_counter()
+    spec = reranker_spec(rc, cfg)
+    backend = create(spec, "cpu", "fp32")
+    load_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    cand_dir = Path(setup["root"]) / "runs" / prep["run_id"] / "candidates"
+    cand = pa.concat_tables([pq.read_table(p) for p in sorted(cand_dir.glob("*.parquet"))])
+    qt = pq.read_table(setup["queries"], columns=["query_id", "text"])
+    qtext = dict(zip(qt.column("query_id").to_pylist(), qt.column("text").to_pylist(), strict=True))
+    shards = cand.column("doc_shard").to_pylist()
+    content: dict[str, tuple[list[Any], list[Any]]] = {}
+    for key in sorted(set(shards)):
+        ct = pq.read_table(prep["corpus_map"][key], columns=["image", "text"])
+        content[key] = (ct.column("image").to_pylist(), ct.column("text").to_pylist())
+    read_s = time.perf_counter() - t1
+
+    order = _pairs_in_order(cand, a.plain_order)
+    qids, dids = cand.column("query_id").to_pylist(), cand.column("doc_id").to_pylist()
+    rows = cand.column("doc_row").to_pylist()
+    scores = np.full(cand.num_rows, np.nan, np.float32)
+    decode_s = score_s = 0.0
+    batches, uniq, batch_s = 0, [], []
+    for b in range(0, len(order), rc.batch_size):
+        idx = order[b:b + rc.batch_size]
+        t = time.perf_counter()
+        images = [R.decode_image(content[shards[i]][0][rows[i]], caps.max_image_pixels, caps.allowed_formats)
+                  for i in idx]
+        captions = [content[shards[i]][1][rows[i]] if spec.use_caption else None for i in idx]
+        queries = [qtext[qids[i]] for i in idx]
+        t2 = time.perf_counter()
+        s = np.asarray(backend.score(queries, images, captions), dtype=np.float32)
+        score_s += time.perf_counter() - t2
+        decode_s += t2 - t
+        scores[idx] = s
+        batch_s.append(time.perf_counter() - t)
+        batches += 1
+        uniq.append(len(set(queries)))
+    loop_s = time.perf_counter() - t1
+    sampler.stop()
+
+    out_dir = Path(a.workdir) / f"plain-scores-{a.backend}"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "pairs.json").write_text(json.dumps([qids, dids]))
+    np.save(out_dir / "scores.npy", scores)
+    pairs = cand.num_rows
+    return {
+        "side": "plain", "backend": a.backend, "torch_threads": threads, "order": a.plain_order,
+        "pairs": pairs, "batches": batches, "queries_per_batch": sum(uniq) / max(1, len(uniq)),
+        "startup_s": load_s, "steady_s": loop_s, "e2e_s": load_s + loop_s,
+        "read_s": read_s, "decode_s": decode_s, "score_s": score_s,
+        "steady_pairs_s": pairs / loop_s, "e2e_pairs_s": pairs / (load_s + loop_s),
+        "score_rate_pairs_s": pairs / (decode_s + score_s),
+        "first_batch_s": batch_s[0] if batch_s else None,
+        "median_batch_s": sorted(batch_s)[len(batch_s) // 2] if batch_s else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_pss_mb": sampler.peak_total_pss_kb / 1024,
+        "rss": sampler.report(), "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()),
+    }
+
+
+# --- the Ray stage -----------------------------------------------------------------------------------------
+
+
+def _timed_operators(events: str) -> dict[str, Any]:
+    """Subclasses / wrappers of the stage's operators that only add timestamps (swapped into pipelines.rerank)."""
+    from ray.data.datasource import ReadTask
+
+    from operators.rerank_ops import PairsSource, RerankPairs, ScoredSink, bucket_candidates, select_bucket
+    from operators.shards import ID
+
+    class TimedRerankPairs(RerankPairs):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            t0 = time.time()
+            super().__init__(*args, **kwargs)
+            import torch
+
+            _event(events, {"ev": "actor_init", "pid": os.getpid(), "proc_start": _proc_start_time(),
+                            "t0": t0, "t1": time.time(), "torch_threads": torch.get_num_threads()})
+
+        def __call__(self, batch: Any) -> Any:
+            t0 = time.time()
+            out = super().__call__(batch)
+            _event(events, {"ev": "score", "pid": os.getpid(), "t0": t0, "t1": time.time(),
+                            "rows": len(batch[ID]), "queries": len({str(q) for q in batch[ID]})})
+            return out
+
+    class TimedScoredSink(ScoredSink):
+        def write_batch(self, batch: Any) -> Any:
+            t0 = time.time()
+            out = super().write_batch(batch)
+            _event(events, {"ev": "write", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": len(batch[ID])})
+            return out
+
+    def timed_read(fn: Any) -> Any:
+        def read() -> Any:
+            t0 = time.time()
+            rows = 0
+            for block in fn():
+                rows += block.num_rows
+                yield block
+            _event(events, {"ev": "read", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": rows})
+
+        return read
+
+    class TimedPairsSource(PairsSource):
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: object | None = None) -> list[Any]:
+            tasks = super().get_read_tasks(parallelism, per_task_row_limit, data_context)
+            return [ReadTask(timed_read(t.read_fn), t.metadata) for t in tasks]
+
+    def timed_bucket(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.time()
+        out = bucket_candidates(*args, **kwargs)
+        _event(events, {"ev": "bucket", "pid": os.getpid(), "t0": t0, "t1": time.time()})
+        return out
+
+    def timed_select(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.time()
+        out = select_bucket(*args, **kwargs)
+        _event(events, {"ev": "select", "pid": os.getpid(), "t0": t0, "t1": time.time()})
+        return out
+
+    return {"RerankPairs": TimedRerankPairs, "ScoredSink": TimedScoredSink, "PairsSource": TimedPairsSource,
+            "bucket_candidates": timed_bucket, "select_bucket": timed_select}
+
+
+def _span(evs: list[dict[str, Any]]) -> tuple[float, float] | None:
+    return (min(e["t0"] for e in evs), max(e["t1"] for e in evs)) if evs else None
+
+
+def _summarise(events: list[dict[str, Any]], t_start: float, t_rr0: float, t_rr1: float, init_s: float,
+               pairs: int) -> dict[str, Any]:
+    def of(kind: str) -> list[dict[str, Any]]:
+        return sorted((e for e in events if e["ev"] == kind), key=lambda e: e["t0"])
+
+    actor, score, write, read, bucket, sel = (of(k) for k in ("actor_init", "score", "write", "read", "bucket",
+                                                              "select"))
+    ready = max((e["t1"] for e in actor), default=t_rr1)
+    last_write = max((e["t1"] for e in write), default=t_rr1)
+    b, r, s = _span(bucket), _span(read), _span(sel)
+    busy = sum(e["t1"] - e["t0"] for e in score)
+    e2e, startup = t_rr1 - t_start, ready - t_start
+    steady = last_write - ready
+    out: dict[str, Any] = {
+        "pairs": pairs, "e2e_s": e2e, "stage_s": t_rr1 - t_rr0, "startup_s": startup, "steady_s": steady,
+        "tail_s": t_rr1 - last_write,
+        "startup_breakdown_s": {
+            "ray_init": init_s,
+            "driver_plan": (b[0] if b else ready) - t_rr0,
+            "bucket_tasks": (b[1] - b[0]) if b else None,
+            "to_actor_constructor": (min(e["t0"] for e in actor) - (b[1] if b else t_rr0)) if actor else None,
+            "actor_model_load": max(e["t1"] - e["t0"] for e in actor) if actor else None,
+        },
+        "actor_process_start_after_buckets_s": (min(e["proc_start"] for e in actor) - (b[1] if b else t_rr0))
+        if actor and all(e.get("proc_start") for e in actor) else None,
+        "actors": len(actor), "actor_torch_threads": [e["torch_threads"] for e in actor],
+        "time_to_first_scored_batch_s": (score[0]["t1"] - t_start) if score else None,
+        "first_batch_after_ready_s": (score[0]["t0"] - ready) if score else None,
+        "score_batches": len(score), "score_busy_s": busy,
+        "first_batch_s": (score[0]["t1"] - score[0]["t0"]) if score else None,
+        "median_batch_s": sorted(e["t1"] - e["t0"] for e in score)[len(score) // 2] if score else None,
+        "actor_rate_pairs_s": sum(e["rows"] for e in score) / busy if busy else None,
+        "actor_idle_in_window_s": (score[-1]["t1"] - score[0]["t0"] - busy) if score else None,
+        "batch_sizes": sorted({e["rows"] for e in score}),
+        "queries_per_batch": sum(e["queries"] for e in score) / max(1, len(score)),
+        "read_tasks": len(read), "read_window_after_ready_s": [r[0] - ready, r[1] - ready] if r else None,
+        "read_busy_s": sum(e["t1"] - e["t0"] for e in read),
+        "writes": len(write), "write_busy_s": sum(e["t1"] - e["t0"] for e in write),
+        "write_after_last_score_s": (last_write - score[-1]["t1"]) if score and write else None,
+        "select_tasks": len(sel), "select_window_s": (s[1] - s[0]) if s else None,
+        "select_start_after_last_write_s": (s[0] - last_write) if s else None,
+    }
+    out["steady_pairs_s"] = pairs / steady if steady > 0 else None
+    out["e2e_pairs_s"] = pairs / e2e
+    out["stage_pairs_s"] = pairs / out["stage_s"]
+    return out
+
+
+def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from bench_embed import ProcSampler
+
+    import pipelines.rerank as pr
+    from pipelines.ray_env import ensure_ray
+
+    sampler = ProcSampler(a.rss_interval)
+    sampler.start()
+    load0 = os.getloadavg()
+    setup, prep = _setup(a), _prepared(a)
+    runs: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"side": "pipeline", "backend": a.backend}
+    try:
+        for k in range(a.pipeline_runs):
+            cfg = _config(a, a.backend, setup)
+            run_id = f"bench-{a.backend}-{os.getpid()}-{k}"
+            runs_dir = Path(setup["root"]) / "runs"
+            shutil.rmtree(runs_dir / run_id, ignore_errors=True)
+            shutil.copytree(runs_dir / prep["run_id"] / "candidates", runs_dir / run_id / "candidates")
+            events = Path(a.workdir) / f"pipeline-events-{a.backend}-{os.getpid()}-{k}.jsonl"
+            events.unlink(missing_ok=True)
+            for name, obj in _timed_operators(str(events)).items():
+                setattr(pr, name, obj)
+            t_start = time.time()
+            init_s = 0.0
+            if k == 0:
+                ensure_ray(cfg.ray)
+                init_s = time.time() - t_start
+                result["cluster_resources"] = dict(ray.cluster_resources())
+            t_rr0 = time.time()
+            res = pr.run_rerank(cfg, run_id)
+            t_rr1 = time.time()
+            run = _summarise(_read_events(events), t_start, t_rr0, t_rr1, init_s, res.pairs_in)
+            run.update(warm=k > 0, run_id=run_id, pairs_scored=res.pairs_scored, pairs_rejected=res.pairs_rejected,
+                       rerank_s=res.rerank_s, results=res.results)
+            runs.append(run)
+    finally:
+        sampler.stop()
+        t = time.time()
+        if ray.is_initialized():
+            ray.shutdown()
+        result["ray_shutdown_s"] = time.time() - t
+    result.update(runs[0])
+    result["runs"] = runs
+    result["rss"] = sampler.report()
+    result["driver_ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = result["rss"]["sum_of_process_peaks_mb"]
+    result["peak_pss_mb"] = result["rss"]["peak_total_pss_mb"]
+    result["loadavg_start"], result["loadavg_end"] = list(load0), list(os.getloadavg())
+    return result
+
+
+# --- orchestration -----------------------------------------------------------------------------------------
+
+
+def _side_cmd(a: argparse.Namespace, side: str, backend: str, result: Path) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--backend", backend,
+           "--workdir", a.workdir, "--result", str(result), "--embed-model", a.embed_model,
+           "--clip-model", a.clip_model, "--k", str(a.k), "--batch-size", str(a.batch_size),
+           "--plain-order", a.plain_order, "--pipeline-runs", str(a.pipeline_runs),
+           "--rss-interval", str(a.rss_interval), "--plain-threads", str(a.plain_threads)]
+    for s in a.set:
+        cmd += ["--set", s]
+    return cmd
+
+
+def _run_side(a: argparse.Namespace, side: str, backend: str, tag: str, quiet: bool = True) -> dict[str, Any]:
+    wd = Path(a.workdir)
+    result = wd / f"result-{side}-{tag}.json"
+    result.unlink(missing_ok=True)
+    log = wd / f"{side}-{tag}.log"
+    seen = wait_quiet(a.wait_idle, a.max_load) if quiet and a.wait_idle > 0 else None
+    print(f"[bench] {side} side ({backend}; log {log}) ...", flush=True)
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    t = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(_side_cmd(a, side, backend, result), stdout=None if a.verbose else f,
+                              stderr=None if a.verbose else subprocess.STDOUT, cwd=REPO, env=env, check=False)
+    if proc.returncode != 0 or not result.exists():
+        if not a.verbose:
+            print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        raise SystemExit(f"[bench] {side} side failed (exit {proc.returncode}); see {log}")
+    r = json.loads(result.read_text())
+    r["subprocess_wall_s"] = time.time() - t
+    r["quiet_wait"] = seen
+    return r
+
+
+def _ensure_sample(a: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.sample import load_sample_info, make_sample
+
+    wd = Path(a.workdir)
+    out = wd / f"sample-{a.docs}-{a.queries}-{a.shards}-{a.image_size}-{a.seed}"
+    if (out / "sample.json").exists():
+        info = load_sample_info(str(out))
+    else:
+        info = make_sample(str(out), docs=a.docs, queries=a.queries, shards=a.shards, seed=a.seed,
+                           image_size=a.image_size)
+    return {"corpus": info.corpus, "queries": info.queries, "root": str(wd / f"root-{out.name}"),
+            "vlm_dir": str(wd / "tiny-vlm"), "sample": str(out)}
+
+
+def _check_scores(a: argparse.Namespace, setup: dict[str, Any], pipe: dict[str, Any]) -> dict[str, Any]:
+    """The Ray stage must have written the raw loop's scores (same backend, same pairs)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    d = Path(a.workdir) / f"plain-scores-{pipe['backend']}"
+    qids, dids = json.loads((d / "pairs.json").read_text())
+    plain = np.load(d / "scores.npy")
+    scored = Path(setup["root"]) / "runs" / pipe["runs"][0]["run_id"] / "scored"
+    got: dict[tuple[str, str], float] = {}
+    for p in sorted(scored.rglob("*.parquet")):
+        t = pq.read_table(p, columns=["query_id", "doc_id", "rerank_score"])
+        got.update(zip(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True),
+                       t.column(2).to_pylist(), strict=True))
+    diffs = [abs(got[(q, dd)] - float(s)) for q, dd, s in zip(qids, dids, plain, strict=True) if (q, dd) in got]
+    return {"pairs_plain": len(qids), "pairs_pipeline": len(got), "matched": len(diffs),
+            "max_abs_diff": max(diffs) if diffs else None}
+
+
+def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] | None,
+                    pipe: dict[str, Any] | None, check: dict[str, Any] | None) -> dict[str, Any]:
+    label = f"clip:{a.clip_model} (random weights)" if backend == "clip" else "vlm_yesno: tiny random Qwen2-VL"
+    side = plain or pipe or {}
+    print(f"\n=== rerank benchmark: {label}; {side.get('pairs')} pairs, batch {a.batch_size}, cpus {_cpus()}"
+          + (f", overrides {a.set}" if a.set else ""))
+    rows = [("start-up (s)", "startup_s", 2), ("steady wall (s)", "steady_s", 2),
+            ("steady throughput (pairs/s)", "steady_pairs_s", 1), ("end-to-end wall (s)", "e2e_s", 2),
+            ("end-to-end throughput (pairs/s)", "e2e_pairs_s", 1), ("peak RSS (MB)", "peak_rss_mb", 0),
+            ("peak PSS, sampled (MB)", "peak_pss_mb", 0)]
+    print(f"  {'':34} {'raw loop':>10} {'ray stage':>10}")
+    for name, key, nd in rows:
+        print(f"  {name:34} {_fmt((plain or {}).get(key), nd):>10} {_fmt((pipe or {}).get(key), nd):>10}")
+    out: dict[str, Any] = {"backend": backend, "label": label, "plain": plain, "pipeline": pipe, "score_check": check}
+    if plain and pipe:
+        out["ratio_steady"] = pipe["steady_pairs_s"] / plain["steady_pairs_s"]
+        out["ratio_e2e"] = pipe["e2e_pairs_s"] / plain["e2e_pairs_s"]
+        out["ratio_actor_rate"] = (pipe["actor_rate_pairs_s"] or 0) / plain["score_rate_pairs_s"]
+        print(f"  {'ratio steady (ray / raw)':34} {out['ratio_steady']:>21.3f}   (target >= 0.9)")
+        print(f"  {'ratio end-to-end':34} {out['ratio_e2e']:>21.3f}")
+        print(f"  {'ratio decode+score rate only':34} {out['ratio_actor_rate']:>21.3f}   "
+              "(actor busy time vs the raw loop's decode+score time)")
+    if plain:
+        print(f"  raw: start-up = build the backend; steady = read {plain['read_s']:.2f} s + decode "
+              f"{plain['decode_s']:.2f} s + score {plain['score_s']:.2f} s in {plain['batches']} batches "
+              f"({plain['queries_per_batch']:.1f} distinct queries per batch, order {plain['order']}, "
+              f"torch threads {plain['torch_threads']}); first batch {_fmt(plain['first_batch_s'], 2)} s, median "
+              f"{_fmt(plain['median_batch_s'], 3)} s")
+    if pipe:
+        b = pipe["startup_breakdown_s"]
+        print(f"  ray start-up = ray.init {_fmt(b['ray_init'], 2)} + driver planning {_fmt(b['driver_plan'], 2)} + "
+              f"bucket_candidates tasks {_fmt(b['bucket_tasks'], 2)} + Ray Data start & actor process/imports "
+              f"{_fmt(b['to_actor_constructor'], 2)} + model load {_fmt(b['actor_model_load'], 2)} s; first scored "
+              f"batch {_fmt(pipe['time_to_first_scored_batch_s'], 2)} s after the start")
+        print(f"  ray steady: actor busy {pipe['score_busy_s']:.2f} s in {pipe['score_batches']} batches "
+              f"(sizes {pipe['batch_sizes']}, {pipe['queries_per_batch']:.1f} distinct queries per batch, "
+              f"{_fmt(pipe['actor_rate_pairs_s'], 1)} pairs/s while busy; first batch {_fmt(pipe['first_batch_s'], 2)} s,"
+              f" median {_fmt(pipe['median_batch_s'], 3)} s), idle in its window "
+              f"{_fmt(pipe['actor_idle_in_window_s'], 2)} s, first batch {_fmt(pipe['first_batch_after_ready_s'], 2)} s "
+              f"after ready, last write {_fmt(pipe['write_after_last_score_s'], 2)} s after the last batch; "
+              f"{pipe['read_tasks']} read tasks ({pipe['read_busy_s']:.2f} s), {pipe['writes']} writes "
+              f"({pipe['write_busy_s']:.2f} s); actor torch threads {pipe['actor_torch_threads']}")
+        print(f"  ray tail {pipe['tail_s']:.2f} s: {pipe['select_tasks']} select tasks in "
+              f"{_fmt(pipe['select_window_s'], 2)} s, starting {_fmt(pipe['select_start_after_last_write_s'], 2)} s "
+              f"after the last write; run_rerank {pipe['stage_s']:.2f} s (Ray already up); ray.shutdown "
+              f"{pipe['ray_shutdown_s']:.1f} s (not counted)")
+        rss = pipe["rss"]
+        print(f"  ray RSS: sum of per-process peaks {rss['sum_of_process_peaks_mb']:.0f} MB = driver "
+              f"{rss['driver_mb']:.0f} + Ray workers {rss['ray_workers_mb']:.0f} + Ray system "
+              f"{rss['ray_system_mb']:.0f} ({rss['processes']} processes); sampled peak total RSS "
+              f"{rss['peak_total_rss_mb']:.0f} MB, PSS {rss['peak_total_pss_mb']:.0f} MB")
+        for k, run in enumerate(pipe["runs"][1:], start=2):
+            print(f"  warm run {k} (same Ray session): run_rerank {run['stage_s']:.2f} s, start-up "
+                  f"{run['startup_s']:.2f} s (model load {_fmt(run['startup_breakdown_s']['actor_model_load'], 2)}),"
+                  f" steady {_fmt(run['steady_pairs_s'], 1)} pairs/s, whole stage {run['stage_pairs_s']:.1f} pairs/s")
+    for name, s in (("raw", plain), ("ray", pipe)):
+        if not s:
+            continue
+        c = s["rss"]["cpu_s"]
+        share = c["others"] / max(1e-9, c["wall"] * c["cores"])
+        warn = "   <-- WARNING: the machine was not quiet; timings are suspect" if share > 0.05 else ""
+        q = s.get("quiet_wait") or {}
+        print(f"  {name}: load average 1/5/15 min at start {'/'.join(f'{x:.2f}' for x in s['loadavg_start'])}, "
+              f"at end {'/'.join(f'{x:.2f}' for x in s['loadavg_end'])}"
+              + (f" (waited {q['waited_s']:.0f} s)" if q else "")
+              + f"; other processes took {c['others']:.1f} CPU-s = {100 * share:.0f}% of {c['wall']:.0f} s x "
+              f"{c['cores']} cores{warn}")
+    if check:
+        print(f"  scores: {check['matched']}/{check['pairs_plain']} pairs matched by (query, doc), max |diff| "
+              f"{_fmt(check['max_abs_diff'], 7) if check['max_abs_diff'] is not None else '-'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="clip,vlm_yesno", help="comma separated: clip, vlm_yesno")
+    ap.add_argument("--clip-model", default="ViT-B-32", help="open_clip name for the clip backend (random weights)")
+    ap.add_argument("--embed-model", default="mmr-tiny", help="embedder that produces the candidates (setup only)")
+    ap.add_argument("--docs", type=int, default=300)
+    ap.add_argument("--queries", type=int, default=30)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=20, help="candidates per query (pairs = queries x k)")
+    ap.add_argument("--batch-size", type=int, default=16, help="rerank.batch_size, both sides")
+    ap.add_argument("--plain-order", choices=["pipeline", "query"], default="pipeline",
+                    help="order of the pairs in the raw loop (see the module docstring)")
+    ap.add_argument("--plain-threads", type=int, default=0, help="torch threads of the raw loop (0: all CPUs)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="pipeline config override, e.g. rerank.torch_threads=1 (repeatable)")
+    ap.add_argument("--sides", default="plain,pipeline")
+    ap.add_argument("--repeat", type=int, default=1, help="run the sides alternately; report each side's best")
+    ap.add_argument("--pipeline-runs", type=int, default=1, help="run_rerank runs in one Ray session (first = headline)")
+    ap.add_argument("--rss-interval", type=float, default=1.0)
+    ap.add_argument("--wait-idle", type=float, default=600.0,
+                    help="before each timed side wait up to this many seconds for a quiet machine (0: don't)")
+    ap.add_argument("--max-load", type=float, default=1.0, help="quiet = 1-minute load average below this")
+    ap.add_argument("--workdir", help="sample, setup and outputs (default: a new temp dir); reused when kept")
+    ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--side", choices=["prepare", "plain", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--backend", choices=BACKENDS, default="clip", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.side:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fn = {"prepare": run_prepare, "plain": run_plain, "pipeline": run_pipeline}[a.side]
+        Path(a.result).write_text(json.dumps(fn(a), indent=2))
+        return
+
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise SystemExit(f"--backends: unknown {bad}; choose from {list(BACKENDS)}")
+    a.workdir = str(Path(a.workdir or tempfile.mkdtemp(prefix="mmr-bench-rerank-")).resolve())
+    wd = Path(a.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    setup = _ensure_sample(a)
+    (wd / "setup.json").write_text(json.dumps(setup, indent=2))
+    params = {"embed_model": a.embed_model, "k": a.k, "sample": setup["sample"], "set": a.set}
+    prep_file = wd / "prepared.json"
+    prep = json.loads(prep_file.read_text()) if prep_file.exists() else None
+    if not prep or prep.get("params") != params:
+        shutil.rmtree(setup["root"], ignore_errors=True)
+        prep = _run_side(a, "prepare", "clip", "setup", quiet=False)
+        prep["params"] = params
+        prep_file.write_text(json.dumps(prep, indent=2))
+    print(f"[bench] setup: sample {setup['sample']}, {prep['candidates']} candidate pairs ({prep['queries']} queries "
+          f"x k={prep['k']}) from {a.embed_model} ({time.time() - t:.1f} s, not timed)", flush=True)
+
+    sides = [s.strip() for s in a.sides.split(",") if s.strip() in ("plain", "pipeline")]
+    report: dict[str, Any] = {"cpus": _cpus(), "docs": a.docs, "queries": a.queries, "k": a.k,
+                              "image_size": a.image_size, "batch_size": a.batch_size, "workdir": a.workdir,
+                              "pairs": prep["candidates"], "loadavg_rule": f"1-min load average < {a.max_load}",
+                              "backends": {}}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for backend in backends:
+        results[backend] = {s: [] for s in sides}
+        for rep in range(a.repeat):
+            for side in sides:
+                results[backend][side].append(_run_side(a, side, backend, f"{backend}-{rep}"))
+    for backend in backends:
+        best = {s: max(rs, key=lambda r: r["steady_pairs_s"] or 0) for s, rs in results[backend].items()}
+        plain, pipe = best.get("plain"), best.get("pipeline")
+        check = _check_scores(a, setup, pipe) if plain and pipe else None
+        out = _report_backend(a, backend, plain, pipe, check)
+        if a.repeat > 1:
+            print("  all runs (steady pairs/s): " + "; ".join(
+                f"{s}: " + ", ".join(f"{r['steady_pairs_s']:.1f}" for r in rs) for s, rs in results[backend].items()))
+        out["all_runs"] = results[backend]
+        report["backends"][backend] = out
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+        print(f"\n[bench] results written to {a.json}")
+
+
+if __name__ == "__main__":
+    main()

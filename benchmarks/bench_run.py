@@ -1,0 +1,736 @@
+"""Whole-run benchmark: ``mmrerank run`` on sample data against the sum of raw per-stage loops (no Ray).
+
+    python benchmarks/bench_run.py                                     # 500 docs, 20 queries, k=20, ViT-B-32 x2
+    python benchmarks/bench_run.py --json out.json --workdir /tmp/bench-run
+    python benchmarks/bench_run.py --rerank-model mmr-tiny             # a tiny clip reranker instead
+    python benchmarks/bench_run.py --set index.shards=1 --set rerank.batch_size=32
+    python benchmarks/bench_run.py --no-trace                          # the console script itself, untouched
+
+data and config
+    ``make_sample`` (``--docs`` images of ``--image-size`` px in ``--shards`` shards, ``--queries`` queries; not
+    timed). One YAML config, used by both sides: ``embed.model`` = ``--embed-model`` (default ``ViT-B-32``,
+    ``pretrained: null``, seeded random weights), ``rerank: {backend: clip, clip_model: --rerank-model}``
+    (default ``ViT-B-32`` random, seed 1), ``index.factory: Flat`` (``index.shards`` left at the pipeline
+    default, 2), ``search.k`` = ``--k``, the rest at the pipeline defaults (embed batch 32, rerank batch 16,
+    top_n 10, no fusion); ``--set KEY=VALUE`` overrides. Device: the CPU, fp32.
+
+raw loops (one fresh subprocess, no Ray; ``torch.set_num_threads`` and ``faiss.omp_set_num_threads`` = CPUs)
+    embed_corpus   resolve + build the open_clip model (counted here, once: the queries reuse it), then
+                   pyarrow reads each shard in batches, ``operators.decode.decode_image`` + ``image_transform``
+                   + ``encode_image`` in batches of ``embed.batch_size``, L2-normalised;
+    index          ``faiss.IndexFlatIP`` + ``add``;
+    embed_queries  read the queries, tokenize + ``encode_text`` in batches, L2-normalised;
+    search         one ``index.search(queries, k)``;
+    rerank         build the backend (``create(reranker_spec(cfg.rerank, cfg))``: model load counted here),
+                   read the corpus image + caption columns, decode each pair's image and ``backend.score``
+                   batches of ``rerank.batch_size`` pairs, each query's candidates together
+                   (``--raw-rerank-order shard`` uses the pipeline's order: by corpus shard and row);
+    select         ``operators.fusion.fuse`` + ``select`` per query, results written to one parquet file.
+    Nothing else is written (the pipeline also writes its caches, candidates, scored pairs, manifest).
+
+pipeline (one fresh subprocess, so Python start-up, imports and the Ray start are all counted)
+    ``mmrerank run <config> --run-id bench`` on a fresh root. By default the subprocess is this file, which
+    swaps thin timing subclasses into the pipeline modules (embedders, decode, searchers, router, reranker
+    actor, index/rerank tasks, and each stage function of ``pipelines.run``: they only append timestamps to a
+    file) and then calls ``pipelines.cli.main`` exactly as the console script does; ``--no-trace`` runs the
+    console script itself (no per-stage breakdown beyond ``stats.json``). Reported: the subprocess wall time
+    (the headline), ``stats.json`` ``wall_s`` (``run()`` itself) and each stage's ``wall_s``; with tracing also
+    per stage: ``ray.init``, actor start (from the stage start until its actors' constructors return: Ray
+    Data start, worker process start, imports, model / index load), model load alone, the actors' busy time,
+    and what follows the last batch (write tail, markers, checks).
+
+ratios (printed, never asserted)
+    headline = pipeline subprocess wall / sum of the raw stage loops (target <= 1.2 with ViT-B-32 here);
+    also ``run()`` wall / raw sum, and pipeline subprocess wall / raw subprocess wall (both with imports).
+
+quiet machine
+    before each side: wait (up to ``--wait-idle`` s) until the 1-minute load average is below ``--max-load``
+    (default 1.0); each side reports the load average before/after and the CPU other processes took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (str(REPO), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+RUN_ID = "bench"
+STAGES = ("embed_corpus", "index", "embed_queries", "search", "rerank", "rejects")
+
+
+# --- helpers (those used inside Ray workers must live in this file: they are pickled by value) -------------
+
+
+def _event(path: str, rec: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _proc_start_time(pid: int | str = "self") -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                     if ln.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def wait_quiet(max_wait: float, max_load: float = 1.0, poll_s: float = 5.0) -> dict[str, Any]:
+    """Wait (up to ``max_wait`` s) until the 1-minute load average is below ``max_load``; report what was seen."""
+    t0 = time.time()
+    first = os.getloadavg()
+    said = False
+    while True:
+        load = os.getloadavg()
+        if load[0] < max_load or time.time() - t0 >= max_wait:
+            break
+        if not said:
+            print(f"[bench] 1-min load average {load[0]:.2f} >= {max_load}; waiting up to {max_wait:.0f} s "
+                  "for a quiet machine", flush=True)
+            said = True
+        time.sleep(poll_s)
+    quiet = load[0] < max_load
+    if said:
+        print(f"[bench] load average {load[0]:.2f} after {time.time() - t0:.0f} s"
+              + ("" if quiet else " (gave up waiting: NOT QUIET, figures are suspect)"), flush=True)
+    return {"load_when_asked": list(first), "load_at_start": list(load), "waited_s": time.time() - t0,
+            "quiet": quiet, "max_load": max_load}
+
+
+def _config_dict(a: argparse.Namespace, corpus: str, queries: str, root: str) -> dict[str, Any]:
+    import yaml
+
+    data: dict[str, Any] = {
+        "root": root, "corpus": corpus, "queries": queries,
+        "ray": {"progress_bars": False},
+        "embed": {"model": {"name": a.embed_model, "pretrained": None, "seed": 0}},
+        "index": {"factory": "Flat"},
+        "search": {"k": a.k},
+        "rerank": {"backend": "clip", "clip_model": {"name": a.rerank_model, "pretrained": None, "seed": 1}},
+    }
+    for item in a.set:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        cur = data
+        parts = k.strip().split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = yaml.safe_load(v)
+    return data
+
+
+# --- the raw loops -----------------------------------------------------------------------------------------
+
+
+def run_raw(a: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+    import numpy as np
+    import open_clip  # noqa: F401 - imported before the clock starts, as the loops' other libraries
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from bench_embed import ProcSampler
+
+    from operators import decode as R
+    from operators import fusion
+    from operators.models import build_model, image_transform, resolve_model
+    from operators.rerankers.base import create
+    from operators.shards import list_shards
+    from operators.storage import Storage
+    from pipelines.config import load_config
+    from pipelines.rerank import reranker_spec
+
+    sampler = ProcSampler(a.rss_interval)
+    sampler.start()
+    load0 = os.getloadavg()
+    t_imports = time.time()
+    threads = a.raw_threads or _cpus()
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    cfg = load_config(a.config)
+    e, rc = cfg.embed, cfg.rerank
+    storage = Storage()
+    shards = list_shards(cfg.corpus, storage)
+    stages: dict[str, dict[str, Any]] = {}
+
+    # embed_corpus ---------------------------------------------------------------------------------
+    t = time.perf_counter()
+    rm = resolve_model(e.model)
+    model, tokenizer = build_model(rm, "cpu", "fp32")
+    tf = image_transform(rm.preprocess)
+    load_s = time.perf_counter() - t
+    ids: list[str] = []
+    locs: list[tuple[int, int]] = []
+    embs: list[Any] = []
+    buf: list[Any] = []
+    seen: set[str] = set()
+    rejected = 0
+    t_enc = 0.0
+
+    def flush() -> None:
+        nonlocal t_enc
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            embs.append(torch.nn.functional.normalize(model.encode_image(torch.from_numpy(np.stack(buf))).float(),
+                                                      dim=-1).numpy())
+        buf.clear()
+        t_enc += time.perf_counter() - t1
+
+    for si, uri in enumerate(shards):
+        row = 0
+        for rb in pq.ParquetFile(uri).iter_batches(batch_size=e.batch_size, columns=["doc_id", "image"]):
+            for doc_id, data in zip(rb.column(0).to_pylist(), rb.column(1).to_pylist(), strict=True):
+                row += 1
+                if doc_id is None or doc_id in seen:
+                    rejected += 1
+                    continue
+                seen.add(doc_id)
+                try:
+                    img = R.decode_image(data, e.max_image_pixels, e.allowed_formats, e.max_image_bytes)
+                except R.RejectError:
+                    rejected += 1
+                    continue
+                buf.append(tf(img).numpy())
+                ids.append(doc_id)
+                locs.append((si, row - 1))
+                if len(buf) == e.batch_size:
+                    flush()
+    if buf:
+        flush()
+    dv = np.concatenate(embs)
+    stages["embed_corpus"] = {"wall_s": time.perf_counter() - t, "model_load_s": load_s, "compute_s": t_enc,
+                              "rows": len(ids), "rejected": rejected}
+
+    # index ------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    index = faiss.IndexFlatIP(dv.shape[1])
+    index.add(np.ascontiguousarray(dv, dtype=np.float32))
+    stages["index"] = {"wall_s": time.perf_counter() - t, "rows": int(index.ntotal)}
+
+    # embed_queries ----------------------------------------------------------------------------------
+    t = time.perf_counter()
+    qt = pa.concat_tables([pq.read_table(u, columns=["query_id", "text"])
+                           for u in list_shards(cfg.queries, storage)])
+    qids, qtexts = qt.column("query_id").to_pylist(), qt.column("text").to_pylist()
+    qv = []
+    with torch.inference_mode():
+        for b in range(0, len(qtexts), e.batch_size):
+            qv.append(torch.nn.functional.normalize(
+                model.encode_text(tokenizer(qtexts[b:b + e.batch_size])).float(), dim=-1).numpy())
+    qm = np.concatenate(qv)
+    stages["embed_queries"] = {"wall_s": time.perf_counter() - t, "rows": len(qids)}
+
+    # search -----------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    dist, nn = index.search(np.ascontiguousarray(qm, dtype=np.float32), cfg.search.k)
+    stages["search"] = {"wall_s": time.perf_counter() - t, "rows": len(qids), "candidates": int((nn >= 0).sum())}
+
+    # rerank -----------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    spec = reranker_spec(rc, cfg)
+    backend = create(spec, "cpu", "fp32")
+    rload = time.perf_counter() - t
+    t1 = time.perf_counter()
+    content = [pq.read_table(u, columns=["image", "text"]) for u in shards]
+    content_l = [(c.column("image").to_pylist(), c.column("text").to_pylist()) for c in content]
+    read_s = time.perf_counter() - t1
+    pairs = [(qi, int(j)) for qi in range(len(qids)) for j in nn[qi] if j >= 0]  # query by query, rank order
+    if a.raw_rerank_order == "shard":
+        pairs.sort(key=lambda p: locs[p[1]])
+    scores = np.zeros(len(pairs), np.float32)
+    decode_s = score_s = 0.0
+    for b in range(0, len(pairs), rc.batch_size):
+        chunk = pairs[b:b + rc.batch_size]
+        t2 = time.perf_counter()
+        images = [R.decode_image(content_l[locs[j][0]][0][locs[j][1]], e.max_image_pixels, e.allowed_formats)
+                  for _, j in chunk]
+        caps = [content_l[locs[j][0]][1][locs[j][1]] if spec.use_caption else None for _, j in chunk]
+        t3 = time.perf_counter()
+        scores[b:b + len(chunk)] = backend.score([qtexts[qi] for qi, _ in chunk], images, caps)
+        score_s += time.perf_counter() - t3
+        decode_s += t3 - t2
+    stages["rerank"] = {"wall_s": time.perf_counter() - t, "model_load_s": rload, "read_s": read_s,
+                        "decode_s": decode_s, "compute_s": score_s, "rows": len(pairs)}
+
+    # select -----------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    rr: dict[int, dict[int, float]] = {}
+    for (qi, j), s in zip(pairs, scores, strict=True):
+        rr.setdefault(qi, {})[j] = float(s)
+    out_rows: list[dict[str, Any]] = []
+    for qi in range(len(qids)):
+        cands = [int(j) for j in nn[qi] if j >= 0]
+        docs = [ids[j] for j in cands]
+        ret = np.array([dist[qi][n] for n in range(len(cands))], np.float64)
+        rs = np.array([rr[qi][j] for j in cands], np.float64)
+        final = fusion.fuse(ret, rs, docs, **rc.fusion.model_dump())
+        for rank, n in enumerate(fusion.select(final, docs, **rc.selection.model_dump()), start=1):
+            out_rows.append({"query_id": qids[qi], "rank": rank, "doc_id": docs[n], "retrieval_score": float(ret[n]),
+                             "rerank_score": float(rs[n]), "final_score": float(final[n])})
+    pq.write_table(pa.Table.from_pylist(out_rows), Path(a.workdir) / "raw-results.parquet")
+    stages["select"] = {"wall_s": time.perf_counter() - t, "rows": len(out_rows)}
+    sampler.stop()
+    (Path(a.workdir) / "raw-candidates.json").write_text(json.dumps(
+        {qids[qi]: [ids[int(j)] for j in nn[qi] if j >= 0] for qi in range(len(qids))}))
+    return {"side": "raw", "torch_threads": threads, "stages": stages,
+            "sum_s": sum(s["wall_s"] for s in stages.values()),
+            "imports_s": t_imports - (_proc_start_time() or t_imports),
+            "rerank_order": a.raw_rerank_order,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_pss_mb": sampler.peak_total_pss_kb / 1024, "rss": sampler.report(),
+            "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg())}
+
+
+# --- the traced pipeline -----------------------------------------------------------------------------------
+
+
+def _install_tracing(events: str) -> None:
+    """Swap timing subclasses / wrappers into the pipeline modules (the computation stays the pipeline's)."""
+    import pipelines.embed as pe
+    import pipelines.index as pi
+    import pipelines.rerank as pr
+    import pipelines.run as prun
+    import pipelines.search as ps
+
+    def actor(base: type, label: str) -> type:
+        class Timed(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                t0 = time.time()
+                super().__init__(*args, **kwargs)
+                _event(events, {"ev": "actor_init", "cls": label, "pid": os.getpid(),
+                                "proc_start": _proc_start_time(), "t0": t0, "t1": time.time()})
+
+            def __call__(self, batch: Any) -> Any:
+                t0 = time.time()
+                out = super().__call__(batch)
+                _event(events, {"ev": "batch", "cls": label, "pid": os.getpid(), "t0": t0, "t1": time.time()})
+                return out
+
+        Timed.__name__ = Timed.__qualname__ = base.__name__
+        return Timed
+
+    def searcher(base: type) -> type:
+        class TimedSearcher(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                t0 = time.time()
+                super().__init__(*args, **kwargs)
+                _event(events, {"ev": "actor_init", "cls": "ShardSearcher", "pid": os.getpid(),
+                                "proc_start": _proc_start_time(), "t0": t0, "t1": time.time()})
+
+        TimedSearcher.__name__ = TimedSearcher.__qualname__ = base.__name__
+        return TimedSearcher
+
+    def decode(base: type) -> type:
+        class TimedDecode(base):  # type: ignore[misc, valid-type]
+            def __call__(self, batch: Any) -> Any:
+                t0 = time.time()
+                out = super().__call__(batch)
+                _event(events, {"ev": "batch", "cls": "DecodeImages", "pid": os.getpid(), "t0": t0, "t1": time.time()})
+                return out
+
+        return TimedDecode
+
+    def task(fn: Any, label: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.time()
+            out = fn(*args, **kwargs)
+            _event(events, {"ev": "task", "cls": label, "pid": os.getpid(), "t0": t0, "t1": time.time()})
+            return out
+
+        timed.__name__ = fn.__name__
+        return timed
+
+    def span(fn: Any, label: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            name = f"{label}:{args[1]}" if label == "embed_kind" and len(args) > 1 else label
+            t0 = time.time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _event(events, {"ev": "span", "cls": name, "t0": t0, "t1": time.time()})
+
+        return timed
+
+    def ray_init(fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            import ray
+
+            fresh = not ray.is_initialized()
+            t0 = time.time()
+            out = fn(*args, **kwargs)
+            if fresh:
+                _event(events, {"ev": "span", "cls": "ray_init", "t0": t0, "t1": time.time()})
+            return out
+
+        return timed
+
+    pe.ImageEmbedder = actor(pe.ImageEmbedder, "ImageEmbedder")
+    pe.TextEmbedder = actor(pe.TextEmbedder, "TextEmbedder")
+    pe.DecodeImages = decode(pe.DecodeImages)
+    ps.SearchRouter = actor(ps.SearchRouter, "SearchRouter")
+    ps.ShardSearcher = searcher(ps.ShardSearcher)
+    pr.RerankPairs = actor(pr.RerankPairs, "RerankPairs")
+    pr.bucket_candidates = task(pr.bucket_candidates, "bucket_candidates")
+    pr.select_bucket = task(pr.select_bucket, "select_bucket")
+    pi._build_task = task(pi._build_task, "index_build")
+    for mod in (pe, pi, pr, ps):
+        mod.ensure_ray = ray_init(mod.ensure_ray)
+    for name in ("preflight", "embed_kind", "build_index", "run_search", "run_rerank", "_collect_embed_rejects",
+                 "write_manifest", "advance_latest"):
+        setattr(prun, name, span(getattr(prun, name), name))
+
+
+def run_pipeline_traced(a: argparse.Namespace) -> None:
+    """The subprocess of the pipeline side: ``mmrerank run`` plus timestamps (see the module docstring)."""
+    t_main = time.time()
+    from bench_embed import ProcSampler
+
+    sampler = ProcSampler(a.rss_interval)
+    sampler.start()
+    from pipelines.cli import main as cli_main
+
+    events = Path(a.workdir) / "pipeline-events.jsonl"
+    events.unlink(missing_ok=True)
+    _install_tracing(str(events))
+    t_cli = time.time()
+    rc = cli_main(["run", a.config, "--run-id", RUN_ID])
+    t_done = time.time()
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # what the console script's interpreter exit does anyway; timed apart here
+    t_shut = time.time()
+    sampler.stop()
+    Path(a.result).write_text(json.dumps({
+        "rc": rc, "proc_start": _proc_start_time(), "t_main": t_main, "t_cli": t_cli, "t_done": t_done,
+        "t_shutdown": t_shut, "rss": sampler.report(),
+        "driver_ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, indent=2))
+    sys.exit(rc)
+
+
+def _stage_breakdown(events: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per stage: ray.init, actor start, model load, actors' busy time, time after the last batch."""
+    spans = [e for e in events if e["ev"] == "span"]
+    names = {"embed_corpus": "embed_kind:corpus", "index": "build_index", "embed_queries": "embed_kind:queries",
+             "search": "run_search", "rerank": "run_rerank", "rejects": "_collect_embed_rejects"}
+    main_cls = {"embed_corpus": "ImageEmbedder", "embed_queries": "TextEmbedder", "search": "SearchRouter",
+                "rerank": "RerankPairs"}
+    out: dict[str, dict[str, Any]] = {}
+    for stage, label in names.items():
+        sp = [s for s in spans if s["cls"] == label]
+        if not sp:
+            continue
+        t0, t1 = sp[0]["t0"], sp[0]["t1"]
+
+        def inside(e: dict[str, Any], t0: float = t0, t1: float = t1) -> bool:
+            return t0 - 1e-3 <= e["t0"] <= t1 + 1e-3
+
+        ins = [e for e in events if e["ev"] != "span" and inside(e)]
+        init = [s for s in spans if s["cls"] == "ray_init" and inside(s)]
+        actors = [e for e in ins if e["ev"] == "actor_init"]
+        batches = [e for e in ins if e["ev"] == "batch" and e["cls"] == main_cls.get(stage)]
+        decode = [e for e in ins if e["ev"] == "batch" and e["cls"] == "DecodeImages"]
+        tasks = [e for e in ins if e["ev"] == "task"]
+        rec: dict[str, Any] = {
+            "wall_s": stats["stages"].get(stage, {}).get("wall_s", t1 - t0), "span_s": t1 - t0,
+            "ray_init_s": sum(s["t1"] - s["t0"] for s in init),
+            "actors": sorted({e["cls"] for e in actors}),
+            "actor_ready_after_start_s": (max(e["t1"] for e in actors) - t0) if actors else None,
+            "model_or_index_load_s": max(e["t1"] - e["t0"] for e in actors) if actors else None,
+            "busy_s": sum(e["t1"] - e["t0"] for e in batches), "batches": len(batches),
+            "decode_busy_s": sum(e["t1"] - e["t0"] for e in decode),
+            "tasks": {c: sum(e["t1"] - e["t0"] for e in tasks if e["cls"] == c) for c in sorted({e["cls"] for e in tasks})},
+            "after_last_batch_s": (t1 - max(e["t1"] for e in batches)) if batches else None,
+            "first_batch_after_start_s": (min(e["t0"] for e in batches) - t0) if batches else None,
+        }
+        out[stage] = rec
+    return out
+
+
+# --- orchestration -----------------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def _run_raw(a: argparse.Namespace, cfg_path: Path) -> dict[str, Any]:
+    wd = Path(a.workdir)
+    result, log = wd / "result-raw.json", wd / "raw.log"
+    result.unlink(missing_ok=True)
+    seen = wait_quiet(a.wait_idle, a.max_load) if a.wait_idle > 0 else None
+    print(f"[bench] raw loops (log {log}) ...", flush=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "raw", "--config", str(cfg_path),
+           "--workdir", a.workdir, "--result", str(result), "--raw-threads", str(a.raw_threads),
+           "--raw-rerank-order", a.raw_rerank_order, "--rss-interval", str(a.rss_interval)]
+    t = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_env(), check=False)
+    wall = time.time() - t
+    if proc.returncode != 0 or not result.exists():
+        print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        raise SystemExit(f"[bench] raw side failed (exit {proc.returncode}); see {log}")
+    r = json.loads(result.read_text())
+    r.update(process_wall_s=wall, quiet_wait=seen)
+    return r
+
+
+def _run_pipeline(a: argparse.Namespace, cfg_path: Path, root: Path) -> dict[str, Any]:
+    from bench_embed import ProcSampler
+
+    wd = Path(a.workdir)
+    shutil.rmtree(root, ignore_errors=True)  # fresh: no embeddings cache, no index, no earlier run
+    result, log = wd / "result-pipeline.json", wd / "pipeline.log"
+    result.unlink(missing_ok=True)
+    seen = wait_quiet(a.wait_idle, a.max_load) if a.wait_idle > 0 else None
+    load0 = os.getloadavg()
+    if a.no_trace:
+        mmrerank = Path(sys.executable).parent / "mmrerank"
+        cmd = [str(mmrerank), "run", str(cfg_path), "--run-id", RUN_ID]
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "pipeline", "--config", str(cfg_path),
+               "--workdir", a.workdir, "--result", str(result), "--rss-interval", str(a.rss_interval)]
+    print(f"[bench] pipeline: {' '.join(cmd[:4])} ... (log {log})", flush=True)
+    sampler = ProcSampler(a.rss_interval) if a.no_trace else None  # traced: the child samples itself
+    if sampler:
+        sampler.start()
+    t = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_env(), check=False)
+    wall = time.time() - t
+    if sampler:
+        sampler.stop()
+    if proc.returncode != 0:
+        print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        raise SystemExit(f"[bench] pipeline failed (exit {proc.returncode}); see {log}")
+    stats = json.loads((root / "runs" / RUN_ID / "stats.json").read_text())
+    r: dict[str, Any] = {"side": "pipeline", "process_wall_s": wall, "run_wall_s": stats["wall_s"],
+                         "stages": {k: stats["stages"][k] for k in STAGES if k in stats["stages"]},
+                         "quiet_wait": seen, "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()),
+                         "traced": not a.no_trace, "cmd": cmd}
+    if sampler:
+        r["rss"] = sampler.report()
+    else:
+        child = json.loads(result.read_text())
+        r["rss"] = child["rss"]
+        r["breakdown"] = _stage_breakdown(_read_events(wd / "pipeline-events.jsonl"), stats)
+        start = child["proc_start"] or t
+        r["process"] = {"python_start_and_imports_s": child["t_cli"] - start,
+                        "cli_main_s": child["t_done"] - child["t_cli"],
+                        "ray_shutdown_s": child["t_shutdown"] - child["t_done"],
+                        "exit_s": (t + wall) - child["t_shutdown"]}
+    r["peak_rss_mb"] = r["rss"]["sum_of_process_peaks_mb"]
+    r["peak_pss_mb"] = r["rss"]["peak_total_pss_mb"]
+    return r
+
+
+def _compare(a: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Same model, same exact search: same candidates (up to ties) and, from them, the same results."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    wd = Path(a.workdir)
+    run = root / "runs" / RUN_ID
+    raw_c = json.loads((wd / "raw-candidates.json").read_text())
+    pc = pq.read_table(sorted((run / "candidates").glob("*.parquet")))
+    pipe_c: dict[str, set[str]] = {}
+    for q, d in zip(pc.column("query_id").to_pylist(), pc.column("doc_id").to_pylist(), strict=True):
+        pipe_c.setdefault(q, set()).add(d)
+    overlap = [len(set(v) & pipe_c.get(q, set())) / max(1, len(v)) for q, v in raw_c.items()]
+    raw_r = pq.read_table(wd / "raw-results.parquet").to_pylist()
+    pipe_r = pq.read_table(sorted((run / "results").glob("*.parquet"))).to_pylist()
+    rk = {(r["query_id"], r["doc_id"]): r for r in raw_r}
+    diffs = [abs(r["rerank_score"] - rk[(r["query_id"], r["doc_id"])]["rerank_score"]) for r in pipe_r
+             if (r["query_id"], r["doc_id"]) in rk]
+    same_top = sum(
+        [r["doc_id"] for r in sorted((x for x in raw_r if x["query_id"] == q), key=lambda x: x["rank"])]
+        == [r["doc_id"] for r in sorted((x for x in pipe_r if x["query_id"] == q), key=lambda x: x["rank"])]
+        for q in raw_c)
+    return {"queries": len(raw_c), "candidate_overlap_mean": float(np.mean(overlap)) if overlap else None,
+            "results_raw": len(raw_r), "results_pipeline": len(pipe_r), "queries_same_results": same_top,
+            "rerank_max_abs_diff": max(diffs) if diffs else None}
+
+
+def _report(a: argparse.Namespace, raw: dict[str, Any], pipe: dict[str, Any], check: dict[str, Any] | None,
+            n: dict[str, Any]) -> dict[str, Any]:
+    rs, ps = raw["stages"], pipe["stages"]
+    raw_stage = {
+        "embed_corpus": rs["embed_corpus"]["wall_s"], "index": rs["index"]["wall_s"],
+        "embed_queries": rs["embed_queries"]["wall_s"], "search": rs["search"]["wall_s"],
+        "rerank": rs["rerank"]["wall_s"] + rs["select"]["wall_s"], "rejects": 0.0,
+    }
+    bd = pipe.get("breakdown") or {}
+    print(f"\nwhole-run benchmark: {n['docs']} docs ({n['image_size']} px), {n['queries']} queries, k={a.k}, "
+          f"embed {a.embed_model} + rerank clip:{a.rerank_model} (random weights), index Flat, cpus {_cpus()}"
+          + (f", overrides {a.set}" if a.set else ""))
+    print(f"  {'stage':<14} {'raw s':>7} {'ray s':>7} {'ray-raw':>8} {'ray.init':>8} {'to ready':>8} "
+          f"{'load':>6} {'busy':>7} {'tail':>6}   raw detail")
+    for st in STAGES:
+        b = bd.get(st, {})
+        r = rs.get(st, {})
+        detail = ""
+        if st == "embed_corpus":
+            detail = f"model load {r['model_load_s']:.1f} + encode {r['compute_s']:.1f} + read/decode/prep"
+        elif st == "rerank":
+            rr = rs["rerank"]
+            detail = (f"load {rr['model_load_s']:.1f} + read {rr['read_s']:.2f} + decode {rr['decode_s']:.1f} + score "
+                      f"{rr['compute_s']:.1f} + select {rs['select']['wall_s']:.2f} ({rr['rows']} pairs, "
+                      f"{raw['rerank_order']} order)")
+        pw = ps.get(st, {}).get("wall_s")
+        print(f"  {st:<14} {raw_stage[st]:>7.2f} {_fmt(pw, 2):>7} "
+              f"{_fmt(pw - raw_stage[st] if pw is not None else None, 2):>8} "
+              f"{_fmt(b.get('ray_init_s') or None, 2):>8} {_fmt(b.get('actor_ready_after_start_s'), 2):>8} "
+              f"{_fmt(b.get('model_or_index_load_s'), 2):>6} {_fmt(b.get('busy_s') or None, 2):>7} "
+              f"{_fmt(b.get('after_last_batch_s'), 2):>6}   {detail}")
+    stage_sum = sum(s.get("wall_s", 0.0) for s in ps.values())
+    print(f"  {'sum of stages':<14} {raw['sum_s']:>7.2f} {stage_sum:>7.2f}")
+    print(f"  {'run() wall':<14} {'':>7} {pipe['run_wall_s']:>7.2f}   (stages + preflight, stage markers, manifest, "
+          f"LATEST: {pipe['run_wall_s'] - stage_sum:.2f} s)")
+    print(f"  {'process wall':<14} {raw['process_wall_s']:>7.2f} {pipe['process_wall_s']:>7.2f}   (fresh "
+          "interpreter, imports, Ray start and shutdown included)")
+    if pipe.get("process"):
+        p = pipe["process"]
+        print(f"    pipeline process: python start + imports {p['python_start_and_imports_s']:.2f} s, cli main "
+              f"{p['cli_main_s']:.2f} s, ray.shutdown {p['ray_shutdown_s']:.2f} s, exit {p['exit_s']:.2f} s")
+    out = {"ratio_headline": pipe["process_wall_s"] / raw["sum_s"], "ratio_run": pipe["run_wall_s"] / raw["sum_s"],
+           "ratio_process": pipe["process_wall_s"] / raw["process_wall_s"]}
+    print(f"  ratio `mmrerank run` process wall / sum of raw stage loops: {out['ratio_headline']:.3f}   "
+          "(target <= 1.2)")
+    print(f"  ratio run() wall / sum of raw stage loops:                  {out['ratio_run']:.3f}")
+    print(f"  ratio pipeline process wall / raw process wall:             {out['ratio_process']:.3f}")
+    if bd:
+        print("  columns (pipeline, traced): ray.init inside the stage; to ready = stage start until its actors' "
+              "constructors returned (Ray Data start, worker start, imports, model/index load); load = the longest "
+              "constructor; busy = the stage's main actor's batch time (embedders, router, reranker; decode "
+              "tasks not included); tail = after the last batch (write tail, markers, selection)")
+        extra = [f"{st}: " + ", ".join(f"{k} {v:.2f} s" for k, v in b["tasks"].items()) for st, b in bd.items()
+                 if b.get("tasks")]
+        dec = bd.get("embed_corpus", {}).get("decode_busy_s")
+        if extra or dec:
+            print("  tasks: " + "; ".join(extra) + (f"; embed_corpus decode tasks {dec:.2f} s" if dec else ""))
+    for name, s in (("raw", raw), ("pipeline", pipe)):
+        c = s["rss"]["cpu_s"]
+        share = c["others"] / max(1e-9, c["wall"] * c["cores"])
+        warn = "   <-- WARNING: the machine was not quiet; timings are suspect" if share > 0.05 else ""
+        q = s.get("quiet_wait") or {}
+        print(f"  {name}: peak RSS {s['peak_rss_mb']:.0f} MB, sampled peak PSS {s['peak_pss_mb']:.0f} MB; load average "
+              f"at start {'/'.join(f'{x:.2f}' for x in s['loadavg_start'])}, at end "
+              f"{'/'.join(f'{x:.2f}' for x in s['loadavg_end'])}" + (f" (waited {q['waited_s']:.0f} s)" if q else "")
+              + f"; other processes took {c['others']:.1f} CPU-s = {100 * share:.0f}% of {c['wall']:.0f} s x "
+              f"{c['cores']} cores{warn}")
+    if check:
+        print(f"  check: candidates overlap {_fmt(check['candidate_overlap_mean'], 3)}, {check['queries_same_results']}/"
+              f"{check['queries']} queries with identical results, rerank score max |diff| "
+              f"{_fmt(check['rerank_max_abs_diff'], 7)}")
+    return {**out, "raw_stage_s": raw_stage}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, default=500)
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--embed-model", default="ViT-B-32")
+    ap.add_argument("--rerank-model", default="ViT-B-32", help="clip reranker model (random weights), e.g. mmr-tiny")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--raw-threads", type=int, default=0, help="torch/faiss threads of the raw loops (0: all CPUs)")
+    ap.add_argument("--raw-rerank-order", choices=["query", "shard"], default="query")
+    ap.add_argument("--sides", default="raw,pipeline")
+    ap.add_argument("--no-trace", action="store_true", help="run the mmrerank console script itself")
+    ap.add_argument("--rss-interval", type=float, default=1.0)
+    ap.add_argument("--wait-idle", type=float, default=600.0,
+                    help="before each side wait up to this many seconds for a quiet machine (0: don't)")
+    ap.add_argument("--max-load", type=float, default=1.0, help="quiet = 1-minute load average below this")
+    ap.add_argument("--workdir")
+    ap.add_argument("--json")
+    ap.add_argument("--side", choices=["raw", "pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.side:
+        import logging
+
+        if a.side == "raw":
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            Path(a.result).write_text(json.dumps(run_raw(a), indent=2))
+        else:
+            run_pipeline_traced(a)
+        return
+
+    import yaml
+
+    from pipelines.sample import load_sample_info, make_sample
+
+    a.workdir = str(Path(a.workdir or tempfile.mkdtemp(prefix="mmr-bench-run-")).resolve())
+    wd = Path(a.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    sdir = wd / f"sample-{a.docs}-{a.queries}-{a.shards}-{a.image_size}-{a.seed}"
+    info = (load_sample_info(str(sdir)) if (sdir / "sample.json").exists() else
+            make_sample(str(sdir), docs=a.docs, queries=a.queries, shards=a.shards, seed=a.seed,
+                        image_size=a.image_size))
+    root = wd / "pipeline-root"
+    cfg_path = wd / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config_dict(a, info.corpus, info.queries, str(root)), sort_keys=False))
+    print(f"[bench] sample {sdir} ({time.time() - t:.1f} s, not timed); config {cfg_path}", flush=True)
+    sides = [s.strip() for s in a.sides.split(",")]
+    raw = _run_raw(a, cfg_path) if "raw" in sides else None
+    pipe = _run_pipeline(a, cfg_path, root) if "pipeline" in sides else None
+    n = {"docs": a.docs, "queries": a.queries, "image_size": a.image_size}
+    report: dict[str, Any] = {"params": {**n, "k": a.k, "shards": a.shards, "embed_model": a.embed_model,
+                                         "rerank_model": a.rerank_model, "set": a.set, "cpus": _cpus()},
+                              "config": yaml.safe_load(cfg_path.read_text()), "raw": raw, "pipeline": pipe}
+    if raw and pipe:
+        check = _compare(a, root)
+        report.update(_report(a, raw, pipe, check, n), check=check)
+    else:
+        print(json.dumps({"raw": raw and raw["stages"], "pipeline": pipe and pipe["stages"]}, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+        print(f"\n[bench] results written to {a.json}")
+
+
+if __name__ == "__main__":
+    main()
