@@ -424,11 +424,14 @@ class ProcSampler(threading.Thread):
                      if "ShardSearcher" in p["title"] and pid not in w["searchers0"]}
         ours = sum(p["cpu_s"] - (w["cpu0"].get(pid, 0.0)) for pid, p in w["procs"].items())
         roles: dict[str, float] = {}
+        counts: dict[str, int] = {}
         top: list[tuple[float, str]] = []
         for pid, p in w["procs"].items():
             r = _role(pid, p.get("title", ""))
             used = p["cpu_s"] - w["cpu0"].get(pid, 0.0)
             roles[r] = roles.get(r, 0.0) + used
+            if pid not in w["cpu0"]:
+                counts[r] = counts.get(r, 0) + 1
             top.append((used, f"{r}: {p.get('title', '')[:60]} (pid {pid})"))
         top.sort(reverse=True)
         busy = m1[0] - w["m0"][0]
@@ -441,6 +444,7 @@ class ProcSampler(threading.Thread):
             "driver_max_rss_mb": w["procs"].get(os.getpid(), {}).get("rss_max_kb", 0) / 1024,
             "cpu": {"wall_s": wall, "ours_s": ours, "machine_busy_s": busy, "by_role_s": roles,
                     "top_processes": [f"{c:7.1f} s  {t}" for c, t in top[:10]],
+                    "processes_started_by_role": counts,
                     "others_cores": max(0.0, busy - ours) / wall if wall else 0.0,
                     "ours_cores": ours / wall if wall else 0.0},
         }
@@ -819,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-paired", dest="paired", action="store_false",
                     help="do not re-run the in-process reference right before each Ray run (the ratio then "
                          "uses the first in-process timing)")
-    ap.add_argument("--rss-interval", type=float, default=0.2)
+    ap.add_argument("--rss-interval", type=float, default=0.5, help="seconds between /proc samples (~3 ms each)")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--baseline-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
