@@ -255,7 +255,8 @@ class ProcSampler(threading.Thread):
         self.peak_total_rss_kb = 0
         self.peak_total_pss_kb = 0
         self.samples = 0
-        self.series: list[tuple[float, float]] = []  # (time, CPU seconds of all our processes so far)
+        # (time, CPU seconds so far of all our processes, of the embedder actor(s) only)
+        self.series: list[tuple[float, float, float]] = []
         self._lock = threading.Lock()
         self._t0 = time.time()
         self._m0 = _machine_cpu_ticks()
@@ -322,11 +323,13 @@ class ProcSampler(threading.Thread):
         self.peak_total_pss_kb = max(self.peak_total_pss_kb, total_pss)
         self.samples += 1
         tck = os.sysconf("SC_CLK_TCK")
-        self.series.append((time.time(), sum(r["cpu_ticks"] for r in self.procs.values()) / tck))
+        self.series.append((time.time(), sum(r["cpu_ticks"] for r in self.procs.values()) / tck,
+                            sum(r["cpu_ticks"] for r in self.procs.values() if "Embedder" in r["title"]) / tck))
 
-    def cpu_at(self, t: float) -> float:
-        """CPU seconds our processes had used by time ``t`` (first sample at or after it)."""
-        return next((c for ts, c in self.series if ts >= t), self.series[-1][1] if self.series else 0.0)
+    def cpu_at(self, t: float, actor: bool = False) -> float:
+        """CPU seconds our processes (or the embedder actors) had used by time ``t`` (first sample at or after)."""
+        i = 2 if actor else 1
+        return next((x[i] for x in self.series if x[0] >= t), self.series[-1][i] if self.series else 0.0)
 
     def report(self) -> dict[str, Any]:
         tck = os.sysconf("SC_CLK_TCK")
@@ -493,7 +496,9 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
             run = _summarise_run(_read_events(events), t_start, marks["run0"], marks["run1"], t_end,
                                  init_s, res.rows_ok)
             sampler.sample()  # the CPU used up to t_end
-            run["steady_cpu_s"] = sampler.cpu_at(t_end) - sampler.cpu_at(t_end - run["steady_s"])
+            t_ready = t_end - run["steady_s"]
+            run["steady_cpu_s"] = sampler.cpu_at(t_end) - sampler.cpu_at(t_ready)
+            run["steady_cpu_actor_s"] = sampler.cpu_at(t_end, True) - sampler.cpu_at(t_ready, True)
             run.update(warm=k > 0, images=res.rows_ok, rejected=res.rows_rejected, cache=res.cache)
             runs.append(run)
     finally:
@@ -660,6 +665,10 @@ def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str,
               f"batch {_fmt(pipe.get('tail_after_last_encode_s'), 2)} s; decode {pipe['decode_busy_s']:.2f} s "
               f"in {pipe['decode_batches']} batches over {pipe['decode_pids']} worker(s); actor torch threads "
               f"{pipe['actor_torch_threads']}; ray.shutdown {pipe['ray_shutdown_s']:.1f} s (not counted)")
+        if pipe.get("steady_cpu_s") is not None:
+            act, tot, w = pipe["steady_cpu_actor_s"], pipe["steady_cpu_s"], pipe["steady_s"]
+            print(f"  pipeline steady CPU: {tot:.1f} core-s in {w:.1f} s = embedder actor {act:.1f} "
+                  f"({act / w:.2f} cores) + every other pipeline process {tot - act:.1f} ({(tot - act) / w:.2f} cores)")
         rss = pipe["rss"]
         print(f"  pipeline RSS: sum of per-process peaks {rss['sum_of_process_peaks_mb']:.0f} MB = driver "
               f"{rss['driver_mb']:.0f} + Ray workers {rss['ray_workers_mb']:.0f} + Ray system "

@@ -362,16 +362,11 @@ def test_storage_options_s3fs_kwargs():
 
 
 # ----------------------------------------------------------------------------------------------
-# Known bug: listings cache makes exists/ls/rm blind to writes by other processes
+# Regression: a listings cache made exists/ls/rm blind to writes by other processes
+# (fixed with use_listings_cache=False in StorageOptions.s3fs_kwargs)
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.py bug: s3fs listings cache (exists() checked before invalidate_cache) hides "
-    "objects written/deleted by other processes; fix: invalidate before exists, or "
-    "use_listings_cache=False in s3fs_kwargs",
-)
 def test_sees_objects_written_by_another_process(s3_server: S3Server, s3_bucket):
     st = Storage()
     bucket = _bucket(s3_bucket)
