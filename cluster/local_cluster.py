@@ -12,6 +12,7 @@ whatever Ray's default is; tests that need it off set ``RAY_AUTH_MODE=disabled``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ class Node:
     pgid: int
     temp_dir: str
     raylet_pids: list[int] = field(default_factory=list)
+    lost: bool = False  # killed on purpose (a simulated machine failure)
 
 
 @dataclass
@@ -76,14 +78,52 @@ class LocalCluster:
             f"--ray-client-server-port={_free_port()}"]))
         self._wait(1, timeout_s)
         for i in range(self.workers):
-            self.nodes.append(self._start_node(f"worker{i}", [
-                f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_worker}",
-                "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
-                f"--resources={json.dumps({f'mmr_node_{i}': 1})}"]))
+            self.nodes.append(self._start_worker(f"worker{i}"))
         self._wait(1 + self.workers, timeout_s)
         self.save()
         log.info("local cluster up at %s: head + %d workers", self.address, self.workers)
         return self
+
+    def _start_worker(self, name: str) -> Node:
+        return self._start_node(name, [
+            f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_worker}",
+            "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 1024 * 1024}"])
+
+    def add_worker(self, name: str, timeout_s: float = 120) -> Node:
+        """Join one more worker node (as an autoscaler replacing a lost machine would)."""
+        alive = self._alive_nodes()
+        node = self._start_worker(name)
+        self.nodes.append(node)
+        self._wait(alive + 1, timeout_s)
+        self.save()
+        return node
+
+    def node_of(self, pid: int) -> str:
+        """Name of the node running ``pid`` (a worker or actor process): the node whose raylet is an
+        ancestor of it (Ray workers are the raylet's children but may leave its process group)."""
+        raylets: dict[int, str] = {}
+        for node in self.nodes:
+            if not node.lost:
+                with contextlib.suppress(RuntimeError):
+                    raylets[self.raylet_pid(node.name)] = node.name
+        p = pid
+        while p > 1:
+            if p in raylets:
+                return raylets[p]
+            p = _ppid(p)
+        pgid = os.getpgid(pid)
+        for node in self.nodes:
+            if node.pgid == pgid:
+                return node.name
+        raise LookupError(f"process {pid} belongs to no node of this cluster")
+
+    def kill_raylet(self, name: str) -> int:
+        """SIGKILL a node's raylet, the way a machine failure looks to the rest of the cluster."""
+        pid = self.raylet_pid(name)
+        os.kill(pid, signal.SIGKILL)
+        next(n for n in self.nodes if n.name == name).lost = True
+        log.warning("killed raylet %d of %s", pid, name)
+        return pid
 
     def _alive_nodes(self) -> int:
         import ray
@@ -99,7 +139,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for node in self.nodes:
-                if not _alive(node.pgid):
+                if not _alive(node.pgid) and not node.lost:
                     raise RuntimeError(f"{node.name} exited; see {self.state}/{node.name}.log")
             try:
                 if self._alive_nodes() >= n:
@@ -151,6 +191,15 @@ def _alive(pgid: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def _ppid(pid: int) -> int:
+    """Parent PID from /proc (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _killpg(pgid: int, sig: int) -> None:

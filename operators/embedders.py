@@ -24,6 +24,7 @@ from operators.parts import PartsSink, cached_storage, part_name
 from operators.schemas import embeddings_schema
 from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import StorageOptions, join
+from operators.watchdog import beat, maybe_fail
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class DecodeImages:
         out[ERR_TYPE] = np.array(err_type, dtype=object)
         out[ERR_MSG] = np.array(err_msg, dtype=object)
         out[PIXELS] = pixels
+        beat("decode")
         return out
 
     def _fetch(self, uri: str) -> bytes:
@@ -114,6 +116,8 @@ class _Embedder(ABC):
     def _run(self, batch: dict[str, np.ndarray], items: list[Any]) -> dict[str, np.ndarray]:
         import torch
 
+        maybe_fail("embed_batch")
+
         err_type = batch[ERR_TYPE].copy()
         err_msg = batch[ERR_MSG].copy()
         n = len(err_type)
@@ -133,6 +137,7 @@ class _Embedder(ABC):
                             err_type[i], err_msg[i] = R.MODEL_ERROR, f"{type(e1).__name__}: {e1}"
         out = {c: batch[c] for c in _PASS}
         out[ERR_TYPE], out[ERR_MSG], out[EMBEDDING] = err_type, err_msg, emb
+        beat("embed")
         return out
 
     def _finish(self, feats: Any) -> np.ndarray:

@@ -240,6 +240,22 @@ def _download_cached(uri: str, storage_options: StorageOptions | None) -> str:
     return path
 
 
+def refused_pickle(exc: BaseException) -> str | None:
+    """One line naming what ``torch.load(weights_only=True)`` refused, or None for any other failure.
+
+    torch's own message is several lines long and explains how to turn the protection off: never shown.
+    """
+    import pickle
+
+    if not isinstance(exc, pickle.UnpicklingError) or "weights only load failed" not in str(exc).lower():
+        return None
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return "weights-only load: " + detail.split(". ", 1)[0].rstrip(".")
+    return "weights-only load: the file holds objects other than tensors"
+
+
 def build_model(rm: ResolvedModel, device: str = "cpu", precision: str = "fp32",
                 storage_options: StorageOptions | None = None) -> tuple[Any, Any]:
     """Instantiate the resolved model in this process; returns ``(model, tokenizer)`` in eval mode.
@@ -284,6 +300,12 @@ def build_model(rm: ResolvedModel, device: str = "cpu", precision: str = "fp32",
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - any load failure is fatal, never a silent fallback
+        refused = refused_pickle(e)
+        if refused is not None:
+            raise ModelLoadError(
+                f"refused checkpoint {rm.checkpoint_uri or rm.spec.pretrained!r} for {rm.arch}: it holds pickled "
+                f"objects that would run code when loaded ({refused}); save the weights as .safetensors"
+            ) from None
         raise ModelLoadError(
             f"cannot load weights {rm.weights}:{rm.spec.pretrained!r} for {rm.arch}: {type(e).__name__}: {e}"
         ) from None

@@ -18,6 +18,7 @@ import pyarrow as pa
 from operators.schemas import REJECTS
 from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import Storage, StorageOptions
+from operators.watchdog import beat
 
 
 def part_name(prefix: str, first_row: int) -> str:
@@ -111,8 +112,11 @@ def make_datasink(sink: Any, min_rows: int, name: str) -> Any:
             # A block whose column is all null is typed null: promote instead of failing.
             table = pa.concat_tables(tables, promote_options="default")
             if hasattr(sink, "write_arrow"):
-                return sink.write_arrow(table)
-            return sink.write_batch(BlockAccessor.for_block(table).to_batch_format("numpy"))
+                out = sink.write_arrow(table)
+            else:
+                out = sink.write_batch(BlockAccessor.for_block(table).to_batch_format("numpy"))
+            beat(f"write {name}")
+            return out
 
         def on_write_complete(self, write_result: Any) -> None:
             for r in write_result.write_returns:

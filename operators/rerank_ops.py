@@ -32,6 +32,7 @@ from operators.parts import PartsSink, cached_storage
 from operators.rerankers.base import RerankerSpec, create
 from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import StorageOptions, join
+from operators.watchdog import beat, maybe_fail, maybe_fail_queries
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def _pairs_for_shard(shard_key: str, corpus_uri: str, payload: str, bucket_files
         for a in range(lo, hi, block_rows):
             b = min(hi, a + block_rows)
             found[a:b] = True
+            beat("read pairs")
             yield _pair_block(cands.slice(a, b - a), content.take(pa.array(rows[a:b] - starts[g])), payload, "")
     missing = np.nonzero(~found)[0]
     if len(missing):
@@ -183,6 +185,7 @@ class RerankPairs:
         return R.decode_image(data, self.max_pixels, self.allowed_formats)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        maybe_fail("rerank_batch")
         n = len(batch[ID])
         err_type = np.asarray(batch[ERR_TYPE], dtype=object).copy()
         err_msg = np.asarray(batch[ERR_MSG], dtype=object).copy()
@@ -215,24 +218,17 @@ class RerankPairs:
                         err_type[i], err_msg[i] = RERANK_ERROR, f"{type(e1).__name__}: {e1}"
         out = {c: v for c, v in batch.items() if c not in ("doc_image", "doc_image_uri", "doc_caption", "query_text")}
         out[ERR_TYPE], out[ERR_MSG], out["rerank_score"] = err_type, err_msg, scores
+        beat("rerank")
         return out
 
     def _score(self, idx: list[int], queries: list[Any], images: list[Any], captions: list[Any]) -> np.ndarray:
-        _maybe_inject_fault([queries[i] for i in idx])
+        maybe_fail_queries([queries[i] for i in idx])
         s = np.asarray(self.backend.score([queries[i] for i in idx], [images[i] for i in idx],
                                           [captions[i] if self.spec.use_caption else None for i in idx]),
                        dtype=np.float32)
         if s.shape != (len(idx),) or not np.isfinite(s).all():
             raise FloatingPointError(f"reranker returned {s.shape} scores with non-finite values for {len(idx)} pairs")
         return s
-
-
-def _maybe_inject_fault(queries: list[str]) -> None:
-    """Test hook: ``MMR_FAULT_INJECT=rerank_query:<text>`` fails every scoring call that includes a query
-    containing ``<text>``, as a model crashing on one input would. Unset in production."""
-    spec = os.environ.get("MMR_FAULT_INJECT", "")
-    if spec.startswith("rerank_query:") and any(spec.split(":", 1)[1] in q for q in queries):
-        raise RuntimeError("injected reranker fault")
 
 
 def bucket_of(query_id: str, buckets: int) -> int:

@@ -17,6 +17,7 @@ from operators import faiss_shards as F
 from operators.parts import PartsSink
 from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import Storage, StorageOptions, join
+from operators.watchdog import beat, maybe_fail
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class SearchRouter:
         return ray.get([s.search.remote(q, self.k) for s in self.searchers])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        maybe_fail("search_batch")
         err_type = np.asarray(batch[ERR_TYPE], dtype=object).copy()
         err_msg = np.asarray(batch[ERR_MSG], dtype=object).copy()
         q = check_vectors(batch["embedding"], self.dim, err_type, err_msg)
@@ -130,6 +132,7 @@ class SearchRouter:
         src = np.concatenate([qi, bad]).astype(np.int64)
         nb = len(bad)
         none = np.full(nb, None, dtype=object)
+        beat("search")
         return {
             ID: np.asarray(batch[ID], dtype=object)[src],
             ROW: np.asarray(batch[ROW], dtype=np.int64)[src],

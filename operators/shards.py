@@ -23,6 +23,7 @@ from ray.data.datasource import Datasource, ReadTask
 from operators import decode as R
 from operators.schemas import CORPUS, InputKind, SchemaError, check_shard_schema
 from operators.storage import Storage, StorageOptions, join, scheme_of
+from operators.watchdog import beat
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,9 @@ class ShardSource(Datasource):
         opts, idc, batch, extra = self._options, self._id_column, self._rows_per_task, self._extra
 
         def read_fn() -> Iterator[pa.Table]:
-            yield from _read_rows(plan, key, groups, first, idc, opts, batch, extra)
+            for block in _read_rows(plan, key, groups, first, idc, opts, batch, extra):
+                beat("read")
+                yield block
 
         meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(plan.uri,))
         return ReadTask(read_fn, meta)

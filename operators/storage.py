@@ -4,6 +4,15 @@ Every path in mmrerank is a URI: a local path, ``file://...`` or ``s3://bucket/p
 come from the standard AWS environment/profile (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...)
 or from an explicit :class:`StorageOptions`; secrets are never logged, put in stats or manifests, and
 are scrubbed from error messages raised here.
+
+Transient endpoint failures (connection refused or reset, timeouts, HTTP 5xx, throttling) are retried
+a bounded number of times with exponential backoff: botocore's ``standard`` retry mode makes up to
+``StorageOptions.retries`` attempts per request (full jitter, ``rand * 2**i`` seconds, at most 20 s
+apart) with ``connect_timeout`` / ``read_timeout`` per attempt, and s3fs re-issues a request once more
+when botocore cannot retry it itself (a response body cut mid-read). Ray Data workers use the same
+settings: every reader/writer goes through :func:`filesystem` (``arrow_filesystem`` wraps it too, so
+pyarrow never opens its own S3 client). When the attempts are used up the :class:`StorageError` names
+the URI, the endpoint and the retry budget, never a credential.
 """
 
 from __future__ import annotations
@@ -26,9 +35,28 @@ log = logging.getLogger(__name__)
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
+# Retry defaults (also the config defaults: pipelines/config.py StorageConfig).
+DEFAULT_RETRIES = 5  # attempts per S3 request, the first one included
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+# s3fs' own retry loop around each call: one re-issue for what botocore cannot retry (a body cut
+# mid-read). Kept at 2 so that the two layers multiply to 2 x retries, not retries**2.
+S3FS_CALL_ATTEMPTS = 2
+
 
 class StorageError(RuntimeError):
-    """A storage operation failed; the message never contains credentials."""
+    """A storage operation failed; the message never contains credentials.
+
+    ``transient`` is True when the endpoint failed (unreachable, reset, timed out, 5xx, throttled)
+    after the bounded retries, rather than the request itself (missing key, access denied).
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps `transient` across pickling (Ray workers)
+        return (type(self), (str(self), self.transient))
 
 
 @dataclass(frozen=True)
@@ -45,6 +73,18 @@ class StorageOptions:
     secret_access_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
     anon: bool = False
+    # Bounded retries for transient endpoint failures (see the module docstring).
+    retries: int = DEFAULT_RETRIES
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retries, int) or self.retries < 1:
+            raise ValueError(f"storage retries must be an integer >= 1, got {self.retries!r}")
+        for name in ("connect_timeout", "read_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ValueError(f"storage {name} must be > 0 seconds, got {v!r}")
 
     def s3fs_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -67,10 +107,25 @@ class StorageOptions:
             kw["anon"] = True
         # Other processes (Ray workers) write and delete objects: never answer from a stale listing.
         kw["use_listings_cache"] = False
-        # Short, bounded retries: a dead endpoint must fail the run, not hang it.
-        kw.setdefault("config_kwargs", {"connect_timeout": 10, "read_timeout": 60,
-                                        "retries": {"max_attempts": 5, "mode": "standard"}})
+        # Bounded retries with backoff: a flaky endpoint is ridden out, a dead one fails the run (never
+        # hangs it). botocore: `retries` attempts per request; s3fs: S3FS_CALL_ATTEMPTS per call (an
+        # attribute, not a constructor argument: set by `filesystem`).
+        kw["config_kwargs"] = {"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout,
+                               "retries": {"total_max_attempts": self.retries, "mode": "standard"}}
         return kw
+
+    def resolved_endpoint(self) -> str:
+        """The S3 endpoint requests go to (for messages): config, then AWS env, else AWS's default."""
+        ep = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not ep:
+            region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            return f"the AWS default endpoint{f' ({region})' if region else ''}"
+        return re.sub(r"(://)[^/@]*@", r"\1***@", ep)  # never userinfo
+
+    def retry_note(self) -> str:
+        return (f"endpoint {self.resolved_endpoint()}; gave up after retrying with exponential backoff: "
+                f"storage.retries={self.retries} attempts per request (at most {S3FS_CALL_ATTEMPTS * self.retries} "
+                f"per operation), connect_timeout={self.connect_timeout:g}s, read_timeout={self.read_timeout:g}s")
 
     def secrets(self) -> list[str]:
         vals = [self.access_key_id, self.secret_access_key, self.session_token]
@@ -117,7 +172,9 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> fsspec.Abstra
     scheme = scheme_of(uri)
     opts = options or StorageOptions()
     if scheme in ("s3", "s3a"):
-        return fsspec.filesystem("s3", **opts.s3fs_kwargs())
+        fs = fsspec.filesystem("s3", **opts.s3fs_kwargs())
+        fs.retries = S3FS_CALL_ATTEMPTS  # s3fs' loop around each call (class default: 5)
+        return fs
     if scheme == "file":
         return fsspec.filesystem("file", auto_mkdir=True)
     return fsspec.filesystem(scheme)
@@ -131,8 +188,65 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[p
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), strip_scheme(uri)
 
 
+_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown",
+                    "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable",
+                    "InternalError"}
+_TRANSIENT_NAMES = {"ConnectionError", "HTTPClientError", "EndpointConnectionError", "ConnectionClosedError",
+                    "ConnectTimeoutError", "ReadTimeoutError", "ProxyConnectionError", "FSTimeoutError",
+                    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ClientPayloadError",
+                    "IncompleteRead", "ResponseParserError", "TimeoutError", "ConnectionResetError",
+                    "ConnectionRefusedError", "ConnectionAbortedError", "BrokenPipeError"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure of the endpoint (unreachable, reset, timed out, 5xx, throttled), not of the request."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__):
+            return True
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if resp.get("Error", {}).get("Code") in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def describe_failure(uri: str, exc: BaseException, options: StorageOptions | None = None) -> str:
+    """``"<uri>: <Type>: <message>"`` (+ endpoint and retry budget for an endpoint failure), scrubbed."""
+    opts = options or StorageOptions()
+    msg = f"{uri}: {type(exc).__name__}: {exc}"
+    if scheme_of(uri) in ("s3", "s3a") and is_transient(exc):
+        msg += f" [{opts.retry_note()}]"
+    return redact(msg, opts)
+
+
+def storage_error_of(exc: BaseException) -> StorageError | None:
+    """The :class:`StorageError` behind ``exc``, for a one-line report.
+
+    A StorageError raised in a Ray worker reaches the driver as ``RayTaskError(StorageError)``: still an
+    instance of StorageError, but its ``str`` is the remote traceback. Ray keeps the worker's own exception
+    in ``.cause``; this follows that and the ``__cause__`` / ``__context__`` chain.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            e = cause
+            continue
+        if isinstance(e, StorageError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _wrap(uri: str, options: StorageOptions | None, exc: BaseException) -> StorageError:
-    return StorageError(redact(f"{uri}: {type(exc).__name__}: {exc}", options))
+    return StorageError(describe_failure(uri, exc, options), transient=is_transient(exc))
 
 
 class Storage:
@@ -214,6 +328,28 @@ class Storage:
             if pattern is None or fnmatch.fnmatch(name, pattern):
                 out.append(self._u(uri, e["name"]))
         return sorted(out)
+
+    def find(self, uri: str) -> list[str]:
+        """Every file under ``uri``, recursively (sorted URIs); ``[]`` when there is none."""
+        try:
+            fs = self.fs(uri)
+            p = self._p(uri)
+            if not fs.exists(p):
+                return []
+            return sorted(self._u(uri, f) for f in fs.find(p))
+        except Exception as e:  # noqa: BLE001
+            raise _wrap(uri, self.options, e) from None
+
+    def listdir(self, uri: str) -> list[str]:
+        """Names of the entries (files and "directories") directly under ``uri``, sorted."""
+        try:
+            fs = self.fs(uri)
+            p = self._p(uri)
+            if not fs.exists(p):
+                return []
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
+        except Exception as e:  # noqa: BLE001
+            raise _wrap(uri, self.options, e) from None
 
     def info(self, uri: str) -> dict[str, Any]:
         try:

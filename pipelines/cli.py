@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -14,8 +15,9 @@ from operators.faiss_shards import IndexConfigError, IndexIntegrityError
 from operators.models import ModelLoadError
 from operators.schemas import SchemaError
 from operators.shards import InputError
-from operators.storage import StorageError, redact
-from pipelines.config import ConfigError, load_config
+from operators.storage import StorageError, StorageOptions, redact, storage_error_of
+from operators.watchdog import StallError
+from pipelines.config import Config, ConfigError, load_config
 from pipelines.publish import PublishError
 
 log = logging.getLogger("mmrerank")
@@ -25,6 +27,53 @@ USER_ERRORS = (ConfigError, SchemaError, InputError, StorageError, ModelLoadErro
                IndexIntegrityError, PublishError, FileNotFoundError, ValueError)
 
 
+# Credentials in forms `redact` cannot know by value (an instance profile's or IRSA's are not in the
+# environment): botocore's DEBUG request dumps carry the key id in `Authorization: ... Credential=<id>/...`
+# and the session token in an `X-Amz-Security-Token` header.
+_CREDENTIAL_PATTERNS = (
+    (re.compile(r"(Credential=)[^/\s,'\"&]+"), r"\1***"),
+    (re.compile(r"(Signature=)[0-9a-fA-F]{16,}"), r"\1***"),
+    (re.compile(r"""((?i:x-amz-security-token)['"]?\s*[:=]\s*b?['"]?)[^'"\s,&}]+"""), r"\1***"),
+)
+
+
+class _Redact(logging.Filter):
+    """Scrubs credentials from every record the CLI's handler writes, third-party ones included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: StorageOptions | None = None  # the loaded config's (its explicit credentials)
+
+    def scrub(self, text: str) -> str:
+        text = redact(text, self.options)
+        for pattern, repl in _CREDENTIAL_PATTERNS:
+            text = pattern.sub(repl, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = self.scrub(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
+        return True
+
+
+_REDACT = _Redact()
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The command's config; its explicit credentials are scrubbed from the CLI's output from now on."""
+    cfg = load_config(args.config, _overrides(args.set))
+    _REDACT.options = cfg.storage.options()
+    return cfg
+
+
 def _setup_logging(verbose: int) -> None:
     """Log to stderr unless the caller (a notebook, pytest) already configured logging."""
     level = logging.DEBUG if verbose > 1 else logging.INFO
@@ -32,6 +81,7 @@ def _setup_logging(verbose: int) -> None:
     if not root.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_REDACT)
         if verbose < 2:
             # open_clip logs its chatter through the root logger itself: drop that below WARNING.
             handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
@@ -54,7 +104,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _load(args)
     sys.stdout.write(yaml.safe_dump(cfg.redacted_dump(), sort_keys=False))
     return 0
 
@@ -72,7 +122,7 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from pipelines.embed import run_embed, summary_lines
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _load(args)
     kinds = tuple(args.only) if args.only else ("corpus", "queries")
     results = run_embed(cfg, kinds, force=args.force)
     for line in summary_lines(results):
@@ -87,7 +137,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from pipelines.index import build_index
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _load(args)
     r = build_index(cfg)
     m = r.manifest
     log.info("index %s: %s, dim %d, %d vectors in %d shards (%s)%s", r.uri, m["factory"], m["dim"], r.ntotal,
@@ -98,7 +148,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from pipelines.search import run_search
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _load(args)
     r = run_search(cfg, run_id=args.run_id)
     if args.json:
         sys.stdout.write(json.dumps(r.to_json(), indent=2) + "\n")
@@ -108,7 +158,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.run import run
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _load(args)
     report = run(cfg, resume=args.resume, run_id=args.run_id, publish=not args.no_publish)
     for line in report.table():
         log.info("%s", line)
@@ -118,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_rerank(args: argparse.Namespace) -> int:
     from pipelines.rerank import run_rerank
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = _load(args)
     run_rerank(cfg, args.run_id)
     return 0
 
@@ -140,13 +190,12 @@ def cmd_export_trec(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ray
-
+    from pipelines.config import RayConfig
+    from pipelines.ray_env import ensure_ray
     from pipelines.serve import ServeSettings, start
 
     settings = ServeSettings(root=args.root, host=args.host, port=args.port, reload_interval_s=args.reload_interval)
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False)
+    ensure_ray(RayConfig(address=args.address))  # the one place that starts/joins Ray (same rules as the jobs)
     start(settings, blocking=True)
     return 0
 
@@ -246,8 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except USER_ERRORS as e:
-        log.error("%s", redact(str(e)))
+        # A storage failure raised in a Ray worker arrives wrapped, its str a remote traceback: report
+        # the worker's own one-line message.
+        inner = storage_error_of(e)
+        msg = str(e) if inner is None else str(inner).strip().splitlines()[0]
+        log.error("%s", _REDACT.scrub(msg))
         return 2
+    except StallError as e:
+        log.error("%s", _REDACT.scrub(str(e)))
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

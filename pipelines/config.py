@@ -15,7 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from operators.models import ModelSpec
-from operators.storage import StorageOptions, normalize
+from operators.storage import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_READ_TIMEOUT_S,
+    DEFAULT_RETRIES,
+    StorageOptions,
+    normalize,
+)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -38,6 +44,12 @@ class StorageConfig(_Strict):
     secret_access_key: str | None = Field(default=None, repr=False, exclude=True)
     session_token: str | None = Field(default=None, repr=False, exclude=True)
     anon: bool = False
+    # Transient endpoint failures (refused/reset connections, timeouts, 5xx, throttling): attempts per
+    # request with exponential backoff, then a clear error naming the URI and the endpoint.
+    retries: int = Field(default=DEFAULT_RETRIES, ge=1, le=20,
+                         description="attempts per S3 request (first one included)")
+    connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0, le=600, description="seconds")
+    read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT_S, gt=0, le=3600, description="seconds")
 
     def options(self) -> StorageOptions:
         return StorageOptions(
@@ -48,6 +60,9 @@ class StorageConfig(_Strict):
             secret_access_key=self.secret_access_key,
             session_token=self.session_token,
             anon=self.anon,
+            retries=self.retries,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
         )
 
 
@@ -60,6 +75,9 @@ class RayConfig(_Strict):
     # Shipped to every worker; AWS_* variables present in the driver are forwarded automatically.
     env_vars: dict[str, str] = Field(default_factory=dict)
     progress_bars: bool = True
+    # Watchdog: fail a stage when no block (read, decode, encode, search, score, write) completes for
+    # this long. Covers model loading too, so leave room for the slowest checkpoint load. null = off.
+    stall_timeout_s: float | None = Field(default=1800, gt=0)
 
     @field_validator("env_vars")
     @classmethod
@@ -282,7 +300,11 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid config {p}: not valid YAML: {e}") from None
+        # Position and problem only: PyYAML's own message quotes the offending line, which can be a credential.
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        raise ConfigError(f"invalid config {p}: not valid YAML{where}: {what or type(e).__name__}") from None
     for k, v in (overrides or {}).items():
         _set_dotted(data, k, v)
     return parse_config(data, str(p), base=p.parent.resolve())

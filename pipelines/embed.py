@@ -28,6 +28,7 @@ from operators.parts import make_datasink
 from operators.schemas import CORPUS, QUERY, InputKind
 from operators.shards import ShardPlan, ShardSource, cache_dir, list_shards, plan_shards
 from operators.storage import Storage, join
+from operators.watchdog import watch
 from pipelines.config import Config
 from pipelines.ray_env import actor_pool, ensure_ray
 
@@ -182,7 +183,8 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
     )
     sink = make_datasink(EmbeddingsSink(cache, rm.embed_dim, e.dtype, f"embed_{kind}", opts), e.write_batch_size,
                          f"Write{kind.title()}Embeddings")
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": e.write_num_cpus})
+    with watch(f"embed {kind}", cfg.ray.stall_timeout_s):
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": e.write_num_cpus})
     return sink.results
 
 

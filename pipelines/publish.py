@@ -5,6 +5,11 @@ A reader (Serve, notebooks, eval) trusts a run only through :func:`read_latest` 
 recorded size (and sha256 when asked). ``LATEST`` is replaced atomically: on S3 with a conditional PUT
 (``If-Match`` the ETag we read, or ``If-None-Match: *`` when there is none), locally under an
 exclusive lock with write-then-rename, so two runs racing can never corrupt it.
+
+A flaky endpoint can make a conditional write ambiguous: the server applied the PUT but the response
+was lost, botocore retried it and got ``412`` (the ETag moved, to our own write). :func:`advance_latest`
+remembers what it sent; when the next round reads exactly that back, the write landed and it stops,
+instead of advancing a second time (which would make ``previous`` name the run itself).
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ import re
 import time
 from typing import Any
 
-from operators.storage import Storage, join, scheme_of, strip_scheme
+from operators.storage import (
+    S3FS_CALL_ATTEMPTS,
+    Storage,
+    StorageError,
+    describe_failure,
+    is_transient,
+    join,
+    scheme_of,
+    strip_scheme,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +49,7 @@ def _rel(base: str, uri: str) -> str:
 
 
 def list_files(storage: Storage, run_dir: str) -> list[str]:
-    fs = storage.fs(run_dir)
-    base = strip_scheme(run_dir)
-    if not fs.exists(base):
-        return []
-    files = sorted(fs.find(base))
-    prefix = "" if scheme_of(run_dir) == "file" else f"{scheme_of(run_dir)}://"
-    return [prefix + f for f in files]
+    return storage.find(run_dir)
 
 
 def write_manifest(storage: Storage, run_dir: str, run_id: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -90,12 +98,18 @@ def read_latest(storage: Storage, root: str) -> tuple[dict[str, Any] | None, str
     if scheme_of(root) in ("s3", "s3a"):
         fs = storage.fs(uri)
         bucket, key = strip_scheme(uri).split("/", 1)
-        try:
-            r = fs.call_s3("get_object", Bucket=bucket, Key=key)
-        except FileNotFoundError:
-            return None, None
-        body = _sync_read(fs, r["Body"])
-        return json.loads(body), r["ETag"]
+        for attempt in range(1, S3FS_CALL_ATTEMPTS + 1):
+            try:
+                r = fs.call_s3("get_object", Bucket=bucket, Key=key)  # retried by botocore
+                body = _sync_read(fs, r["Body"])  # a body cut mid-read: retried here
+                return json.loads(body), r["ETag"]
+            except FileNotFoundError:
+                return None, None
+            except Exception as e:  # noqa: BLE001 - re-raised without secrets
+                if attempt < S3FS_CALL_ATTEMPTS and is_transient(e):
+                    time.sleep(0.1 * attempt)
+                    continue
+                raise StorageError(describe_failure(uri, e, storage.options), transient=is_transient(e)) from None
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
@@ -127,7 +141,9 @@ def _cas_s3(storage: Storage, uri: str, data: bytes, token: str | None) -> bool:
         status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
             return False
-        raise
+        # Retries are used up (or the request was refused): whether the endpoint applied the write is
+        # unknown here; advance_latest's next read of LATEST (if the endpoint answers) tells.
+        raise StorageError(describe_failure(uri, e, storage.options), transient=is_transient(e)) from None
 
 
 def _cas_local(path: str, data: bytes, token: str | None) -> bool:
@@ -153,23 +169,46 @@ def _cas_local(path: str, data: bytes, token: str | None) -> bool:
 
 
 def advance_latest(storage: Storage, root: str, run_id: str, retries: int = 10) -> dict[str, Any]:
-    """Point ``LATEST`` at ``run_id`` (which must verify) with compare-and-swap; returns the new content."""
+    """Point ``LATEST`` at ``run_id`` (which must verify) with compare-and-swap; returns the new content.
+
+    A conditional write whose outcome is unknown (refused with 412 after a retry, or failed on the
+    endpoint) is checked on the next round: when ``LATEST`` holds exactly what we sent, it landed and is
+    returned, never written twice. ``retries`` bounds these rounds (concurrent publishers, endpoint
+    failures); every storage request inside has its own bounded retries (``StorageOptions.retries``).
+    """
     run_dir = join(root, "runs", run_id)
     manifest = verify_run(storage, run_dir)
     uri = join(root, LATEST)
+    sent: list[dict[str, Any]] = []  # contents of our conditional writes that did not report success
+    last_error: StorageError | None = None
     for attempt in range(retries):
         current, token = read_latest(storage, root)
+        if current is not None and current in sent:
+            log.info("published: LATEST -> %s (was %s; the write landed although its response was lost)",
+                     run_id, current.get("previous"))
+            return current
         new = {"run_id": run_id, "manifest": join("runs", run_id, MANIFEST), "created": manifest["created"],
                "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "previous": current.get("run_id") if current else None}
         data = json.dumps(new, indent=2, sort_keys=True).encode()
-        ok = _cas_s3(storage, uri, data, token) if scheme_of(root) in ("s3", "s3a") else \
-            _cas_local(strip_scheme(uri), data, token)
+        try:
+            ok = _cas_s3(storage, uri, data, token) if scheme_of(root) in ("s3", "s3a") else \
+                _cas_local(strip_scheme(uri), data, token)
+        except StorageError as e:
+            if not e.transient:
+                raise
+            # The endpoint failed after its own retries: the write may or may not have landed.
+            log.warning("conditional write of LATEST failed (attempt %d): %s", attempt + 1, e)
+            ok, last_error = False, e
         if ok:
             log.info("published: LATEST -> %s (was %s)", run_id, new["previous"])
             return new
+        sent.append(new)
         log.info("LATEST changed while publishing (attempt %d); retrying", attempt + 1)
         time.sleep(0.05 * (attempt + 1))
+    if last_error is not None:
+        raise PublishError(f"{uri}: could not advance LATEST to {run_id} after {retries} attempts; "
+                           f"last error: {last_error}")
     raise PublishError(f"{uri}: could not advance LATEST after {retries} attempts (concurrent publishers)")
 
 

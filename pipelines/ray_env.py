@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from pipelines.config import RayConfig
@@ -15,6 +17,32 @@ log = logging.getLogger(__name__)
 # workers get theirs from the node (instance profile / IRSA / Kubernetes secret env).
 _FORWARD = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
             "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MMR_FAULT_INJECT")
+
+_SINGLE_NODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start a local Ray on 127.0.0.1 only (Ray's single-node mode).
+
+    Left alone, a local Ray takes the machine's routable IP as node IP and its GCS, raylet and worker
+    gRPC servers listen beyond loopback. Single-node mode uses the loopback IP; the processes ray.init
+    spawns inherit the variable. Both are restored afterwards so a later connection to a real cluster
+    from this process is unaffected.
+    """
+    from ray._private import ray_constants
+
+    old_env, old_flag = os.environ.get(_SINGLE_NODE_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_NODE_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(_SINGLE_NODE_VAR, None)
+        else:
+            os.environ[_SINGLE_NODE_VAR] = old_env
 
 
 def ensure_ray(cfg: RayConfig) -> dict[str, float]:
@@ -33,7 +61,13 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
             if cfg.object_store_memory_mb:
                 kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
         log.info("starting Ray (%s)", cfg.address or "local")
-        ray.init(**kwargs)
+        if cfg.address or os.environ.get("RAY_ADDRESS", "") not in ("", "local"):
+            ray.init(**kwargs)  # a cluster: the config's address, else RAY_ADDRESS (set inside a Ray job)
+        else:
+            # A new local instance, also when a `ray start` cluster runs on this machine (ray.init() alone
+            # would attach to it): `ray.address: null` means local.
+            with _loopback_only():
+                ray.init(address="local", **kwargs)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     # Keep Ray Data's default: the first errored block fails the job. Bad rows never raise; they
@@ -77,6 +111,8 @@ def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str,
     if cfg.torch_threads != "auto":
         threads = int(cfg.torch_threads)
     else:
-        node_cpus = max(1, int(cpus) // max(1, len(ray.nodes())))
+        # The biggest CPU node (a head started with num_cpus=0 has none to give).
+        per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        node_cpus = max(1, int(max(per_node, default=cpus)))
         threads = max(1, node_cpus // n)
     return device, n, {"num_cpus": cfg.actor_num_cpus}, threads

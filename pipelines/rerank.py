@@ -23,6 +23,7 @@ from operators.rerankers.base import RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, Reranke
 from operators.schemas import CANDIDATE_ROWS, CORPUS, check_shard_schema
 from operators.shards import ERR_MSG, ERR_TYPE, ShardSource, list_shards, plan_shards
 from operators.storage import Storage, join
+from operators.watchdog import watch
 from pipelines.config import Config, RerankConfig
 from pipelines.embed import EmbedResult, embed_kind
 from pipelines.index import IndexMismatchError
@@ -137,7 +138,8 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
                                    "allowed_formats": cfg.embed.allowed_formats, "storage_options": opts},
             compute=ActorPoolStrategy(size=n_actors), batch_size=rc.batch_size, batch_format="numpy", **actor_res)
     sink = make_datasink(ScoredSink(out, buckets, opts), 4096, "WriteScored")
-    scored.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    with watch("rerank", cfg.ray.stall_timeout_s):
+        scored.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     records = sink.results
     storage.rm(join(out, "_pairs"), recursive=True)
     rerank_s = time.perf_counter() - t1

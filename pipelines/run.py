@@ -25,7 +25,7 @@ from operators.storage import Storage, join
 from pipelines.config import Config
 from pipelines.embed import KINDS, embed_kind
 from pipelines.index import build_index
-from pipelines.publish import MANIFEST, TMP, advance_latest, list_files, write_manifest
+from pipelines.publish import MANIFEST, TMP, advance_latest, list_files, read_latest, write_manifest
 from pipelines.rerank import reranker_spec, run_rerank
 from pipelines.search import new_run_id, run_search
 
@@ -62,6 +62,8 @@ def config_fingerprint(cfg: Config) -> str:
     """What makes two runs "the same job" for resuming (where it runs and progress bars do not count)."""
     d = cfg.redacted_dump()
     d.pop("ray", None)
+    for k in ("retries", "connect_timeout", "read_timeout"):
+        d.get("storage", {}).pop(k, None)  # how patiently storage is reached, not what is computed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -85,13 +87,8 @@ def find_unfinished(storage: Storage, cfg: Config) -> str | None:
     """Newest run of this config that started but never wrote its manifest."""
     fp = config_fingerprint(cfg)
     runs_dir = join(cfg.root, "runs")
-    fs = storage.fs(runs_dir)
-    base = runs_dir.split("://", 1)[-1]
-    if not fs.exists(base):
-        return None
     best: tuple[str, str] | None = None
-    for d in fs.ls(base, detail=False):
-        run_id = d.rstrip("/").rsplit("/", 1)[-1]
+    for run_id in storage.listdir(runs_dir):
         run_dir = join(runs_dir, run_id)
         try:
             meta = storage.read_json(join(run_dir, "_RUN.json"))
@@ -120,7 +117,16 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
         raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     run_dir = join(cfg.root, "runs", run_id)
     if storage.exists(join(run_dir, MANIFEST)):
-        raise ValueError(f"run {run_id} is already complete ({run_dir}/{MANIFEST}); nothing to resume")
+        latest, _ = read_latest(storage, cfg.root)
+        created = storage.read_json(join(run_dir, MANIFEST)).get("created", "")
+        if not (resumed and publish and (latest is None or latest.get("created", "") < created)):
+            raise ValueError(f"run {run_id} is already complete ({run_dir}/{MANIFEST}); nothing to resume")
+        # Complete but never published (the job failed at the LATEST step): publishing is all that is left.
+        log.info("run %s is complete but not published; publishing it", run_id)
+        advance_latest(storage, cfg.root, run_id)
+        return RunReport(run_id=run_id, run_dir=run_dir, resumed=True, wall_s=time.perf_counter() - t0,
+                         published=True,
+                         stages=storage.read_json(join(run_dir, "stats.json")).get("stages", {}))
     if storage.exists(join(run_dir, "_RUN.json")):
         started = storage.read_json(join(run_dir, "_RUN.json"))
         if started.get("config_fingerprint") != config_fingerprint(cfg):

@@ -19,6 +19,7 @@ from operators.schemas import CACHED_VECTORS, QUERY_VECTORS
 from operators.search_ops import CandidatesSink, SearchRouter, ShardSearcher
 from operators.shards import ShardSource, list_shards, plan_shards
 from operators.storage import Storage, join
+from operators.watchdog import watch
 from pipelines.config import Config
 from pipelines.embed import embed_kind, part_uris
 from pipelines.index import IndexMismatchError, IndexResult, build_index
@@ -71,7 +72,9 @@ def start_searchers(cfg: Config, index: IndexResult, res: dict[str, float]) -> l
     sc = cfg.search
     device = sc.device if sc.device != "auto" else ("cuda" if res.get("GPU", 0) > 0 else "cpu")
     params = F.SearchParams(k=sc.k, nprobe=sc.nprobe, ef_search=sc.ef_search)
-    opts = {"num_cpus": sc.searcher_num_cpus}
+    # Searching is read-only, so a searcher lost with its node is restarted (it reloads its shard) and
+    # its calls retried, like Ray Data's own actor pools.
+    opts: dict[str, Any] = {"num_cpus": sc.searcher_num_cpus, "max_restarts": -1, "max_task_retries": -1}
     if device == "cuda":
         opts["num_gpus"] = sc.searcher_num_gpus
     shards = index.manifest["shards"]
@@ -143,7 +146,8 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
                                 compute=ActorPoolStrategy(size=1), batch_size=sc.batch_size,
                                 batch_format="numpy", num_cpus=sc.router_num_cpus)
             sink = make_datasink(CandidatesSink(out, "search", opts), sc.batch_size * sc.k, "WriteCandidates")
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": sc.router_num_cpus})
+            with watch("search", cfg.ray.stall_timeout_s):
+                ds.write_datasink(sink, ray_remote_args={"num_cpus": sc.router_num_cpus})
             results = sink.results
     finally:
         for s in searchers:

@@ -15,6 +15,7 @@ and ``/healthz`` reports the refusal. The model deployments batch requests with 
 # No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.
 import asyncio
 import base64
+import json
 import logging
 import threading
 import time
@@ -24,9 +25,11 @@ from typing import Annotated, Any
 import numpy as np
 import pyarrow as pa
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from operators import faiss_shards as F
 from operators.fusion import fuse, select
@@ -58,10 +61,22 @@ class ServeSettings(BaseModel):
 # --- request / response models ------------------------------------------------------------------
 
 
+def _unicode_text(v: str) -> str:
+    """JSON can carry lone surrogates (``"\\ud800"``): not text, nothing downstream can encode them."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1)
+    text: Text = Field(min_length=1)
     top_k: int = Field(default=100, gt=0)
     top_n: int | None = Field(default=None, gt=0)
     rerank: bool = True
@@ -70,9 +85,9 @@ class SearchRequest(BaseModel):
 class RerankDocument(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str | None = None
-    image_url: str | None = None
-    image_b64: str | None = None
+    text: Text | None = None
+    image_url: Text | None = None
+    image_b64: Text | None = None
 
     @model_validator(mode="after")
     def _one_image(self) -> "RerankDocument":
@@ -86,11 +101,11 @@ class RerankDocument(BaseModel):
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: str = Field(min_length=1)
-    documents: list[RerankDocument | Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    query: Text = Field(min_length=1)
+    documents: list[RerankDocument | Annotated[Text, Field(min_length=1)]] = Field(min_length=1)
     top_n: int | None = Field(default=None, gt=0)
     return_documents: bool = False
-    model: str | None = None  # accepted for client compatibility; the served reranker is fixed
+    model: Text | None = None  # accepted for client compatibility; the served reranker is fixed
 
 
 # --- the published run, in memory -------------------------------------------------------------------
@@ -378,6 +393,29 @@ class _BodyLimit:
 
 
 api.add_middleware(_BodyLimit)
+
+
+class _SafeJSON(JSONResponse):
+    """Error bodies that always encode: ASCII escapes (a lone surrogate in an echoed id or field name)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+async def _invalid_request(request: Any, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, without echoing the input: it can be huge, NaN/inf (not JSON) or not text."""
+    detail = [{"type": str(e.get("type", "")), "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+               "msg": str(e.get("msg", ""))} for e in exc.errors()]
+    return _SafeJSON(status_code=422, content={"detail": detail})
+
+
+async def _http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
+    return _SafeJSON(status_code=exc.status_code, content={"detail": exc.detail}, headers=getattr(exc, "headers", None))
+
+
+# Before @serve.ingress(api) below: it freezes a pickled copy of the app.
+api.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+api.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
 
 
 @serve.deployment(logging_config={"enable_access_log": False})

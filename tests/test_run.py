@@ -691,6 +691,24 @@ def test_incremental_run_reembeds_only_changed_and_added_shards(clean_local: Don
     P.verify_run(storage, first.run_dir, deep=True)  # the older run is untouched
 
 
+@pytest.mark.slow
+def test_resume_of_a_run_that_failed_at_publish_only_publishes(clean_local: Done, tmp_path: Path) -> None:
+    """A job that wrote its manifest but died before LATEST moved: ``--resume`` publishes, nothing else."""
+    first = clean_local.report
+    root = tmp_path / "root"
+    shutil.copytree(first.run_dir, root / "runs" / first.run_id)  # complete, never published here
+    assert not (root / P.LATEST).exists()
+    cfg = clean_local.cfg.model_copy(update={"root": str(root)})
+    rep = run(cfg, resume=first.run_id)
+    assert rep.published and rep.resumed and rep.run_id == first.run_id
+    latest, _ = P.read_latest(Storage(), str(root))
+    assert latest is not None and latest["run_id"] == first.run_id
+    before = check_manifest(Storage(), join(str(root), "runs", first.run_id), first.run_id)
+    with pytest.raises(ValueError, match="already complete"):  # published now: nothing left to do
+        run(cfg, resume=first.run_id)
+    assert check_manifest(Storage(), join(str(root), "runs", first.run_id), first.run_id) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # publish protocol under concurrency (no Ray)
 # ----------------------------------------------------------------------------------------------

@@ -57,9 +57,26 @@ def common_kwargs(spec: RerankerSpec) -> dict[str, Any]:
     return kw
 
 
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickles_only(src: str) -> list[str]:
+    """The pickle weight files of a local directory that has no safetensors file ([] otherwise)."""
+    if not os.path.isdir(src):
+        return []  # a hub id: from_pretrained(use_safetensors=True) enforces the same on download
+    files = os.listdir(src)
+    if any(f.endswith(".safetensors") for f in files):
+        return []
+    return sorted(f for f in files if f.endswith(_PICKLE_WEIGHTS))
+
+
 def load_model(model_cls: Any, spec: RerankerSpec, device: str, precision: str) -> Any:
     """``model_cls.from_pretrained`` with the project's rules; eval mode, on ``device``."""
     src = _source(spec)
+    pickles = _pickles_only(src)
+    if pickles:  # refused anyway (use_safetensors=True); say why instead of "no file named model.safetensors"
+        raise RerankerLoadError(f"rerank.model: {spec.model!r} holds only pickle weights ({', '.join(pickles)}), "
+                                "refused because unpickling can run code: save them as safetensors")
     try:
         model, info = model_cls.from_pretrained(src, dtype=torch_dtype(precision) if device == "cuda" else None,
                                                 use_safetensors=True, output_loading_info=True,
@@ -76,8 +93,15 @@ def load_model(model_cls: Any, spec: RerankerSpec, device: str, precision: str) 
             from peft import PeftModel
         except ImportError:
             raise RerankerLoadError("rerank.lora_adapter needs the 'peft' package (pip install peft)") from None
+        adapter = _source(spec, "lora_adapter")
+        # Without safetensors peft falls back to torch.load(adapter_model.bin): safetensors only, as for models.
+        pickles = _pickles_only(adapter)
+        if pickles:
+            raise RerankerLoadError(f"rerank.lora_adapter: {spec.lora_adapter!r} holds only pickle weights "
+                                    f"({', '.join(pickles)}), refused because unpickling can run code: "
+                                    "save the adapter as safetensors")
         try:
-            model = PeftModel.from_pretrained(model, _source(spec, "lora_adapter")).merge_and_unload()
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except Exception as e:  # noqa: BLE001
             raise RerankerLoadError(f"rerank.lora_adapter: cannot apply {spec.lora_adapter!r}: {e}") from None
     return model.to(device).eval()

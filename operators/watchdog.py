@@ -1,0 +1,223 @@
+"""Stall watchdog and fault-injection hooks for the Ray Data stages.
+
+Operators call :func:`beat` each time they finish a block (read, decode, encode, search, score, write);
+the beats go, fire-and-forget, to one small actor per job pinned to the driver's node. The driver wraps
+each stage in :func:`watch`: a thread polls that actor and, when no block has completed for
+``ray.stall_timeout_s``, interrupts the stage and raises :class:`StallError` naming the stage and the
+last progress. It catches what Ray Data cannot report itself: a hung model call, an actor pool that
+waits forever for resources, or Ray issue 62746 (a size-1 pool with ``max_errored_blocks=-1``).
+
+``MMR_FAULT_INJECT`` (tests only; unset in production) makes operators fail on purpose, ``;``-separated:
+
+- ``rerank_query:<text>``: every scoring call that includes a query containing ``<text>`` raises.
+- ``hang:<point>``: the operator sleeps forever at ``<point>`` (for the watchdog).
+- ``slow:<point>:<seconds>``: the operator sleeps that long per batch (widens a window for a test).
+- ``die:<point>:<marker file>``: the worker process exits at ``<point>`` once: the first process to get
+  there creates the marker file and dies mid-batch; later calls (the restarted actor) run normally.
+
+Points: ``embed_batch``, ``search_batch``, ``rerank_batch``.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_ENV = "MMR_FAULT_INJECT"
+_NAME = "mmrerank-progress-{job}"
+
+
+class StallError(RuntimeError):
+    """A stage made no progress for longer than ``ray.stall_timeout_s``."""
+
+
+# ------------------------------------------------------------------------------------------------
+# fault injection (tests)
+# ------------------------------------------------------------------------------------------------
+
+
+def _fault_specs() -> list[list[str]]:
+    return [s.split(":", 2) for s in os.environ.get(_ENV, "").split(";") if s]
+
+
+def maybe_fail(point: str) -> None:
+    """Apply ``hang:`` / ``die:`` faults registered for ``point`` (no-op when the variable is unset)."""
+    for spec in _fault_specs():
+        if spec[0] == "hang" and spec[1:2] == [point]:
+            log.warning("fault injection: hanging at %s", point)
+            while True:
+                time.sleep(3600)
+        if spec[0] == "slow" and spec[1:2] == [point] and len(spec) == 3:
+            time.sleep(float(spec[2]))
+        if spec[0] == "die" and spec[1:2] == [point] and len(spec) == 3:
+            try:
+                fd = os.open(spec[2], os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only the first caller dies
+            except FileExistsError:
+                continue
+            os.close(fd)
+            log.warning("fault injection: worker %d exits at %s", os.getpid(), point)
+            os._exit(1)
+
+
+def maybe_fail_queries(queries: list[str]) -> None:
+    """``rerank_query:<text>``: raise when a scoring call includes a query containing ``<text>``."""
+    for spec in _fault_specs():
+        if spec[0] == "rerank_query" and len(spec) > 1:
+            text = ":".join(spec[1:])
+            if any(text in q for q in queries):
+                raise RuntimeError("injected reranker fault")
+
+
+# ------------------------------------------------------------------------------------------------
+# progress beats (workers) and the watchdog (driver)
+# ------------------------------------------------------------------------------------------------
+
+
+def _actor_name() -> str:
+    import ray
+
+    return _NAME.format(job=ray.get_runtime_context().get_job_id())
+
+
+class _Progress:
+    """Holds the time of the last completed block of the running stage (one per job, num_cpus=0)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t, self.n, self.what = time.monotonic(), 0, ""
+
+    def beat(self, what: str, n: int) -> None:
+        self.t, self.what = time.monotonic(), what
+        self.n += n
+
+    def state(self) -> tuple[float, int, str]:
+        return time.monotonic() - self.t, self.n, self.what
+
+
+_handle: Any = None
+_missing_until = 0.0
+
+
+def beat(what: str, n: int = 1) -> None:
+    """Report a completed block to the job's watchdog; never raises, costs one async actor call."""
+    global _handle, _missing_until
+    if _handle is None:
+        if time.monotonic() < _missing_until:
+            return
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            _handle = ray.get_actor(_actor_name())
+        except Exception:  # noqa: BLE001 - no watchdog in this job (serve, unit tests): look again later
+            _missing_until = time.monotonic() + 30
+            return
+    try:
+        _handle.beat.remote(what, n)
+    except Exception:  # noqa: BLE001 - a lost beat only delays nothing; the next one retries the lookup
+        _handle = None
+
+
+_driver_actor: tuple[str, Any] | None = None  # (job id, handle): the driver keeps it alive for the job
+
+
+def _progress_actor() -> Any:
+    """The job's progress actor, created once per job. The driver holds its handle for the whole job:
+    a non-detached actor dies with its last handle, and workers cache theirs across stages."""
+    global _driver_actor
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Keyed by session and job: job ids restart at 01000000 in every new local Ray of this process.
+    job = f"{ray.get_runtime_context().get_node_id()}/{ray.get_runtime_context().get_job_id()}"
+    if _driver_actor is not None and _driver_actor[0] == job:
+        return _driver_actor[1]
+    # On the driver's node, so losing a worker node never takes the watchdog with it.
+    strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    cls = ray.remote(num_cpus=0, max_restarts=-1, scheduling_strategy=strategy)(_Progress)
+    handle = cls.options(name=_actor_name(), get_if_exists=True, lifetime="non_detached").remote()
+    _driver_actor = (job, handle)
+    return handle
+
+
+class _Stalled(BaseException):
+    """Raised asynchronously in a stage running outside the main thread (BaseException: not swallowed
+    by ``except Exception`` on its way up)."""
+
+
+def _interrupt(thread_id: int, on_main: bool) -> None:
+    """Break the stage's thread out of Ray Data's execution loop (it polls in Python, so it is reached)."""
+    if on_main:
+        _thread.interrupt_main()  # KeyboardInterrupt: Ray Data shuts its executor down on it
+    else:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_Stalled))
+
+
+@contextlib.contextmanager
+def watch(stage: str, stall_timeout_s: float | None) -> Iterator[None]:
+    """Fail ``stage`` with :class:`StallError` when no block completes for ``stall_timeout_s`` seconds."""
+    if not stall_timeout_s:
+        yield
+        return
+    import ray
+
+    global _driver_actor
+    actor = _progress_actor()
+    try:
+        ray.get(actor.reset.remote())
+    except Exception:  # noqa: BLE001 - a handle from an earlier Ray session of this process: start over
+        _driver_actor = None
+        actor = _progress_actor()
+        ray.get(actor.reset.remote())
+    stop = threading.Event()
+    lock = threading.Lock()
+    fired: dict[str, Any] = {}
+    done = False
+    target = threading.get_ident()
+    on_main = threading.current_thread() is threading.main_thread()
+
+    def loop() -> None:
+        while not stop.wait(min(5.0, stall_timeout_s / 4)):
+            try:
+                age, n, what = ray.get(actor.state.remote(), timeout=30)
+            except Exception as e:  # noqa: BLE001 - the watchdog itself must not kill a healthy run
+                log.warning("watchdog: cannot read progress (%s); retrying", type(e).__name__)
+                continue
+            if age > stall_timeout_s:
+                with lock:
+                    if done:
+                        return
+                    fired.update(age=age, n=n, what=what)
+                    _interrupt(target, on_main)
+                return
+
+    t = threading.Thread(target=loop, name=f"watchdog-{stage}", daemon=True)
+    t.start()
+    try:
+        try:
+            yield
+        finally:
+            with lock:
+                done = True
+    except (KeyboardInterrupt, _Stalled):
+        if not fired:
+            raise
+        last = f"the last from {fired['what']}" if fired["what"] else "none at all"
+        raise StallError(
+            f"stage {stage!r} stalled: no block completed for {fired['age']:.0f}s (ray.stall_timeout_s="
+            f"{stall_timeout_s:g}); {fired['n']} blocks had completed, {last}. A hung model call, a worker "
+            "waiting for resources it cannot get, or a lost node; see the Ray logs") from None
+    finally:
+        stop.set()

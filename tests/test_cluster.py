@@ -1,0 +1,212 @@
+"""Fault tolerance on a real multi-node Ray cluster on this host (``cluster/local_cluster.py``).
+
+A head with no CPUs plus two 1-CPU worker nodes, each a separate ``ray start`` process tree. The test
+process is the driver (``ray.address`` = the cluster). Each faulted run is compared with a clean run on
+the same cluster: same candidates, same scores, same results.
+
+* A worker node dies (its raylet SIGKILLed by PID) while embedding, and while reranking: the run
+  completes on the surviving node; results equal the clean run's. A fresh node then replaces it.
+* A reranker actor process exits mid-batch (``MMR_FAULT_INJECT=die:...``): Ray restarts it and retries
+  the batch; results equal the clean run's.
+* A stalled stage (``MMR_FAULT_INJECT=hang:...``): the watchdog fails the run with a clear message and
+  ``LATEST`` does not move.
+
+Stages run with small CPU requests so that the whole pipeline fits on one surviving 1-CPU node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from cluster.local_cluster import LocalCluster
+from operators.storage import Storage, join
+from operators.watchdog import StallError
+from pipelines import publish as P
+from pipelines.config import Config, parse_config
+from pipelines.run import RunReport, run
+from pipelines.sample import SampleInfo, make_sample
+from tests.test_run import _by_query, _cfg_dict, _read_rows, check_manifest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
+
+KILL_DEADLINE_S = 600.0  # a hang guard while waiting for the moment to kill, not a performance claim
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")  # this test's own cluster only; the shipped configs keep auth on
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    c = LocalCluster(str(tmp_path_factory.mktemp("cluster")), workers=2, cpus_per_worker=1,
+                     env={"RAY_AUTH_MODE": "disabled"})
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
+    return make_sample(str(tmp_path_factory.mktemp("cluster-sample") / "s"), docs=48, queries=6, shards=3,
+                       seed=5, bad_rows=True, image_size=40)
+
+
+def _cfg(cluster: LocalCluster, root: Path, sample: SampleInfo, **ray: Any) -> Config:
+    d = _cfg_dict(str(root), sample.corpus, sample.queries)
+    d["ray"] = {"address": cluster.address, "progress_bars": False, **ray}
+    # Everything must fit on one surviving 1-CPU node.
+    d["embed"].update(actor_num_cpus=0.5, decode_num_cpus=0.25, write_num_cpus=0.25)
+    d["rerank"].update(actor_num_cpus=0.5)
+    return parse_config(d)
+
+
+@contextlib.contextmanager
+def _driver(monkeypatch: pytest.MonkeyPatch, fault: str | None) -> Iterator[None]:
+    """One driver connection per run: the fault variable reaches workers through the job's runtime_env."""
+    import ray
+
+    if fault:
+        monkeypatch.setenv("MMR_FAULT_INJECT", fault)
+    else:
+        monkeypatch.delenv("MMR_FAULT_INJECT", raising=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        monkeypatch.delenv("MMR_FAULT_INJECT", raising=False)
+
+
+def _results(report: RunReport) -> dict[str, list[dict[str, Any]]]:
+    return _by_query(_read_rows(Storage(), join(report.run_dir, "results")))
+
+
+def _assert_same_results(got: RunReport, want: RunReport) -> None:
+    a, b = _results(got), _results(want)
+    assert set(a) == set(b)
+    for q in b:
+        assert [r["doc_id"] for r in a[q]] == [r["doc_id"] for r in b[q]], q
+        for col in ("retrieval_score", "rerank_score"):
+            np.testing.assert_allclose([r[col] for r in a[q]], [r[col] for r in b[q]], atol=1e-5, err_msg=q)
+    check_manifest(Storage(), got.run_dir, got.run_id)
+    latest, _ = P.read_latest(Storage(), str(Path(got.run_dir).parent.parent))
+    assert latest is not None and latest["run_id"] == got.run_id
+
+
+@pytest.fixture(scope="module")
+def clean(cluster: LocalCluster, sample: SampleInfo, tmp_path_factory: pytest.TempPathFactory) -> RunReport:
+    mp = pytest.MonkeyPatch()
+    try:
+        with _driver(mp, None):
+            rep = run(_cfg(cluster, tmp_path_factory.mktemp("clean") / "root", sample))
+    finally:
+        mp.undo()
+    assert rep.published
+    return rep
+
+
+def _actor_pids(name: str) -> list[int]:
+    """PIDs of live Ray actor processes whose title mentions ``name`` (e.g. ``ImageEmbedder``)."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(name in part for part in (p.info["cmdline"] or [])) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.info["pid"])
+    return out
+
+
+class NodeKiller(threading.Thread):
+    """Waits until ``ready()`` and an actor named ``actor`` runs, then kills the raylet of its node."""
+
+    def __init__(self, cluster: LocalCluster, actor: str, ready: Callable[[], bool]) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.actor, self.ready = cluster, actor, ready
+        self.killed: str | None = None
+        self.error: str | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + KILL_DEADLINE_S
+        while not self._halt.is_set() and time.monotonic() < deadline:
+            pids = _actor_pids(self.actor)
+            if pids and self.ready():
+                try:
+                    node = self.cluster.node_of(pids[0])
+                    self.cluster.kill_raylet(node)
+                    self.killed = node
+                except Exception as e:  # noqa: BLE001 - reported by the test
+                    self.error = f"{type(e).__name__}: {e}"
+                return
+            time.sleep(0.05)
+        self.error = f"no {self.actor} actor with work done within {KILL_DEADLINE_S:.0f}s"
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+def _any(root: Path, pattern: str) -> Callable[[], bool]:
+    return lambda: next(root.glob(pattern), None) is not None
+
+
+@pytest.mark.parametrize("stage", ["embed", "rerank"])
+def test_worker_node_killed_mid_stage(stage: str, cluster: LocalCluster, sample: SampleInfo, clean: RunReport,
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    if stage == "embed":
+        # Slow batches widen the window: the kill lands after the first parts, long before the stage ends.
+        actor, fault = "ImageEmbedder", "slow:embed_batch:1.0"
+        ready = _any(root, "embeddings/*/corpus/*/part-*.parquet")
+        not_done = lambda: not _any(root, "runs/*/_STAGES/embed_corpus.json")()  # noqa: E731
+    else:
+        actor, fault = "RerankPairs", "slow:rerank_batch:1.0"
+        ready = lambda: _any(root, "runs/*/_pairs/*/*.parquet")()  # noqa: E731
+        not_done = lambda: not _any(root, "runs/*/_STAGES/rerank.json")()  # noqa: E731
+    killer = NodeKiller(cluster, actor, lambda: ready() and not_done())
+    with _driver(monkeypatch, fault):
+        killer.start()
+        try:
+            rep = run(_cfg(cluster, root, sample))
+        finally:
+            killer.stop()
+    try:
+        assert killer.error is None, killer.error
+        assert killer.killed, "the node was never killed"
+        _assert_same_results(rep, clean)
+    finally:
+        cluster.add_worker(f"{killer.killed or 'x'}-replacement-{stage}")
+
+
+def test_reranker_actor_dies_mid_batch(cluster: LocalCluster, sample: SampleInfo, clean: RunReport,
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "died-once"
+    with _driver(monkeypatch, f"die:rerank_batch:{marker}"):
+        rep = run(_cfg(cluster, tmp_path / "root", sample))
+    assert marker.exists(), "the fault never fired: no actor died"
+    _assert_same_results(rep, clean)
+
+
+def test_watchdog_fails_a_stalled_stage(cluster: LocalCluster, sample: SampleInfo, clean: RunReport,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    cfg = _cfg(cluster, root, sample, stall_timeout_s=20)
+    with _driver(monkeypatch, "hang:embed_batch"), pytest.raises(StallError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert "stage 'embed corpus' stalled" in msg and "stall_timeout_s=20" in msg, msg
+    assert not (root / P.LATEST).exists()
+    assert not list(root.glob(f"runs/*/{P.MANIFEST}"))
+    # The cluster is usable again afterwards: the hung actor was torn down with the stage.
+    with _driver(monkeypatch, None):
+        rep = run(_cfg(cluster, root, sample))
+    _assert_same_results(rep, clean)

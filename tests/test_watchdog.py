@@ -1,0 +1,130 @@
+"""The stall watchdog and the fault-injection hooks (``operators/watchdog.py``).
+
+Without Ray: the ``MMR_FAULT_INJECT`` grammar; ``die:`` exits a real process once and only once.
+On a local Ray: beats sent from Ray Data tasks reach the job's progress actor; a stage whose tasks hang
+fails with :class:`StallError` naming the stage, whether it runs on the main thread (interrupted like
+Ctrl-C) or on another thread (an asynchronous exception); a stage that makes progress is left alone.
+The whole-pipeline case (``hang:embed_batch`` on a multi-node cluster) is in test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from operators import watchdog as W
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# fault injection (no Ray)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_no_fault_variable_means_no_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MMR_FAULT_INJECT", raising=False)
+    W.maybe_fail("embed_batch")
+    W.maybe_fail_queries(["anything"])
+
+
+def test_rerank_query_fault_matches_only_its_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMR_FAULT_INJECT", "hang:search_batch;rerank_query:red: circle")
+    W.maybe_fail_queries(["a blue square", "red circle"])  # the text includes the colon
+    with pytest.raises(RuntimeError, match="injected reranker fault"):
+        W.maybe_fail_queries(["a blue square", "big red: circle here"])
+    W.maybe_fail("embed_batch")  # the hang is registered for another point
+
+
+def test_die_exits_the_first_process_only(tmp_path: Path) -> None:
+    marker = tmp_path / "died"
+    env = {**os.environ, "MMR_FAULT_INJECT": f"die:rerank_batch:{marker}", "PYTHONPATH": str(ROOT)}
+    code = "from operators.watchdog import maybe_fail; maybe_fail('embed_batch'); maybe_fail('rerank_batch'); " \
+           "print('survived')"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 1 and "survived" not in first.stdout, first.stderr
+    assert marker.exists()
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "survived" in second.stdout, second.stderr
+
+
+def test_watch_disabled_is_a_plain_block() -> None:
+    with W.watch("anything", None):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# on a local Ray
+# ----------------------------------------------------------------------------------------------
+
+
+def _beating(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from operators.watchdog import beat
+
+    beat("test-op", len(batch["id"]))
+    return batch
+
+
+def _hanging(release: str) -> Any:
+    def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        while not os.path.exists(release):  # hangs until the test lets it go (frees the CPU)
+            time.sleep(0.2)
+        return batch
+    return fn
+
+
+def test_beats_from_tasks_reach_the_progress_actor(ray_local: Any) -> None:
+    import ray
+
+    with W.watch("healthy", 600):  # a generous limit: this stage must not be stopped
+        rows = ray.data.range(40, override_num_blocks=4).map_batches(_beating, batch_size=10).take_all()
+    assert len(rows) == 40
+    age, n, what = ray.get(ray.get_actor(W._actor_name()).state.remote())
+    assert n == 40 and what == "test-op"
+
+
+def test_a_hung_stage_fails_with_a_clear_error(ray_local: Any, tmp_path: Path) -> None:
+    import ray
+
+    release = str(tmp_path / "release")
+    try:
+        with pytest.raises(W.StallError) as ei, W.watch("hung stage", 2):
+            ray.data.range(4, override_num_blocks=2).map_batches(_hanging(release), num_cpus=0.5).take_all()
+    finally:
+        Path(release).touch()
+    msg = str(ei.value)
+    assert "stage 'hung stage' stalled: no block completed for" in msg
+    assert "ray.stall_timeout_s=2" in msg and "0 blocks had completed" in msg
+
+
+def test_a_hung_stage_on_another_thread_fails_too(ray_local: Any, tmp_path: Path) -> None:
+    import ray
+
+    release = str(tmp_path / "release")
+    out: dict[str, BaseException | list[Any]] = {}
+
+    def stage() -> None:
+        try:
+            with W.watch("threaded stage", 2):
+                out["rows"] = ray.data.range(4, override_num_blocks=2).map_batches(
+                    _hanging(release), num_cpus=0.5).take_all()
+        except BaseException as e:  # noqa: BLE001 - the assertion below names what arrived
+            out["error"] = e
+
+    t = threading.Thread(target=stage, name="stage")
+    t.start()
+    try:
+        t.join(timeout=300)  # a hang guard, not a performance claim
+    finally:
+        Path(release).touch()
+        t.join(timeout=120)
+    assert isinstance(out.get("error"), W.StallError), out
+    assert "stage 'threaded stage' stalled" in str(out["error"])
