@@ -18,9 +18,9 @@ raw loop (one fresh subprocess, no Ray)
     ``torch.set_num_threads(<usable CPUs>)``; the backend is built exactly as the pipeline's actor builds it
     (``operators.rerankers.base.create(reranker_spec(cfg.rerank, cfg))``), timed alone as start-up. The loop
     (timed as steady): pyarrow reads the candidates, the query texts and the corpus rows the candidates point at
-    (image bytes + caption), ``operators.decode.decode_image`` decodes every pair's image (as ``RerankPairs``
-    does: one decode per pair), and ``backend.score`` runs on batches of ``rerank.batch_size`` pairs. The pairs
-    go in the pipeline's order by default (corpus shard, then row: how ``PairsSource`` streams them), so the
+    (image bytes + caption), ``operators.decode.decode_image`` decodes each distinct doc of a batch once (as
+    ``RerankPairs`` does: pairs of one doc share the decoded image), and ``backend.score`` runs on batches of
+    ``rerank.batch_size`` pairs. The pairs go in the pipeline's order by default (corpus shard, then row: how ``PairsSource`` streams them), so the
     batches hold the same mix of queries; this matters for ``clip``, which encodes each distinct query of a
     batch once. ``--plain-order query`` puts each query's candidates together instead (what a hand-written
     loop would do) to show what that order is worth.
@@ -283,8 +283,12 @@ def run_plain(a: argparse.Namespace) -> dict[str, Any]:
     for b in range(0, len(order), rc.batch_size):
         idx = order[b:b + rc.batch_size]
         t = time.perf_counter()
-        images = [R.decode_image(content[shards[i]][0][rows[i]], caps.max_image_pixels, caps.allowed_formats)
-                  for i in idx]
+        decoded: dict[tuple[str, int], Any] = {}  # one decode per distinct doc of the batch, as RerankPairs does
+        for i in idx:
+            if (shards[i], rows[i]) not in decoded:
+                decoded[shards[i], rows[i]] = R.decode_image(content[shards[i]][0][rows[i]], caps.max_image_pixels,
+                                                             caps.allowed_formats)
+        images = [decoded[shards[i], rows[i]] for i in idx]
         captions = [content[shards[i]][1][rows[i]] if spec.use_caption else None for i in idx]
         queries = [qtext[qids[i]] for i in idx]
         t2 = time.perf_counter()

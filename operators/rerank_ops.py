@@ -192,6 +192,9 @@ class RerankPairs:
         images: list[Any] = [None] * n
         captions = [c if isinstance(c, str) else None for c in batch["doc_caption"]]
         queries = [q if isinstance(q, str) else None for q in batch["query_text"]]
+        # One decode per distinct doc of the batch (pairs arrive sorted by corpus row, so a doc retrieved by
+        # several queries is usually in one batch); its pairs share the image object, or its reject reason.
+        decoded: dict[tuple[Any, Any], Any] = {}
         for i in range(n):
             if err_type[i]:
                 continue
@@ -201,7 +204,15 @@ class RerankPairs:
                 if self.backend.needs_caption and captions[i] is None:
                     raise R.RejectError(CONTENT_MISSING, "candidate has no caption and the reranker needs one")
                 if self.backend.needs_image:
-                    images[i] = self._image(batch["doc_image"][i], batch["doc_image_uri"][i])
+                    key = (batch["doc_shard"][i], batch["doc_row"][i])
+                    if key not in decoded:
+                        try:
+                            decoded[key] = self._image(batch["doc_image"][i], batch["doc_image_uri"][i])
+                        except R.RejectError as e:
+                            decoded[key] = e
+                    if isinstance(decoded[key], R.RejectError):
+                        raise decoded[key]
+                    images[i] = decoded[key]
             except R.RejectError as e:
                 err_type[i], err_msg[i] = e.error_type, e.message
         scores = np.full(n, np.nan, dtype=np.float32)

@@ -145,6 +145,46 @@ def test_missing_content_and_query_text_are_rejects(sample: SampleInfo) -> None:
     assert np.isfinite(out["rerank_score"][0])
 
 
+def test_each_doc_of_a_batch_is_decoded_once(sample: SampleInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pairs of one doc share one decode (and the clip backend encodes that image once); the scores are the
+    per-pair direct scores, and a broken doc rejects every pair that points at it with the same reason."""
+    import operators.rerank_ops as ops
+
+    cfg = _cfg(Path("/unused"), sample)
+    (d1, (img1, _)), (d2, (img2, _)) = list(_corpus(sample).items())[:2]
+    docs = [d1, d1, d2, "bad", d1, "bad"]
+    rows = {d1: 0, d2: 1, "bad": 2}
+    data = {d1: img1, d2: img2, "bad": b"not an image"}
+    qs = ["a red circle", "green star", "a red circle", "blue square", "blue square", "green star"]
+    n = len(docs)
+    batch = {ID: np.array([f"q{i}" for i in range(n)], object), "doc_id": np.array(docs, object),
+             "rank": np.ones(n, np.int32), "retrieval_score": np.ones(n, np.float32),
+             "doc_shard": np.array(["s"] * n, object), "doc_row": np.array([rows[d] for d in docs]),
+             "query_text": np.array(qs, object), "doc_image": np.array([data[d] for d in docs], object),
+             "doc_image_uri": np.array([None] * n, object), "doc_caption": np.array([None] * n, object),
+             SHARD: np.array(["k"] * n, object), ROW: np.arange(n), SOURCE: np.array(["s"] * n, object),
+             ERR_TYPE: np.array([""] * n, object), ERR_MSG: np.array([""] * n, object)}
+    calls: list[bytes] = []
+    real = ops.R.decode_image
+
+    def counting(data: bytes, *a: Any, **kw: Any) -> Any:
+        calls.append(data)
+        return real(data, *a, **kw)
+
+    monkeypatch.setattr(ops.R, "decode_image", counting)
+    op = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)
+    out = op(batch)
+    assert sorted(calls) == sorted([img1, img2, b"not an image"])  # 3 distinct docs, 6 pairs
+    bad = [i for i, d in enumerate(docs) if d == "bad"]
+    assert all(out[ERR_TYPE][i] for i in bad) and len({out[ERR_MSG][i] for i in bad}) == 1
+    ok = [i for i in range(n) if i not in bad]
+    assert not any(out[ERR_TYPE][i] for i in ok)
+    # Reference: the backend called once per pair, each with its own decode.
+    backend = create(reranker_spec(cfg.rerank, cfg), "cpu", "fp32")
+    want = [backend.score([qs[i]], [real(data[docs[i]], op.max_pixels, op.allowed_formats)], [None])[0] for i in ok]
+    np.testing.assert_allclose(out["rerank_score"][ok], want, atol=1e-5)
+
+
 def _hf_model(backend: str, dest: Path) -> str:
     from tests.tiny_hf import save_tiny_bert, save_tiny_blip
     from tests.tiny_vlm import save_tiny_vlm

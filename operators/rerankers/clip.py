@@ -29,7 +29,11 @@ class ClipReranker(Reranker):
 
         if any(im is None for im in images):
             raise ValueError("clip reranker needs an image for every pair")
-        x = torch.stack([self.transform(im) for im in images]).to(self.device)
+        # Encode each distinct image once (pairs of one doc share the decoded image object).
+        first: dict[int, int] = {}
+        img_pos = [first.setdefault(id(im), len(first)) for im in images]
+        uniq_images = list({id(im): im for im in images}.values())
+        x = torch.stack([self.transform(im) for im in uniq_images]).to(self.device)
         if self.device == "cuda" and self.precision in ("fp16", "bf16"):
             x = x.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
         with torch.inference_mode():
@@ -37,6 +41,6 @@ class ClipReranker(Reranker):
             uniq = sorted(set(queries))
             t = F.normalize(self.model.encode_text(self.tokenizer(uniq).to(self.device)).float(), dim=-1)
             pos = {q: i for i, q in enumerate(uniq)}
-            v = F.normalize(self.model.encode_image(x).float(), dim=-1)
+            v = F.normalize(self.model.encode_image(x).float(), dim=-1)[img_pos]
             s = (v * t[[pos[q] for q in queries]]).sum(-1)
         return s.cpu().numpy().astype(np.float32)
