@@ -20,10 +20,10 @@ raw loop (one fresh subprocess, no Ray)
     (timed as steady): pyarrow reads the candidates, the query texts and the corpus rows the candidates point at
     (image bytes + caption), ``operators.decode.decode_image`` decodes each distinct doc of a batch once (as
     ``RerankPairs`` does: pairs of one doc share the decoded image), and ``backend.score`` runs on batches of
-    ``rerank.batch_size`` pairs. The pairs go in the pipeline's order by default (corpus shard, then row: how ``PairsSource`` streams them), so the
-    batches hold the same mix of queries; this matters for ``clip``, which encodes each distinct query of a
-    batch once. ``--plain-order query`` puts each query's candidates together instead (what a hand-written
-    loop would do) to show what that order is worth.
+    ``rerank.batch_size`` pairs. The pairs go in the pipeline's order by default (corpus shard, then row: how
+    ``PairsSource`` streams them), so the batches hold the same mix of queries; this matters for ``clip``,
+    which encodes each distinct query of a batch once. ``--plain-order query`` puts each query's candidates
+    together instead (what a hand-written loop would do) to show what that order is worth.
 
 ray stage (one fresh subprocess)
     ``ray.init`` (timed), then ``pipelines.rerank.run_rerank(cfg, run_id)`` on a copy of the same candidates,

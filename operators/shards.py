@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ray.data import Dataset
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -217,3 +218,18 @@ def cache_dir(root: str, model_fingerprint: str, kind: str) -> str:
 
 def id_column_for(kind: str) -> str:
     return CORPUS.id_column if kind == "corpus" else "query_id"
+
+
+def read_source(source: Datasource, num_cpus: float) -> Dataset:
+    """``ray.data.read_datasource`` with exactly one output stream per read task of ``source``.
+
+    Our sources size their own blocks (whole batches). With fewer read tasks than Ray Data's minimum block
+    count (``DataContext.read_op_min_num_blocks``, 200) it would split every task's output into
+    ceil(200 / tasks) pieces: the actor downstream then gets ragged small batches (measured in
+    bench_rerank: sizes 1-3 among the 16s) and a split read is never fused with the map after it.
+    """
+    import ray
+
+    n = max(1, len(source.get_read_tasks(1)))
+    return ray.data.read_datasource(source, override_num_blocks=n, num_cpus=num_cpus)
+

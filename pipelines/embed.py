@@ -26,7 +26,7 @@ from operators.embedders import DecodeImages, EmbeddingsSink, ImageEmbedder, Tex
 from operators.models import ResolvedModel, resolve_model
 from operators.parts import make_datasink
 from operators.schemas import CORPUS, QUERY, InputKind
-from operators.shards import ShardPlan, ShardSource, cache_dir, list_shards, plan_shards
+from operators.shards import ShardPlan, ShardSource, cache_dir, list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config
@@ -153,7 +153,6 @@ def _model_json(rm: ResolvedModel) -> dict[str, Any]:
 
 def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[ShardPlan, str]],
                   cache: str) -> list[dict[str, Any]]:
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     e = cfg.embed
@@ -162,8 +161,7 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
     device, n_actors, actor_res, threads = actor_pool(e, res, "embed", min(e.decode_num_cpus, e.write_num_cpus))
     idc = KINDS[kind].id_column
     # Same resources as decode, so read+decode fuse into one task (no extra object-store hop).
-    ds = ray.data.read_datasource(ShardSource(todo, idc, opts, e.rows_per_read_task),
-                                  num_cpus=e.decode_num_cpus)
+    ds = read_source(ShardSource(todo, idc, opts, e.rows_per_read_task), num_cpus=e.decode_num_cpus)
     if kind == "corpus":
         ds = ds.map_batches(
             DecodeImages(rm.preprocess, e.max_image_pixels, e.allowed_formats, e.max_image_bytes, opts),

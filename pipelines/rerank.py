@@ -21,7 +21,7 @@ from operators.parts import make_datasink
 from operators.rerank_ops import PairsSource, RerankPairs, ScoredSink, bucket_candidates, select_bucket
 from operators.rerankers.base import RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, RerankerSpec
 from operators.schemas import CANDIDATE_ROWS, CORPUS, check_shard_schema
-from operators.shards import ERR_MSG, ERR_TYPE, ShardSource, list_shards, plan_shards
+from operators.shards import ERR_MSG, ERR_TYPE, ShardSource, list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config, RerankConfig
@@ -110,7 +110,7 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     if rc.backend == "none":
         plans = plan_shards(cand_uris, CANDIDATE_ROWS, storage)
         pairs_in = sum(p.num_rows for p in plans)
-        scored = ray.data.read_datasource(
+        scored = read_source(
             ShardSource([(p, p.key()) for p in plans], "query_id", opts, 4096, CANDIDATE_ROWS.extra_columns),
             num_cpus=0.25).map_batches(_retrieval_only, batch_format="numpy", num_cpus=0.25)
     else:
@@ -131,7 +131,7 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
                                      "corpus does not have (was the corpus changed after search?)")
         sources = {k: (*corpus_map[k], storage.ls(join(pairs_dir, k), "*.parquet"), n) for k, n in per_shard.items()}
         device, n_actors, actor_res, threads = actor_pool(rc, res, "rerank", 0.5)
-        scored = ray.data.read_datasource(PairsSource(sources, opts, rc.batch_size * 4), num_cpus=0.5).map_batches(
+        scored = read_source(PairsSource(sources, opts, rc.batch_size * 4), num_cpus=0.5).map_batches(
             RerankPairs,
             fn_constructor_kwargs={"spec": spec, "device": device, "precision": rc.precision,
                                    "torch_threads": threads, "max_pixels": cfg.embed.max_image_pixels,

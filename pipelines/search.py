@@ -17,7 +17,7 @@ from operators.models import resolve_model
 from operators.parts import make_datasink
 from operators.schemas import CACHED_VECTORS, QUERY_VECTORS
 from operators.search_ops import CandidatesSink, SearchRouter, ShardSearcher
-from operators.shards import ShardSource, list_shards, plan_shards
+from operators.shards import ShardSource, list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config
@@ -140,8 +140,7 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
     results: list[dict[str, Any]] = []
     try:
         if keyed:
-            ds = ray.data.read_datasource(ShardSource(keyed, kind.id_column, opts, sc.batch_size),
-                                          num_cpus=sc.router_num_cpus)
+            ds = read_source(ShardSource(keyed, kind.id_column, opts, sc.batch_size), num_cpus=sc.router_num_cpus)
             ds = ds.map_batches(SearchRouter, fn_constructor_kwargs={"searchers": searchers, "k": sc.k, "dim": dim},
                                 compute=ActorPoolStrategy(size=1), batch_size=sc.batch_size,
                                 batch_format="numpy", num_cpus=sc.router_num_cpus)

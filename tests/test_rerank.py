@@ -219,3 +219,75 @@ def test_hf_backend_pipeline_scores_equal_direct_calls(backend: str, sample: Sam
         mine = sorted((r for r in scored if r["query_id"] == q), key=lambda r: (-r["rerank_score"], r["doc_id"]))
         got = sorted((r for r in results if r["query_id"] == q), key=lambda r: r["rank"])
         assert [r["doc_id"] for r in got] == [r["doc_id"] for r in mine[:3]]
+
+
+def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None:
+    """PairsSource blocks hold exactly block_rows pairs across corpus row groups (the actor then gets full
+    batches), only the last is short; every candidate comes out once with its own doc's content, and a row the
+    shard lacks is a reject."""
+    from operators.rerank_ops import CONTENT_MISSING, _pairs_for_shard, bucket_candidates
+    from operators.storage import Storage, join
+
+    storage = Storage()
+    n_docs = 50
+    corpus = str(tmp_path / "corpus.parquet")
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(n_docs)],
+                             "image": [f"img{i}".encode() for i in range(n_docs)],
+                             "text": [f"cap{i}" for i in range(n_docs)]}), corpus, row_group_size=7)
+    queries = str(tmp_path / "queries.parquet")
+    pq.write_table(pa.table({"query_id": ["q1", "q2"], "text": ["one", "two"]}), queries)
+    rng = np.random.default_rng(3)
+    want = []
+    for q in ("q1", "q2"):
+        rows = sorted(rng.choice(n_docs, 19, replace=False).tolist()) + [n_docs + 5]  # + a row the shard lacks
+        want += [(q, r) for r in rows]
+        cand = str(tmp_path / "run" / "candidates" / f"part-{q}.parquet")
+        storage.write_table(cand, pa.table({
+            "query_id": [q] * len(rows), "rank": pa.array(range(1, len(rows) + 1), pa.int32()),
+            "doc_id": [f"d{r}" for r in rows], "retrieval_score": pa.array(np.ones(len(rows)), pa.float32()),
+            "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
+        bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries])
+    files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
+    blocks = list(_pairs_for_shard("k", corpus, "image", files, None, 8))
+    ok = [b for b in blocks if not any(b.column(ERR_TYPE).to_pylist())]
+    bad = [b for b in blocks if any(b.column(ERR_TYPE).to_pylist())]
+    assert [b.num_rows for b in ok[:-1]] == [8] * (len(ok) - 1) and 0 < ok[-1].num_rows <= 8
+    got = [(q, r) for b in blocks for q, r in zip(b.column(ID).to_pylist(), b.column("doc_row").to_pylist(),
+                                                   strict=True)]
+    assert sorted(got) == sorted(want)
+    for b in ok:
+        assert b.column("doc_image").to_pylist() == [f"img{r}".encode() for r in b.column("doc_row").to_pylist()]
+        assert b.column("doc_caption").to_pylist() == [f"cap{r}" for r in b.column("doc_row").to_pylist()]
+    assert [r for b in bad for r in b.column("doc_row").to_pylist()] == [n_docs + 5] * 2
+    assert {t for b in bad for t in b.column(ERR_TYPE).to_pylist()} == {CONTENT_MISSING}
+
+
+def test_read_source_keeps_whole_blocks_so_the_actor_gets_whole_batches() -> None:
+    """Few read tasks (fewer than Ray Data's minimum block count): their blocks reach an actor pool unsplit,
+    so every batch has batch_size rows (plain read_datasource would split each task's output)."""
+    from ray.data import ActorPoolStrategy
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    from operators.shards import read_source
+
+    class Blocks(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: object | None = None) -> list[ReadTask]:
+            def read(t: int) -> Any:
+                for b in range(4):
+                    yield pa.table({"x": np.arange(16) + 100 * (4 * t + b)})
+            return [ReadTask(lambda t=t: read(t), BlockMetadata(num_rows=64, size_bytes=None, exec_stats=None,
+                                                               input_files=None)) for t in range(3)]
+
+    class Sizes:
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"size": np.array([len(batch["x"])]), "first": batch["x"][:1]}
+
+    out = read_source(Blocks(), num_cpus=0.25).map_batches(
+        Sizes, compute=ActorPoolStrategy(size=1), batch_size=16, batch_format="numpy", num_cpus=0.25).take_all()
+    assert sorted(r["size"] for r in out) == [16] * 12
+    assert sorted(r["first"] for r in out) == [100 * i for i in range(12)]
