@@ -232,4 +232,3 @@ def read_source(source: Datasource, num_cpus: float) -> Dataset:
 
     n = max(1, len(source.get_read_tasks(1)))
     return ray.data.read_datasource(source, override_num_blocks=n, num_cpus=num_cpus)
-

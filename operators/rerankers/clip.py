@@ -30,9 +30,13 @@ class ClipReranker(Reranker):
         if any(im is None for im in images):
             raise ValueError("clip reranker needs an image for every pair")
         # Encode each distinct image once (pairs of one doc share the decoded image object).
-        first: dict[int, int] = {}
-        img_pos = [first.setdefault(id(im), len(first)) for im in images]
-        uniq_images = list({id(im): im for im in images}.values())
+        pos_of: dict[int, int] = {}
+        uniq_images: list[Image.Image] = []
+        for im in images:
+            if id(im) not in pos_of:
+                pos_of[id(im)] = len(uniq_images)
+                uniq_images.append(im)
+        img_pos = [pos_of[id(im)] for im in images]
         x = torch.stack([self.transform(im) for im in uniq_images]).to(self.device)
         if self.device == "cuda" and self.precision in ("fp16", "bf16"):
             x = x.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
