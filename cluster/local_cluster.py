@@ -60,8 +60,9 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
 
     def _start_node(self, name: str, args: list[str]) -> Node:
-        # A short temp dir per node: Ray's socket paths must stay under the 107-byte limit.
-        temp = f"/tmp/mmr-{os.getpid()}-{name}"
+        # A short temp dir per node, whatever its name: Ray's socket paths under it (session_<time>_<pid>/
+        # sockets/plasma_store) must stay under the 107-byte AF_UNIX limit.
+        temp = f"/tmp/mmr-{os.getpid()}-n{len(self.nodes)}"
         logf = open(Path(self.state) / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen([_ray_bin(), "start", "--block", f"--temp-dir={temp}", *args],
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,

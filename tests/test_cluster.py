@@ -210,3 +210,26 @@ def test_watchdog_fails_a_stalled_stage(cluster: LocalCluster, sample: SampleInf
     with _driver(monkeypatch, None):
         rep = run(_cfg(cluster, root, sample))
     _assert_same_results(rep, clean)
+
+
+def test_node_temp_dir_stays_short_whatever_the_node_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replacement nodes get long names (a replacement of a replacement); Ray puts its plasma socket at
+    <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store, which must fit AF_UNIX's 107 bytes."""
+    import cluster.local_cluster as lc
+
+    started: list[list[str]] = []
+
+    class Proc:
+        pid = 4_194_304
+
+    monkeypatch.setattr(lc.subprocess, "Popen", lambda args, **kw: started.append(args) or Proc())
+    c = LocalCluster(state=str(tmp_path))
+    names = ["head", "worker1-replacement-embed-replacement-rerank", "w" * 200]
+    nodes = []
+    for name in names:
+        nodes.append(c._start_node(name, []))
+        c.nodes.append(nodes[-1])
+    socket_tail = "/session_2026-11-30_07-13-07_004889_4194304/sockets/plasma_store"
+    assert all(len(n.temp_dir) + len(socket_tail) <= 107 for n in nodes), [n.temp_dir for n in nodes]
+    assert len({n.temp_dir for n in nodes}) == len(nodes)
+    assert [f"--temp-dir={n.temp_dir}" in args for n, args in zip(nodes, started, strict=True)] == [True] * 3
