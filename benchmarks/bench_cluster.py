@@ -148,7 +148,8 @@ def machine_share(before: dict[str, int], after: dict[str, int], own_cpu_s: floa
 
 
 def config_dict(a: argparse.Namespace, root: str, corpus: str, queries: str, address: str, w: int) -> dict[str, Any]:
-    import yaml
+    from pipelines.cli import _overrides
+    from pipelines.config import _set_dotted
 
     d: dict[str, Any] = {
         "root": root, "corpus": corpus, "queries": queries,
@@ -162,13 +163,8 @@ def config_dict(a: argparse.Namespace, root: str, corpus: str, queries: str, add
         "rerank": {"backend": "clip", "clip_model": {"name": a.rerank_model, "pretrained": None, "seed": 1},
                    "num_actors": w, "actor_num_cpus": 0.5},
     }
-    for item in a.set:
-        k, _, v = item.partition("=")
-        cur = d
-        parts = k.strip().split(".")
-        for part in parts[:-1]:
-            cur = cur.setdefault(part, {})
-        cur[parts[-1]] = yaml.safe_load(v)
+    for k, v in _overrides(a.set).items():  # the same parsing as `mmrerank run --set`
+        _set_dotted(d, k, v)
     return d
 
 
