@@ -145,7 +145,8 @@ class SearchConfig(_Strict):
     k: int = Field(default=100, gt=0, le=100_000)
     nprobe: int = Field(default=16, gt=0)
     ef_search: int = Field(default=64, gt=0)
-    batch_size: int = Field(default=256, gt=0)
+    # Queries per fan-out: faiss's Flat scan is ~20% less efficient at 256 than at 1024 queries a call.
+    batch_size: int = Field(default=1024, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # One searcher actor per index shard. Logical CPUs it holds (it is idle between batches) and the
     # faiss threads it uses ("auto": the node's cores split over the shards).

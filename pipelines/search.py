@@ -104,8 +104,6 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
     """Search every query against the (built or reused) index; write candidates and rejects."""
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy
-
     t0 = time.perf_counter()
     storage = storage or Storage(cfg.storage.options())
     opts = cfg.storage.options()
@@ -141,8 +139,9 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
     try:
         if keyed:
             ds = read_source(ShardSource(keyed, kind.id_column, opts, sc.batch_size), num_cpus=sc.router_num_cpus)
-            ds = ds.map_batches(SearchRouter, fn_constructor_kwargs={"searchers": searchers, "k": sc.k, "dim": dim},
-                                compute=ActorPoolStrategy(size=1), batch_size=sc.batch_size,
+            # The router is a task, not an actor: it fuses with the read (and the write), and several
+            # batches are in flight at once, so the searchers never wait on one batch's merge and write.
+            ds = ds.map_batches(SearchRouter(searchers, sc.k, dim), batch_size=sc.batch_size,
                                 batch_format="numpy", num_cpus=sc.router_num_cpus)
             sink = make_datasink(CandidatesSink(out, "search", opts), sc.batch_size * sc.k, "WriteCandidates")
             with watch("search", cfg.ray.stall_timeout_s):
