@@ -174,7 +174,9 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
         actor_cls,
         fn_constructor_kwargs={"model": rm, "device": device, "precision": e.precision,
                                "torch_threads": threads, "out_dtype": e.dtype, "storage_options": opts},
-        compute=ActorPoolStrategy(size=n_actors),
+        # A second call in flight: Ray Data batches the next input while the model runs (the UDF itself
+        # still runs one at a time).
+        compute=ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2),
         batch_size=e.batch_size,
         batch_format="numpy",
         **actor_res,

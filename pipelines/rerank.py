@@ -136,7 +136,9 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
             fn_constructor_kwargs={"spec": spec, "device": device, "precision": rc.precision,
                                    "torch_threads": threads, "max_pixels": cfg.embed.max_image_pixels,
                                    "allowed_formats": cfg.embed.allowed_formats, "storage_options": opts},
-            compute=ActorPoolStrategy(size=n_actors), batch_size=rc.batch_size, batch_format="numpy", **actor_res)
+            # Two calls in flight: the next batch is assembled while the model scores this one.
+            compute=ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2), batch_size=rc.batch_size,
+            batch_format="numpy", **actor_res)
     sink = make_datasink(ScoredSink(out, buckets, opts), 4096, "WriteScored")
     with watch("rerank", cfg.ray.stall_timeout_s):
         scored.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
