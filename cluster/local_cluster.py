@@ -187,6 +187,12 @@ class LocalCluster:
 
 
 def _alive(pgid: int) -> bool:
+    # The group leader (`ray start --block`) is our child: reap it once it exits, or it stays a zombie
+    # and the group looks alive (stop() then sat out its whole SIGTERM grace every time).
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     try:
         os.killpg(pgid, 0)
         return True

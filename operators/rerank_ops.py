@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -84,9 +85,10 @@ def bucket_candidates(cand_uri: str, cand_key: str, out_dir: str, query_uris: li
     return counts
 
 
-def _pairs_for_shard(shard_key: str, corpus_uri: str, payload: str, bucket_files: list[str],
-                     storage_options: StorageOptions | None, block_rows: int) -> Iterator[pa.Table]:
-    """All candidate pairs pointing into one corpus shard, with the doc content, in bounded blocks."""
+def _shard_pair_tables(shard_key: str, corpus_uri: str, payload: str, bucket_files: list[str],
+                       storage_options: StorageOptions | None) -> Iterator[tuple[pa.Table, bool]]:
+    """The candidate pairs pointing into one corpus shard with the doc content, one table per row group
+    read, then the pairs whose row the shard lacks (flagged: they are rejects)."""
     storage = cached_storage(storage_options)
     cands = pa.concat_tables([storage.read_table(u) for u in bucket_files]).sort_by("doc_row")
     rows = cands.column("doc_row").to_numpy()
@@ -94,34 +96,57 @@ def _pairs_for_shard(shard_key: str, corpus_uri: str, payload: str, bucket_files
     cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
     starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
     found = np.zeros(len(rows), dtype=bool)
-    # Blocks of exactly block_rows pairs (a multiple of the reranker's batch size) across row-group
-    # boundaries: Ray Data batches within a block bundle, so ragged blocks would give the actor ragged
-    # batches (measured: sizes 1-3 among the 16s). Only the shard's last block is short.
-    pending: list[pa.Table] = []
-    n_pending = 0
     for g in range(pf.metadata.num_row_groups):
         lo, hi = np.searchsorted(rows, [starts[g], starts[g + 1]])
         if lo == hi:
             continue  # only the row groups that hold wanted rows are read
         content = pf.read_row_group(g, columns=cols)
         found[lo:hi] = True
-        pending.append(_pair_block(cands.slice(lo, hi - lo), content.take(pa.array(rows[lo:hi] - starts[g])),
-                                   payload, ""))
-        n_pending += hi - lo
+        yield _pair_block(cands.slice(lo, hi - lo), content.take(pa.array(rows[lo:hi] - starts[g])), payload, ""), False
         del content
+    missing = np.nonzero(~found)[0]
+    if len(missing):
+        yield _pair_block(cands.take(pa.array(missing)), None, payload, CONTENT_MISSING), True
+
+
+def _whole_blocks(tables: Iterable[tuple[pa.Table, bool]], block_rows: int) -> Iterator[pa.Table]:
+    """Blocks of exactly block_rows pairs (a multiple of the reranker's batch size) across row-group and
+    corpus-shard boundaries: Ray Data batches within a block bundle, so ragged blocks would give the actor
+    ragged batches (measured: sizes 1-3 among the 16s). Only the last block is short; reject tables pass
+    through on their own. Memory: one row group's pairs plus less than one block."""
+    pending: list[pa.Table] = []
+    n_pending = 0
+    for table, reject in tables:
+        if reject:
+            yield table
+            continue
+        pending.append(table)
+        n_pending += table.num_rows
         if n_pending >= block_rows:
-            table = pa.concat_tables(pending)
+            whole = pa.concat_tables(pending)
             full = n_pending // block_rows * block_rows
             for a in range(0, full, block_rows):
                 beat("read pairs")
-                yield table.slice(a, block_rows)
-            pending, n_pending = ([table.slice(full)], n_pending - full) if n_pending > full else ([], 0)
+                yield whole.slice(a, block_rows)
+            pending, n_pending = ([whole.slice(full)], n_pending - full) if n_pending > full else ([], 0)
     if n_pending:
         beat("read pairs")
         yield pa.concat_tables(pending)
-    missing = np.nonzero(~found)[0]
-    if len(missing):
-        yield _pair_block(cands.take(pa.array(missing)), None, payload, CONTENT_MISSING)
+
+
+def _pairs_for_shard(shard_key: str, corpus_uri: str, payload: str, bucket_files: list[str],
+                     storage_options: StorageOptions | None, block_rows: int) -> Iterator[pa.Table]:
+    """All candidate pairs pointing into one corpus shard, with the doc content, in whole blocks."""
+    return _whole_blocks(_shard_pair_tables(shard_key, corpus_uri, payload, bucket_files, storage_options),
+                         block_rows)
+
+
+def _pairs_for_shards(shards: list[tuple[str, str, str, list[str]]], storage_options: StorageOptions | None,
+                      block_rows: int) -> Iterator[pa.Table]:
+    """The pairs of several corpus shards (each read once, in order) as one stream of whole blocks."""
+    return _whole_blocks(itertools.chain.from_iterable(
+        _shard_pair_tables(key, uri, payload, files, storage_options) for key, uri, payload, files in shards),
+        block_rows)
 
 
 def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -> pa.Table:
@@ -147,7 +172,13 @@ def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -
 
 
 class PairsSource(Datasource):
-    """One read task per corpus shard: its candidate pairs with their content (image/uri, caption)."""
+    """Read tasks over the corpus shards (each read once): their candidate pairs with the doc content.
+
+    Consecutive shards with few pairs share a read task (at least ``TASK_BLOCKS`` blocks a task), so that
+    a shard's last, short block does not give the actor a ragged batch per shard.
+    """
+
+    TASK_BLOCKS = 16
 
     def __init__(self, shards: dict[str, tuple[str, str, list[str], int]],
                  storage_options: StorageOptions | None = None, block_rows: int = 256) -> None:
@@ -160,13 +191,27 @@ class PairsSource(Datasource):
     def get_name(self) -> str:
         return "CandidatePairs"
 
+    def groups(self) -> list[list[str]]:
+        """Shard keys per read task, in key order."""
+        out: list[list[str]] = []
+        n = 0
+        for key in sorted(self._shards):
+            if not out or n >= self.TASK_BLOCKS * self._block:
+                out.append([])
+                n = 0
+            out[-1].append(key)
+            n += self._shards[key][3]
+        return out
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: object | None = None) -> list[ReadTask]:
         tasks = []
-        for key, (uri, payload, files, n) in sorted(self._shards.items()):
-            read_fn = functools.partial(_pairs_for_shard, key, uri, payload, files, self._options, self._block)
-            tasks.append(ReadTask(read_fn, BlockMetadata(num_rows=n, size_bytes=None, exec_stats=None,
-                                                         input_files=(uri,))))
+        for keys in self.groups():
+            shards = [(k, self._shards[k][0], self._shards[k][1], self._shards[k][2]) for k in keys]
+            read_fn = functools.partial(_pairs_for_shards, shards, self._options, self._block)
+            tasks.append(ReadTask(read_fn, BlockMetadata(
+                num_rows=sum(self._shards[k][3] for k in keys), size_bytes=None, exec_stats=None,
+                input_files=tuple(self._shards[k][0] for k in keys))))
         return tasks
 
 

@@ -1,6 +1,7 @@
 """Sharded search operators: one searcher actor per index shard, a router that fans out and merges.
 
-The router is a Ray Data batch UDF: each batch of query vectors goes to every shard's searcher at once,
+The router is a Ray Data batch UDF run as a task (several batches in flight, fused with the read and
+the write): each batch of query vectors goes to every shard's searcher at once,
 and the per-shard top-k lists are merged into the exact global top-k with faiss's own
 ``merge_knn_results``. Query rows with a wrong dimension or non-finite values become reject rows.
 """

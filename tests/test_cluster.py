@@ -17,6 +17,9 @@ Stages run with small CPU requests so that the whole pipeline fits on one surviv
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -233,3 +236,21 @@ def test_node_temp_dir_stays_short_whatever_the_node_name(tmp_path: Path, monkey
     assert all(len(n.temp_dir) + len(socket_tail) <= 107 for n in nodes), [n.temp_dir for n in nodes]
     assert len({n.temp_dir for n in nodes}) == len(nodes)
     assert [f"--temp-dir={n.temp_dir}" in args for n, args in zip(nodes, started, strict=True)] == [True] * 3
+
+
+def test_an_exited_node_leader_is_not_alive() -> None:
+    """`ray start --block` is our child: once it exits it must not count as alive (as an unreaped zombie it
+    did, and LocalCluster.stop sat out its whole SIGTERM grace for every node)."""
+    from cluster.local_cluster import _alive
+
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        assert _alive(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(proc.pid)
+    finally:
+        if proc.returncode is None and _alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -262,6 +262,42 @@ def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None
     assert {t for b in bad for t in b.column(ERR_TYPE).to_pylist()} == {CONTENT_MISSING}
 
 
+def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) -> None:
+    """Shards with few pairs share one read task whose blocks are whole across the shard boundary (one
+    short block in all, not one per shard); each shard is still read once, and a shard with enough pairs
+    for its own task gets one."""
+    from operators.rerank_ops import PairsSource, _pairs_for_shards, bucket_candidates
+    from operators.storage import Storage, join
+
+    storage = Storage()
+    queries = str(tmp_path / "queries.parquet")
+    pq.write_table(pa.table({"query_id": ["q1"], "text": ["one"]}), queries)
+    shards = []
+    for key, n_pairs in (("a", 13), ("b", 11)):
+        corpus = str(tmp_path / f"corpus-{key}.parquet")
+        pq.write_table(pa.table({"doc_id": [f"{key}{i}" for i in range(30)],
+                                 "image": [f"{key}img{i}".encode() for i in range(30)],
+                                 "text": [f"{key}cap{i}" for i in range(30)]}), corpus, row_group_size=4)
+        rows = list(range(0, 2 * n_pairs, 2))
+        cand = str(tmp_path / "run" / "candidates" / f"part-{key}.parquet")
+        storage.write_table(cand, pa.table({
+            "query_id": ["q1"] * n_pairs, "rank": pa.array(range(1, n_pairs + 1), pa.int32()),
+            "doc_id": [f"{key}{r}" for r in rows], "retrieval_score": pa.array(np.ones(n_pairs), pa.float32()),
+            "doc_shard": [key] * n_pairs, "doc_row": pa.array(rows, pa.int64())}))
+        bucket_candidates(cand, f"part-{key}", str(tmp_path / "run" / "_pairs"), [queries])
+        shards.append((key, corpus, "image", storage.ls(join(str(tmp_path / "run" / "_pairs"), key), "*.parquet")))
+    blocks = list(_pairs_for_shards(shards, None, 8))
+    assert [b.num_rows for b in blocks] == [8, 8, 8]  # per shard it would be 8, 5, 8, 3
+    got = [(d, img) for b in blocks for d, img in zip(b.column("doc_id").to_pylist(),
+                                                     b.column("doc_image").to_pylist(), strict=True)]
+    assert got == [(f"{k}{r}", f"{k}img{r}".encode()) for k, n in (("a", 13), ("b", 11)) for r in range(0, 2 * n, 2)]
+    src = {k: (uri, payload, files, n) for (k, uri, payload, files), n in zip(shards, (13, 11), strict=True)}
+    assert PairsSource(src, None, 8).groups() == [["a", "b"]]
+    assert [t.metadata.num_rows for t in PairsSource(src, None, 8).get_read_tasks(1)] == [24]
+    big = {k: (uri, payload, files, 16 * 8) for k, (uri, payload, files, _) in src.items()}
+    assert PairsSource(big, None, 8).groups() == [["a"], ["b"]]
+
+
 def test_read_source_keeps_whole_blocks_so_the_actor_gets_whole_batches() -> None:
     """Few read tasks (fewer than Ray Data's minimum block count): their blocks reach an actor pool unsplit,
     so every batch has batch_size rows (plain read_datasource would split each task's output)."""
