@@ -104,6 +104,7 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
     """Search every query against the (built or reused) index; write candidates and rejects."""
     import ray
     import ray.data
+
     t0 = time.perf_counter()
     storage = storage or Storage(cfg.storage.options())
     opts = cfg.storage.options()
