@@ -134,13 +134,6 @@ def _whole_blocks(tables: Iterable[tuple[pa.Table, bool]], block_rows: int) -> I
         yield pa.concat_tables(pending)
 
 
-def _pairs_for_shard(shard_key: str, corpus_uri: str, payload: str, bucket_files: list[str],
-                     storage_options: StorageOptions | None, block_rows: int) -> Iterator[pa.Table]:
-    """All candidate pairs pointing into one corpus shard, with the doc content, in whole blocks."""
-    return _whole_blocks(_shard_pair_tables(shard_key, corpus_uri, payload, bucket_files, storage_options),
-                         block_rows)
-
-
 def _pairs_for_shards(shards: list[tuple[str, str, str, list[str]]], storage_options: StorageOptions | None,
                       block_rows: int) -> Iterator[pa.Table]:
     """The pairs of several corpus shards (each read once, in order) as one stream of whole blocks."""

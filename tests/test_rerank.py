@@ -225,7 +225,7 @@ def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None
     """PairsSource blocks hold exactly block_rows pairs across corpus row groups (the actor then gets full
     batches), only the last is short; every candidate comes out once with its own doc's content, and a row the
     shard lacks is a reject."""
-    from operators.rerank_ops import CONTENT_MISSING, _pairs_for_shard, bucket_candidates
+    from operators.rerank_ops import CONTENT_MISSING, _pairs_for_shards, bucket_candidates
     from operators.storage import Storage, join
 
     storage = Storage()
@@ -248,7 +248,7 @@ def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None
             "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
         bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries])
     files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
-    blocks = list(_pairs_for_shard("k", corpus, "image", files, None, 8))
+    blocks = list(_pairs_for_shards([("k", corpus, "image", files)], None, 8))
     ok = [b for b in blocks if not any(b.column(ERR_TYPE).to_pylist())]
     bad = [b for b in blocks if any(b.column(ERR_TYPE).to_pylist())]
     assert [b.num_rows for b in ok[:-1]] == [8] * (len(ok) - 1) and 0 < ok[-1].num_rows <= 8
