@@ -85,7 +85,7 @@ def bucket_candidates(cand_uri: str, cand_key: str, out_dir: str, query_uris: li
     return counts
 
 
-def _shard_pair_tables(shard_key: str, corpus_uri: str, payload: str, bucket_files: list[str],
+def _shard_pair_tables(corpus_uri: str, payload: str, bucket_files: list[str],
                        storage_options: StorageOptions | None) -> Iterator[tuple[pa.Table, bool]]:
     """The candidate pairs pointing into one corpus shard with the doc content, one table per row group
     read, then the pairs whose row the shard lacks (flagged: they are rejects)."""
@@ -134,12 +134,12 @@ def _whole_blocks(tables: Iterable[tuple[pa.Table, bool]], block_rows: int) -> I
         yield pa.concat_tables(pending)
 
 
-def _pairs_for_shards(shards: list[tuple[str, str, str, list[str]]], storage_options: StorageOptions | None,
+def _pairs_for_shards(shards: list[tuple[str, str, list[str]]], storage_options: StorageOptions | None,
                       block_rows: int) -> Iterator[pa.Table]:
-    """The pairs of several corpus shards (each read once, in order) as one stream of whole blocks."""
+    """The pairs of several corpus shards ((corpus uri, payload column, bucket files) each, read once, in
+    order) as one stream of whole blocks."""
     return _whole_blocks(itertools.chain.from_iterable(
-        _shard_pair_tables(key, uri, payload, files, storage_options) for key, uri, payload, files in shards),
-        block_rows)
+        _shard_pair_tables(uri, payload, files, storage_options) for uri, payload, files in shards), block_rows)
 
 
 def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -> pa.Table:
@@ -200,7 +200,7 @@ class PairsSource(Datasource):
                        data_context: object | None = None) -> list[ReadTask]:
         tasks = []
         for keys in self.groups():
-            shards = [(k, self._shards[k][0], self._shards[k][1], self._shards[k][2]) for k in keys]
+            shards = [self._shards[k][:3] for k in keys]
             read_fn = functools.partial(_pairs_for_shards, shards, self._options, self._block)
             tasks.append(ReadTask(read_fn, BlockMetadata(
                 num_rows=sum(self._shards[k][3] for k in keys), size_bytes=None, exec_stats=None,

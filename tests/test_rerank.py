@@ -248,7 +248,7 @@ def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None
             "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
         bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries])
     files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
-    blocks = list(_pairs_for_shards([("k", corpus, "image", files)], None, 8))
+    blocks = list(_pairs_for_shards([(corpus, "image", files)], None, 8))
     ok = [b for b in blocks if not any(b.column(ERR_TYPE).to_pylist())]
     bad = [b for b in blocks if any(b.column(ERR_TYPE).to_pylist())]
     assert [b.num_rows for b in ok[:-1]] == [8] * (len(ok) - 1) and 0 < ok[-1].num_rows <= 8
@@ -285,13 +285,13 @@ def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) 
             "doc_id": [f"{key}{r}" for r in rows], "retrieval_score": pa.array(np.ones(n_pairs), pa.float32()),
             "doc_shard": [key] * n_pairs, "doc_row": pa.array(rows, pa.int64())}))
         bucket_candidates(cand, f"part-{key}", str(tmp_path / "run" / "_pairs"), [queries])
-        shards.append((key, corpus, "image", storage.ls(join(str(tmp_path / "run" / "_pairs"), key), "*.parquet")))
+        shards.append((corpus, "image", storage.ls(join(str(tmp_path / "run" / "_pairs"), key), "*.parquet")))
     blocks = list(_pairs_for_shards(shards, None, 8))
     assert [b.num_rows for b in blocks] == [8, 8, 8]  # per shard it would be 8, 5, 8, 3
     got = [(d, img) for b in blocks for d, img in zip(b.column("doc_id").to_pylist(),
                                                      b.column("doc_image").to_pylist(), strict=True)]
     assert got == [(f"{k}{r}", f"{k}img{r}".encode()) for k, n in (("a", 13), ("b", 11)) for r in range(0, 2 * n, 2)]
-    src = {k: (uri, payload, files, n) for (k, uri, payload, files), n in zip(shards, (13, 11), strict=True)}
+    src = {k: (*shard, n) for k, shard, n in zip("ab", shards, (13, 11), strict=True)}
     assert PairsSource(src, None, 8).groups() == [["a", "b"]]
     assert [t.metadata.num_rows for t in PairsSource(src, None, 8).get_read_tasks(1)] == [24]
     big = {k: (uri, payload, files, 16 * 8) for k, (uri, payload, files, _) in src.items()}
