@@ -33,11 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# schemathesis and hypothesis are imported here, at collection, not inside the test: pytest rewrites the asserts
+# of pytest-plugin packages as they are imported, and on Python 3.11 that ast.parse racing another thread of this
+# process (Ray, the Serve client) can fail with "SystemError: AST constructor recursion depth mismatch" (CPython
+# gh-106905). The schemas module is the one ``schemathesis.openapi.from_url`` would import lazily.
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401
 import yaml
+from hypothesis import HealthCheck, Phase, given, settings
 
 httpx = pytest.importorskip("httpx")
 
@@ -406,9 +413,6 @@ def test_big_body_is_never_500(app: App) -> None:
 
 
 def test_schemathesis_no_5xx(app: App) -> None:
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, Phase, given, settings
-
     schema = schemathesis.openapi.from_url(f"{app.base}/openapi.json")
     ops = [res.ok() for res in schema.get_all_operations()]
     names = sorted(f"{op.method.upper()} {op.path}" for op in ops)
