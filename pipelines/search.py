@@ -143,7 +143,7 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
             # The router is a task, not an actor: it fuses with the read (and the write), and several
             # batches are in flight at once, so the searchers never wait on one batch's merge and write.
             ds = ds.map_batches(SearchRouter(searchers, sc.k, dim), batch_size=sc.batch_size,
-                                batch_format="numpy", num_cpus=sc.router_num_cpus)
+                                batch_format="pyarrow", num_cpus=sc.router_num_cpus)
             sink = make_datasink(CandidatesSink(out, "search", opts), sc.batch_size * sc.k, "WriteCandidates")
             with watch("search", cfg.ray.stall_timeout_s):
                 ds.write_datasink(sink, ray_remote_args={"num_cpus": sc.router_num_cpus})

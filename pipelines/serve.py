@@ -294,7 +294,8 @@ class LiveModels:
         t2 = time.perf_counter()
         lookup = {}
         for p in parts:
-            for g, d, s, r in zip(p["I"].ravel(), p["doc"].ravel(), p["shard"].ravel(), p["row"].ravel(), strict=True):
+            docs = p["docs"].to_pydict()
+            for g, d, s, r in zip(p["I"].ravel(), docs["doc_id"], docs["doc_shard"], docs["doc_row"], strict=True):
                 if g >= 0:
                     lookup[int(g)] = (d, s, int(r))
         hits = [(lookup[int(g)], float(sc)) for g, sc in zip(I[0], D[0], strict=True) if g >= 0]

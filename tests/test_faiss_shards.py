@@ -2,7 +2,8 @@
 
 Assignment, factory checks, seeded training, verified persistence, search parameters, the exact merge
 of per-shard top-k lists (compared with one flat index over all vectors), and IVF recall on clustered
-data. The router is exercised directly on a dict batch with in-process shard searchers.
+data. The router (and the candidates sink after it) is exercised directly on an Arrow batch with
+in-process shard searchers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators import faiss_shards as F
-from operators.search_ops import BAD_DIMENSION, NON_FINITE, SearchRouter, ShardSearcher, check_vectors
+from operators.search_ops import (
+    BAD_DIMENSION,
+    NON_FINITE,
+    CandidatesSink,
+    SearchRouter,
+    ShardSearcher,
+    check_vectors,
+)
 from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import Storage
 
@@ -408,13 +416,18 @@ class _LocalRouter(SearchRouter):
         return [s.search(q, self.k) for s in self.searchers]
 
 
-def _batch(ids: list[str | None], vectors: list[Any]) -> dict[str, np.ndarray]:
+def _batch(ids: list[str | None], vectors: list[Any], fixed: bool = False, shards: list[str] | None = None) -> pa.Table:
+    """A read block of query vectors: ``list<float>`` (any length) or ``fixed_size_list<float, DIM>``."""
     n = len(ids)
-    col = np.empty(n, dtype=object)
-    col[:] = [np.asarray(v, dtype=np.float32) for v in vectors]
-    return {ID: np.asarray(ids, dtype=object), "embedding": col, ROW: np.arange(n, dtype=np.int64),
-            SHARD: np.asarray(["qkey"] * n, dtype=object), SOURCE: np.asarray(["q.parquet"] * n, dtype=object),
-            ERR_TYPE: np.asarray([""] * n, dtype=object), ERR_MSG: np.asarray([""] * n, dtype=object)}
+    vals = [np.asarray(v, dtype=np.float32).tolist() for v in vectors]
+    emb = pa.array(vals, pa.list_(pa.float32(), DIM) if fixed else pa.list_(pa.float32()))
+    return pa.table({ID: pa.array(ids, pa.string()), "embedding": emb, ROW: pa.array(np.arange(n, dtype=np.int64)),
+                     SHARD: pa.array(shards or ["qkey"] * n, pa.string()), SOURCE: pa.array(["q.parquet"] * n),
+                     ERR_TYPE: pa.array([""] * n), ERR_MSG: pa.array([""] * n)})
+
+
+def _cols(t: pa.Table) -> dict[str, np.ndarray]:
+    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
 def test_check_vectors_marks_bad_rows() -> None:
@@ -452,7 +465,7 @@ def test_router_merges_and_rejects(tmp_path: Path, k: int, sizes: list[int]) -> 
     bad_nan[1] = np.nan
     ids = ["q0", "q-nan", "q1", "q-short", "q2"]
     router = _LocalRouter(searchers, k, DIM)
-    out = router(_batch(ids, [good[0], bad_nan, good[1], good[2][:5], good[2]]))
+    out = _cols(router(_batch(ids, [good[0], bad_nan, good[1], good[2][:5], good[2]])))
 
     m = min(k, n)
     ok = np.asarray([not e for e in out[ERR_TYPE]])
@@ -477,9 +490,49 @@ def test_router_merges_and_rejects(tmp_path: Path, k: int, sizes: list[int]) -> 
 def test_router_all_rejected_batch(tmp_path: Path) -> None:
     manifest = _write_index(tmp_path, [_random_unit(3, seed=1)])
     searchers = [ShardSearcher(str(tmp_path), e, F.SearchParams(k=2)) for e in manifest["shards"]]
-    out = _LocalRouter(searchers, 2, DIM)(_batch(["a", "b"], [np.full(DIM, np.inf), np.zeros(3)]))
+    out = _cols(_LocalRouter(searchers, 2, DIM)(_batch(["a", "b"], [np.full(DIM, np.inf), np.zeros(3)])))
     assert out[ERR_TYPE].tolist() == [NON_FINITE, BAD_DIMENSION]
     assert out["doc_id"].tolist() == [None, None] and out["rank"].tolist() == [0, 0]
+
+
+def test_router_fixed_size_vectors_equal_list_vectors(tmp_path: Path) -> None:
+    """The bulk check of fixed-size vectors (the embeddings cache's type) gives the per-row check's output."""
+    manifest = _write_index(tmp_path, [_random_unit(9, seed=2), _random_unit(5, seed=3)])
+    searchers = [ShardSearcher(str(tmp_path), e, F.SearchParams(k=6)) for e in manifest["shards"]]
+    good = _random_unit(3, seed=4)
+    nan = good[1].copy()
+    nan[7] = np.nan
+    ids, vecs = ["a", "b", "c", "d"], [good[0], nan, good[1], good[2]]
+    router = _LocalRouter(searchers, 6, DIM)
+    fixed, listed = router(_batch(ids, vecs, fixed=True)), router(_batch(ids, vecs))
+    assert fixed.schema == listed.schema
+    for name, col in _cols(fixed).items():
+        np.testing.assert_array_equal(col, _cols(listed)[name], err_msg=name)  # NaN scores of rejects compare equal
+    assert _cols(fixed)[ERR_TYPE].tolist() == [""] * 18 + [NON_FINITE]
+
+
+def test_candidates_sink_writes_arrow_parts_per_query_shard(tmp_path: Path) -> None:
+    """Router output of a batch spanning two query shards, with rejects: one candidates part per shard
+    named by its first query row, reject rows in the rejects contract, nothing lost."""
+    manifest = _write_index(tmp_path / "index", [_random_unit(8, seed=5)])
+    searchers = [ShardSearcher(str(tmp_path / "index"), e, F.SearchParams(k=3)) for e in manifest["shards"]]
+    good = _random_unit(4, seed=6)
+    batch = _batch(["a", "b", "c", "d", "e"], [good[0], good[1][:4], good[1], good[2], good[3]],
+                   shards=["qa", "qa", "qb", "qb", "qb"])
+    out = _LocalRouter(searchers, 3, DIM)(batch)
+    recs = CandidatesSink(str(tmp_path / "run"), "search").write_arrow(out)
+    assert sum(r["rows_ok"] for r in recs) == 4 * 3 and sum(r["rows_rejected"] for r in recs) == 1
+    parts = {r["shard"]: r["part"] for r in recs if r["part"]}
+    assert parts == {"qa": "part-qa-000000000000.parquet", "qb": "part-qb-000000000002.parquet"}
+    qa = pq.read_table(tmp_path / "run" / "candidates" / parts["qa"])
+    expected = _cols(out)
+    sel = expected[SHARD] == "qa"
+    assert qa.column("query_id").to_pylist() == ["a"] * 3
+    assert qa.column("doc_id").to_pylist() == expected["doc_id"][sel & (expected[ERR_TYPE] == "")].tolist()
+    rej = [r for r in recs if r["rejects"]]
+    assert [(r["shard"], r["reject_types"]) for r in rej] == [("qa", {BAD_DIMENSION: 1})]
+    rows = pq.read_table(tmp_path / "run" / "rejects" / rej[0]["rejects"]).to_pylist()
+    assert [(r["id"], r["row_index"], r["error_type"]) for r in rows] == [("b", 1, BAD_DIMENSION)]
 
 
 def test_manifest_json_is_plain_data(tmp_path: Path) -> None:
