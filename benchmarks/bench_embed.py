@@ -359,7 +359,7 @@ class ProcSampler(threading.Thread):
 
 
 def _timed_embedder(events: str) -> type:
-    from operators.embedders import PIXELS, ImageEmbedder
+    from operators.embedders import EMBEDDING, ImageEmbedder
 
     class TimedImageEmbedder(ImageEmbedder):
         """The pipeline's ImageEmbedder, plus timestamps of its start-up and of every batch."""
@@ -376,7 +376,7 @@ def _timed_embedder(events: str) -> type:
             t0 = time.time()
             out = super().__call__(batch)
             _event(events, {"ev": "encode", "pid": os.getpid(), "t0": t0, "t1": time.time(),
-                            "rows": len(batch[PIXELS])})
+                            "rows": len(out[EMBEDDING])})
             return out
 
     return TimedImageEmbedder

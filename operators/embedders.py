@@ -151,11 +151,22 @@ class _Embedder(ABC):
 
 
 class ImageEmbedder(_Embedder):
-    """Actor: preprocessed pixels -> L2-normalised image embeddings."""
+    """Actor: preprocessed pixels -> L2-normalised image embeddings.
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = batch[PIXELS]
-        return self._run(batch, list(pixels))
+    With ``decoder`` set, a batch arrives as the read's table (image bytes) and is decoded here, right
+    before the model runs, instead of in separate tasks.
+    """
+
+    def __init__(self, model: ResolvedModel, device: str = "cpu", precision: str = "auto",
+                 torch_threads: int | None = None, out_dtype: str = "float32",
+                 storage_options: StorageOptions | None = None, decoder: DecodeImages | None = None) -> None:
+        super().__init__(model, device, precision, torch_threads, out_dtype, storage_options)
+        self.decoder = decoder
+
+    def __call__(self, batch: dict[str, np.ndarray] | pa.Table) -> dict[str, np.ndarray]:
+        if self.decoder is not None:
+            batch = self.decoder(batch)
+        return self._run(batch, list(batch[PIXELS]))
 
     def _encode(self, items: list[np.ndarray]) -> np.ndarray:
         import torch

@@ -106,6 +106,10 @@ class EmbedConfig(_Strict):
     # Read+decode tasks. Differs from actor_num_cpus on purpose: Ray Data fuses a CPU map into the
     # actor stage when their resources match, and decode must overlap with the model, not precede it.
     decode_num_cpus: float = Field(default=0.5, gt=0)
+    # Decode images inside the embedder actor, just before the model, instead of in separate tasks.
+    # "auto": on CPU devices (the actor's torch threads already use the cores, and decode tasks next to it
+    # only preempt them); on GPUs decode runs in parallel CPU tasks so the GPU never waits for it.
+    decode_in_actor: bool | Literal["auto"] = "auto"
     write_num_cpus: float = Field(default=0.25, gt=0)
     rows_per_read_task: int = Field(default=256, gt=0)
     write_batch_size: int = Field(default=4096, gt=0)

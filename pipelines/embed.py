@@ -162,23 +162,26 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
     idc = KINDS[kind].id_column
     # Same resources as decode, so read+decode fuse into one task (no extra object-store hop).
     ds = read_source(ShardSource(todo, idc, opts, e.rows_per_read_task), num_cpus=e.decode_num_cpus)
+    kwargs: dict[str, Any] = {"model": rm, "device": device, "precision": e.precision, "torch_threads": threads,
+                              "out_dtype": e.dtype, "storage_options": opts}
+    batch_format = "numpy"
     if kind == "corpus":
-        ds = ds.map_batches(
-            DecodeImages(rm.preprocess, e.max_image_pixels, e.allowed_formats, e.max_image_bytes, opts),
-            batch_format="pyarrow", batch_size=e.batch_size, num_cpus=e.decode_num_cpus,
-        )
+        decoder = DecodeImages(rm.preprocess, e.max_image_pixels, e.allowed_formats, e.max_image_bytes, opts)
+        if e.decode_in_actor is True or (e.decode_in_actor == "auto" and device == "cpu"):
+            kwargs["decoder"], batch_format = decoder, "pyarrow"
+        else:
+            ds = ds.map_batches(decoder, batch_format="pyarrow", batch_size=e.batch_size, num_cpus=e.decode_num_cpus)
         actor_cls: type = ImageEmbedder
     else:
         actor_cls = TextEmbedder
     ds = ds.map_batches(
         actor_cls,
-        fn_constructor_kwargs={"model": rm, "device": device, "precision": e.precision,
-                               "torch_threads": threads, "out_dtype": e.dtype, "storage_options": opts},
+        fn_constructor_kwargs=kwargs,
         # A second call in flight: Ray Data batches the next input while the model runs (the UDF itself
         # still runs one at a time).
         compute=ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2),
         batch_size=e.batch_size,
-        batch_format="numpy",
+        batch_format=batch_format,
         **actor_res,
     )
     sink = make_datasink(EmbeddingsSink(cache, rm.embed_dim, e.dtype, f"embed_{kind}", opts), e.write_batch_size,

@@ -75,8 +75,10 @@ def bad_sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
                        bad_rows=True, image_size=48)
 
 
-def test_embed_fidelity_rejects_and_cache(bad_sample: SampleInfo, tmp_path: Path) -> None:
-    cfg = _cfg(str(tmp_path / "out"), bad_sample)
+# On CPU "auto" decodes inside the embedder actor; False is the GPU clusters' layout (decode tasks feed the actor).
+@pytest.mark.parametrize("decode_in_actor", ["auto", False], ids=["decode-in-actor", "decode-tasks"])
+def test_embed_fidelity_rejects_and_cache(bad_sample: SampleInfo, tmp_path: Path, decode_in_actor: Any) -> None:
+    cfg = _cfg(str(tmp_path / "out"), bad_sample, decode_in_actor=decode_in_actor)
     storage = Storage()
     corpus, queries = run_embed(cfg)
     _check_counts(corpus)
