@@ -18,22 +18,7 @@ log = logging.getLogger(__name__)
 _FORWARD = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
             "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MMR_FAULT_INJECT")
 
-# Worker defaults, unless the driver's environment or `ray.env_vars` says otherwise. OpenMP threads that
-# wait at a barrier sleep instead of spinning: a CPU model actor's torch threads share the cores with Ray's
-# own processes and the stage's tasks, and a thread spinning for a preempted sibling holds a core that
-# sibling needs (bench_embed, ViT-B-32 on 2 cores: actor 12% -> 5% slower than the plain loop per batch;
-# a process alone on the machine runs as fast either way).
-_WORKER_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-
 _SINGLE_NODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def worker_env(cfg: RayConfig) -> dict[str, str]:
-    """The job's ``runtime_env`` env_vars: forwarded non-secret settings, worker defaults, the config's."""
-    env = {k: os.environ[k] for k in _FORWARD if k in os.environ}
-    env.update({k: os.environ.get(k, v) for k, v in _WORKER_DEFAULTS.items()})
-    env.update(cfg.env_vars)
-    return env
 
 
 @contextlib.contextmanager
@@ -66,7 +51,9 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env(cfg)}}
+        env = {k: os.environ[k] for k in _FORWARD if k in os.environ}
+        env.update(cfg.env_vars)
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
         if cfg.address:
             kwargs["address"] = cfg.address
         else:

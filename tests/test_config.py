@@ -426,19 +426,3 @@ def test_main_keeps_the_callers_log_handlers(
     capsys.readouterr()
     assert caplog.handler in logging.getLogger().handlers
     assert "embed.batch_size" in caplog.text
-
-
-def test_worker_env_defaults_forwarding_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Workers sleep at OpenMP barriers by default; the driver's environment, then ray.env_vars, win."""
-    from pipelines.ray_env import worker_env
-
-    for k in ("OMP_WAIT_POLICY", "AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-forwarded")
-    cfg = parse_config({"root": "/tmp/x", "corpus": "/tmp/c"})
-    assert worker_env(cfg.ray) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert worker_env(cfg.ray) == {"OMP_WAIT_POLICY": "ACTIVE", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
-    cfg = parse_config({"root": "/tmp/x", "corpus": "/tmp/c", "ray": {"env_vars": {"OMP_WAIT_POLICY": "active"}}})
-    assert worker_env(cfg.ray)["OMP_WAIT_POLICY"] == "active"
