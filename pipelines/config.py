@@ -107,8 +107,8 @@ class EmbedConfig(_Strict):
     # actor stage when their resources match, and decode must overlap with the model, not precede it.
     decode_num_cpus: float = Field(default=0.5, gt=0)
     # Decode images inside the embedder actor, just before the model, instead of in separate tasks.
-    # "auto": on CPU devices (the actor's torch threads already use the cores, and decode tasks next to it
-    # only preempt them); on GPUs decode runs in parallel CPU tasks so the GPU never waits for it.
+    # "auto": on CPU devices (same throughput, and no float32 pixel batches in the object store: peak RSS
+    # 6.6 -> 4.2 GB in bench_embed); on GPUs decode runs in parallel CPU tasks so the GPU never waits for it.
     decode_in_actor: bool | Literal["auto"] = "auto"
     write_num_cpus: float = Field(default=0.25, gt=0)
     rows_per_read_task: int = Field(default=256, gt=0)
