@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 BAD_DIMENSION = "bad_dimension"
 NON_FINITE = "non_finite_vector"
+NON_FINITE_MSG = "vector contains NaN or inf"
 
 CANDIDATES = pa.schema([
     ("query_id", pa.string()),
@@ -90,7 +91,7 @@ def check_vectors(values: Any, dim: int, err_type: np.ndarray, err_msg: np.ndarr
         if v.shape[0] != dim:
             err_type[i], err_msg[i] = BAD_DIMENSION, f"vector has {v.shape[0]} values, the index has dim {dim}"
         elif not np.isfinite(v).all():
-            err_type[i], err_msg[i] = NON_FINITE, "vector contains NaN or inf"
+            err_type[i], err_msg[i] = NON_FINITE, NON_FINITE_MSG
         else:
             q[i] = v
     return q
@@ -106,7 +107,7 @@ def query_vectors(col: pa.ChunkedArray | pa.Array, dim: int, err_type: np.ndarra
     q = np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), dim)
     for i in np.nonzero(~np.isfinite(q).all(axis=1))[0]:
         if not err_type[i]:
-            err_type[i], err_msg[i] = NON_FINITE, "vector contains NaN or inf"
+            err_type[i], err_msg[i] = NON_FINITE, NON_FINITE_MSG
     return q
 
 

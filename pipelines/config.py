@@ -103,8 +103,8 @@ class EmbedConfig(_Strict):
     actor_num_cpus: float = Field(default=1.0, gt=0)
     # Torch intra-op threads in a CPU actor: "auto" = node CPUs / CPU actors on that node.
     torch_threads: int | Literal["auto"] = "auto"
-    # Read+decode tasks. Differs from actor_num_cpus on purpose: Ray Data fuses a CPU map into the
-    # actor stage when their resources match, and decode must overlap with the model, not precede it.
+    # Read (+decode, when decode is not in the actor) tasks. Differs from actor_num_cpus on purpose: Ray Data
+    # fuses a CPU map into the actor stage when their resources match, and decode must overlap with the model.
     decode_num_cpus: float = Field(default=0.5, gt=0)
     # Decode images inside the embedder actor, just before the model, instead of in separate tasks.
     # "auto": on CPU devices (same throughput, and no float32 pixel batches in the object store: peak RSS
