@@ -32,6 +32,9 @@ A/B of a fix (``--ab-async``): a second copy of the app is deployed under ``/var
 sides see the same machine noise. ``--ab-module FILE.py`` does the same with any patched copy of
 ``pipelines/serve.py`` (its ``build_app``).
 ``--ray-env KEY=VALUE`` (repeatable) sets environment variables before Ray starts (e.g. Serve's proxy flags).
+``--ingress direct|proxy`` (default: the app's default, direct): whether the app's ingress replica listens on
+the port itself or Serve's HTTP proxy does; the floor apps and the A/B variant are routed by the proxy, so
+they need ``--ingress proxy`` (with ``direct`` the floor is ``/healthz`` alone).
 Nothing is asserted; ``--json`` writes every figure.
 """
 
@@ -388,7 +391,8 @@ def ab_rounds(url: str, paths: list[str], levels: list[int], n: int, rounds: int
 def print_report(res: dict[str, Any]) -> None:
     p = print
     p("")
-    p(f"run {res['run_id']} ({res['queries']} queries with results), app {res['url']}")
+    p(f"run {res['run_id']} ({res['queries']} queries with results), app {res['url']} "
+      f"({res.get('ingress', '?')} ingress)")
     p(f"machine: {os.cpu_count()} CPUs; load average at start {res['loadavg_start']:.2f}. 'cpu busy' = machine-wide "
       "busy fraction during the level, 'ours' = the share of that busy time spent by this script and the Ray "
       "instance it started (client threads, proxy, replicas); with an external --url only the client counts; "
@@ -472,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="A/B against any patched copy of pipelines/serve.py (its build_app), instead of --ab-async")
     ap.add_argument("--ab-rounds", type=int, default=3)
     ap.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
+                    help="the app's ingress (ServeSettings.ingress); floor apps and A/B need proxy")
     ap.add_argument("--json", help="write all figures here")
     args = ap.parse_args(argv)
 
@@ -485,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = args.floor if args.floor is not None else args.url is None
     if args.url and not args.root:
         ap.error("--url needs --root (to know the run's query ids and texts)")
+    if args.ingress == "direct" and (args.ab_async or args.ab_module):
+        ap.error("--ab-async / --ab-module deploy a second app behind Serve's proxy: use --ingress proxy")
     loadavg_start = os.getloadavg()[0]
 
     started_ray = False
@@ -521,10 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         started_ray = True
         from pipelines.serve import ServeSettings, start
 
-        settings = ServeSettings(root=root, port=_free_port(), device="cpu")
+        settings = ServeSettings(root=root, port=_free_port(), device="cpu", ingress=args.ingress)
         start(settings)
         url = f"http://{settings.host}:{settings.port}"
-        if floor:
+        if floor and args.ingress == "proxy":
             deploy_floor()
         if variant is not None:
             deploy_variant(variant, settings)
@@ -534,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     if ab:
         _wait_ok(url + "/variant")
     run_id, qids, texts, k = run_info(root)
-    res: dict[str, Any] = {"url": url, "root": root, "run_id": run_id, "queries": len(qids),
+    res: dict[str, Any] = {"url": url, "root": root, "run_id": run_id, "queries": len(qids), "ingress": args.ingress,
                            "variant": str(args.ab_module) if args.ab_module else "async GET endpoints",
                            "loadavg_start": loadavg_start, "args": vars(args), "lookup": {}}
     paths = [f"/v1/results/{urllib.parse.quote(q, safe='')}" for q in qids]
@@ -543,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"lookup": paths}
     if floor:
         targets["healthz"] = ["/healthz"]
-        if started_ray:
+        if started_ray and args.ingress == "proxy":
             targets["floor (trivial app)"] = ["/floor/ping"]
             targets["floor async"] = ["/floor/aping"]
     try:

@@ -194,7 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.ray_env import ensure_ray
     from pipelines.serve import ServeSettings, start
 
-    settings = ServeSettings(root=args.root, host=args.host, port=args.port, reload_interval_s=args.reload_interval)
+    settings = ServeSettings(root=args.root, host=args.host, port=args.port, reload_interval_s=args.reload_interval,
+                             ingress=args.ingress)
     ensure_ray(RayConfig(address=args.address))  # the one place that starts/joins Ray (same rules as the jobs)
     start(settings, blocking=True)
     return 0
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless told otherwise)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--reload-interval", type=float, default=10.0, help="seconds between LATEST polls")
+    sv.add_argument("--ingress", choices=["direct", "proxy"], default="direct",
+                    help="direct: the app's ingress replica listens on --port (one hop, fastest on one host); "
+                         "proxy: Serve's HTTP proxy does (several ingress replicas, multi-node)")
     sv.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     sv.set_defaults(fn=cmd_serve)
 

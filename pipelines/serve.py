@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,10 @@ class ServeSettings(BaseModel):
     max_queued_requests: int = Field(default=64, gt=0)
     allowed_url_schemes: tuple[str, ...] = ("s3",)  # image_url fetches; file/http are refused (no SSRF/LFI)
     device: str = "auto"
+    # "direct": the ingress replica itself listens on host:port (Serve's direct ingress), one HTTP hop
+    # less than "proxy" (Serve's HTTP proxy actor in front): about a quarter of the CPU per lookup here
+    # (benchmarks/README). "proxy" for several ingress replicas behind one port, or a multi-node cluster.
+    ingress: Literal["direct", "proxy"] = "direct"
 
 
 # --- request / response models ------------------------------------------------------------------
@@ -576,19 +580,90 @@ class Api:
             raise HTTPException(status_code=422, detail=f"documents[{i}]: cannot read image: {type(e).__name__}") from None
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Serve's direct-ingress flags, read when Serve's modules load in the controller and the ingress replica.
+
+    The port range is just ``port`` (``range(min, max)``): the one ingress replica listens where the user
+    asked. The drain before a replica stops is 1 s instead of 30 s: no load balancer has to notice it.
+    """
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
 def build_app(settings: ServeSettings) -> Any:
     """The Serve application graph: the ingress holds a handle to the model deployment."""
     api.state.max_body_bytes = settings.max_body_bytes
     models = LiveModels.options(max_ongoing_requests=settings.max_ongoing_requests * 2).bind(settings.device)
-    return Api.options(max_ongoing_requests=settings.max_ongoing_requests,
-                       max_queued_requests=settings.max_queued_requests).bind(settings.model_dump(), models)
+    opts: dict[str, Any] = {"max_ongoing_requests": settings.max_ongoing_requests,
+                            "max_queued_requests": settings.max_queued_requests}
+    if settings.ingress == "direct":
+        opts["ray_actor_options"] = {"runtime_env": {"env_vars": direct_ingress_env(settings.port)}}
+    return Api.options(**opts).bind(settings.model_dump(), models)
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(host: str, port: int, deadline_s: float) -> bool:
+    import socket
+
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            with socket.create_connection((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port), 1.0):
+                return True
+        except OSError:
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.2)
 
 
 def start(settings: ServeSettings, blocking: bool = False) -> Any:
-    """Start Serve on ``settings.host:port`` (loopback by default) and deploy the app."""
-    serve.start(http_options={"host": settings.host, "port": settings.port},
-                logging_config={"enable_access_log": False})
-    return serve.run(build_app(settings), blocking=blocking, name="mmrerank", route_prefix="/")
+    """Start Serve and deploy the app on ``settings.host:port`` (loopback by default).
+
+    ``ingress="direct"``: the ingress replica listens on the port itself; Serve's proxy still runs (it is
+    how Serve starts) on a free port of the same host and nothing needs it. ``"proxy"``: the proxy listens.
+    """
+    if not _port_free(settings.host, settings.port):
+        raise OSError(f"{settings.host}:{settings.port} is already in use")
+    if settings.ingress == "direct":
+        proxy_port = _free_port(settings.host)
+        serve.start(http_options={"host": settings.host, "port": proxy_port},
+                    controller_options={"runtime_env": {"env_vars": direct_ingress_env(settings.port)}},
+                    logging_config={"enable_access_log": False})
+    else:
+        serve.start(http_options={"host": settings.host, "port": settings.port},
+                    logging_config={"enable_access_log": False})
+    handle = serve.run(build_app(settings), blocking=False, name="mmrerank", route_prefix="/")
+    if settings.ingress == "direct" and not _listening(settings.host, settings.port, 30.0):
+        raise RuntimeError(
+            f"the app is deployed but nothing listens on {settings.host}:{settings.port}: a Serve instance "
+            "already running in this Ray cluster was started without direct ingress (run `serve shutdown`, "
+            "or use ingress=proxy)")
+    log.info("serving on http://%s:%d (%s ingress)", settings.host, settings.port, settings.ingress)
+    if blocking:
+        from ray.serve._private.utils import wait_for_interrupt
+
+        wait_for_interrupt()  # what serve.run(blocking=True) does after deploying
+    return handle
 
 
 def app_from_env(args: dict[str, Any] | None = None) -> Any:
@@ -597,9 +672,10 @@ def app_from_env(args: dict[str, Any] | None = None) -> Any:
     import os
 
     if args:
-        return build_app(ServeSettings(**args))
+        return build_app(ServeSettings(**{"ingress": "proxy", **args}))
     settings = ServeSettings(root=os.environ["MMRERANK_ROOT"],
                              reload_interval_s=float(os.environ.get("MMRERANK_RELOAD_INTERVAL_S", "10")),
                              host=os.environ.get("MMRERANK_HOST", "127.0.0.1"),
-                             port=int(os.environ.get("MMRERANK_PORT", "8000")))
+                             port=int(os.environ.get("MMRERANK_PORT", "8000")),
+                             ingress="proxy")  # the cluster's Serve (and its proxy) is configured there
     return build_app(settings)

@@ -655,6 +655,8 @@ def test_serve_http_listens_on_loopback_only_and_no_dashboard(served: Served) ->
     on_port = [s for s in listeners if s.port == served.port]
     assert on_port, f"nothing of this process tree listens on the Serve port {served.port}: {listeners}"
     assert all(_is_loopback(s.ip) for s in on_port), on_port
+    # direct ingress (the default): the ingress replica itself listens there
+    assert all(s.name.startswith("ray::ServeReplica:mmrerank:Api") for s in on_port), on_port
     assert served.get(b"/healthz").status == 200
     # A request to another interface of this host does not reach the app.
     node_ip = ray.util.get_node_ip_address()
@@ -665,10 +667,11 @@ def test_serve_http_listens_on_loopback_only_and_no_dashboard(served: Served) ->
     assert not [s for s in listeners if s.port in (8265, 9000)], listeners
 
 
-def _serve_replica_grpc(listeners: list[Listener]) -> set[Listener]:
+def _serve_replica_grpc(listeners: list[Listener], http_port: int) -> set[Listener]:
     """Ray Serve's inter-deployment gRPC server: one per replica, hard-coded on ``[::]:0`` in Ray 2.60
     (ray/serve/_private/replica.py ``_on_initialized``), no option to bind it elsewhere. Known, upstream.
-    It is the replica's ``::`` listener that is not its core worker's port (from the GCS actor table)."""
+    It is the replica's ``::`` listener that is neither its core worker's port (from the GCS actor table)
+    nor the app's HTTP port (the ingress replica listens there itself with direct ingress)."""
     import ray._private.state as ray_state
 
     core_port = {a["Pid"]: a["Address"]["Port"] for a in ray_state.actors().values()
@@ -676,7 +679,7 @@ def _serve_replica_grpc(listeners: list[Listener]) -> set[Listener]:
     out: set[Listener] = set()
     for pid in {s.pid for s in listeners if s.name.startswith("ray::ServeReplica:")}:
         assert pid in core_port, (pid, core_port)
-        extra = [s for s in listeners if s.pid == pid and s.port != core_port[pid]]
+        extra = [s for s in listeners if s.pid == pid and s.port not in (core_port[pid], http_port)]
         assert len(extra) <= 1, f"replica {pid} listens on more than its core worker and gRPC ports: {extra}"
         out.update(s for s in extra if s.ip == "::")
     return out
@@ -686,7 +689,7 @@ def test_local_ray_listens_on_loopback_only(served: Served) -> None:
     listeners = _listeners()
     assert len(listeners) >= 5, listeners
     assert any(s.name.startswith("ray::ServeReplica:") for s in listeners), listeners
-    known = _serve_replica_grpc(listeners)
+    known = _serve_replica_grpc(listeners, served.port)
     exposed = sorted({s for s in listeners if not _is_loopback(s.ip)} - known, key=lambda s: (s.pid, s.port))
     assert not exposed, "listening beyond loopback:\n" + "\n".join(f"  {s.ip}:{s.port} pid {s.pid} {s.name}"
                                                                     for s in exposed)

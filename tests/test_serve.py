@@ -1,8 +1,9 @@
 """The Ray Serve app (``pipelines.serve``) over real HTTP, on a real quickstart run.
 
 One module-scoped setup: a quickstart sample + run (40 docs, 6 queries, 2 shards) in a tmp dir, one local Ray,
-one Serve app on 127.0.0.1:<free port> polling ``LATEST`` every second. Every request goes through Serve's HTTP
-proxy (httpx), nothing calls the deployments directly.
+one Serve app on 127.0.0.1:<free port> polling ``LATEST`` every second, its ingress replica listening on that
+port (``ingress="direct"``, the default). Every request goes over HTTP (httpx), nothing calls the deployments
+directly. The last test restarts the app behind Serve's HTTP proxy (``ingress="proxy"``) and compares.
 
 * Lookup: ``GET /v1/results/{qid}`` equals the run's results parquet rows (order, scores); limits -> 4xx.
 * Live search: the text of a query in the run with ``top_k = search.k`` gives the batch pipeline's results
@@ -15,7 +16,8 @@ proxy (httpx), nothing calls the deployments directly.
 * Hot reload under traffic: a second run is picked up with every request answered 200; a corrupt or
   incomplete run named by ``LATEST`` is refused, the old run keeps serving and ``/healthz`` says degraded.
 
-Order matters: the hot-reload tests run last (they change the served run and leave it degraded).
+Order matters: the hot-reload tests run near the end (they change the served run and leave it degraded), the
+proxy test last (it restarts Serve).
 """
 
 from __future__ import annotations
@@ -626,3 +628,34 @@ def test_health_recovers_when_latest_rolls_back(app: App) -> None:
     _cas_latest(app.root, served)  # the operator rolls LATEST back to the good run
     time.sleep(4 * RELOAD_S)
     assert app.health() == {"status": "ok", "run_id": served, "reload_error": None}
+
+
+def test_start_refuses_a_busy_port() -> None:
+    from pipelines.serve import ServeSettings, start
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for ingress in ("direct", "proxy"):  # refused before Serve starts: no Ray needed
+            with pytest.raises(OSError, match=f"127.0.0.1:{port} is already in use"):
+                start(ServeSettings(root="/nonexistent", port=port, ingress=ingress))
+
+
+def test_proxy_ingress_answers_the_same(app: App) -> None:
+    """Last: Serve restarted with its HTTP proxy on a new port in front of the same app and root."""
+    from ray import serve
+
+    from pipelines.serve import start
+
+    run_id = app.served()
+    paths = [f"/v1/results/{q}" for q in sorted(app.queries)] + ["/v1/results/no-such-query"]
+    before = [(r.status_code, r.json()) for r in (app.get(p) for p in paths)]
+    assert [c for c, _ in before].count(200) >= 1 and before[-1][0] == 404
+    serve.shutdown()
+    settings = app.settings.model_copy(update={"ingress": "proxy", "port": _free_port()})
+    start(settings)
+    with httpx.Client(base_url=f"http://{settings.host}:{settings.port}", timeout=60.0) as c:
+        _wait(lambda: c.get("/healthz").json().get("run_id") == run_id, HEALTH_DEADLINE_S, "proxy /healthz")
+        after = [(r.status_code, r.json()) for r in (c.get(p) for p in paths)]
+    assert after == before
