@@ -57,7 +57,7 @@ class ServeSettings(BaseModel):
     allowed_url_schemes: tuple[str, ...] = ("s3",)  # image_url fetches; file/http are refused (no SSRF/LFI)
     device: str = "auto"
     # "direct": the ingress replica itself listens on host:port (Serve's direct ingress), one HTTP hop
-    # less than "proxy" (Serve's HTTP proxy actor in front): about a quarter of the CPU per lookup here
+    # less than "proxy" (Serve's HTTP proxy actor in front): about a fifth of the CPU per lookup here
     # (benchmarks/README). "proxy" for several ingress replicas behind one port, or a multi-node cluster.
     ingress: Literal["direct", "proxy"] = "direct"
 
@@ -607,6 +607,7 @@ def _port_free(host: str, port: int) -> bool:
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT leftovers are no owner
         try:
             s.bind((host, port))
         except OSError:
