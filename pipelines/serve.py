@@ -223,6 +223,7 @@ class _Live:
         self.corpus = _corpus_sources(self.storage, cfg.root, manifest["model_fingerprint"],
                                       [k for e in manifest["shards"] for k in e["corpus_shards"]])
         self._pf: dict[str, Any] = {}
+        self._starts: dict[str, np.ndarray] = {}  # first row of each row group, per corpus file
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -236,14 +237,30 @@ class _Live:
         D, I = F.merge([(p["D"], p["I"]) for p in parts])  # noqa: E741
         return D, I, parts
 
-    def content(self, shard: str, row: int) -> tuple[bytes | None, str | None, str | None]:
-        uri, payload = self.corpus[shard]
-        pf = self._pf.get(uri) or self._pf.setdefault(uri, self.storage.parquet_file(uri))
-        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
-        g = int(np.searchsorted(starts, row, side="right") - 1)
-        cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
-        r = pf.read_row_group(g, columns=cols).slice(int(row - starts[g]), 1).to_pylist()[0]
-        return r.get("image"), r.get("image_uri"), r.get("text")
+    def contents(self, locs: list[tuple[str, int]]) -> list[tuple[bytes | None, str | None, str | None]]:
+        """(image bytes, image uri, caption) of each ``(corpus shard, row)``: one read per parquet row group
+        holding any of them (a row group is the smallest unit a parquet reader fetches)."""
+        wanted: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (shard, row group) -> [(position, row in it)]
+        for pos, (shard, row) in enumerate(locs):
+            starts = self._row_group_starts(shard)
+            g = int(np.searchsorted(starts, row, side="right") - 1)
+            wanted.setdefault((shard, g), []).append((pos, int(row - starts[g])))
+        out: list[tuple[bytes | None, str | None, str | None]] = [(None, None, None)] * len(locs)
+        for (shard, g), rows in wanted.items():
+            uri, payload = self.corpus[shard]
+            pf = self._pf[uri]
+            cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
+            got = pf.read_row_group(g, columns=cols).take([r for _, r in rows]).to_pylist()
+            for (pos, _), r in zip(rows, got, strict=True):
+                out[pos] = (r.get("image"), r.get("image_uri"), r.get("text"))
+        return out
+
+    def _row_group_starts(self, shard: str) -> np.ndarray:
+        uri, _ = self.corpus[shard]
+        if uri not in self._pf:
+            md = self._pf.setdefault(uri, self.storage.parquet_file(uri)).metadata
+            self._starts[uri] = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+        return self._starts[uri]
 
     def image(self, data: bytes | None, uri: str | None) -> Any:
         from operators.decode import decode_image
@@ -319,8 +336,7 @@ class LiveModels:
         live = self._need()
         t0 = time.perf_counter()
         pairs = []
-        for h in hits:
-            data, uri, cap = live.content(h["doc_shard"], h["doc_row"])
+        for data, uri, cap in live.contents([(h["doc_shard"], h["doc_row"]) for h in hits]):
             image = live.image(data, uri) if live.backend is not None and live.backend.needs_image else None
             pairs.append((text, image, cap))
         t1 = time.perf_counter()

@@ -630,6 +630,31 @@ def test_health_recovers_when_latest_rolls_back(app: App) -> None:
     assert app.health() == {"status": "ok", "run_id": served, "reload_error": None}
 
 
+def test_live_content_fetch_reads_each_row_group_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates' content by (shard, row), in any order and with repeats: the same rows as one-by-one reads,
+    with one row-group read per row group that holds any of them."""
+    import pyarrow.parquet as pq
+
+    from pipelines.serve import _Live
+
+    files = {}
+    for shard, n in (("a", 23), ("b", 9)):
+        files[shard] = str(tmp_path / f"{shard}.parquet")
+        pq.write_table(pa.table({"doc_id": [f"{shard}{i}" for i in range(n)],
+                                 "image": [f"{shard}-img-{i}".encode() for i in range(n)],
+                                 "text": [f"{shard} caption {i}" for i in range(n)]}), files[shard], row_group_size=5)
+    live = _Live.__new__(_Live)  # only what contents() needs: no model, no index
+    live.storage, live.corpus, live._pf, live._starts = Storage(), {k: (u, "image") for k, u in files.items()}, {}, {}
+    reads: list[int] = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **kw: reads.append(i) or real(self, i, *a, **kw))
+    locs = [("a", 22), ("b", 0), ("a", 0), ("a", 7), ("a", 22), ("b", 8), ("a", 9), ("a", 5)]
+    got = live.contents(locs)
+    assert got == [(f"{s}-img-{r}".encode(), None, f"{s} caption {r}") for s, r in locs]
+    assert sorted(reads) == [0, 0, 1, 1, 4]  # a: groups 4, 0, 1 (rows 7, 9, 5) ; b: groups 0, 1
+
+
 def test_start_refuses_a_busy_port() -> None:
     from pipelines.serve import ServeSettings, start
 
