@@ -222,8 +222,7 @@ class _Live:
         self.backend = None if cfg.rerank.backend == "none" else create(self.spec, device, precision)
         self.corpus = _corpus_sources(self.storage, cfg.root, manifest["model_fingerprint"],
                                       [k for e in manifest["shards"] for k in e["corpus_shards"]])
-        self._pf: dict[str, Any] = {}
-        self._starts: dict[str, np.ndarray] = {}  # first row of each row group, per corpus file
+        self._files: dict[str, tuple[Any, np.ndarray]] = {}  # corpus uri -> (ParquetFile, row group starts)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -242,25 +241,26 @@ class _Live:
         holding any of them (a row group is the smallest unit a parquet reader fetches)."""
         wanted: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (shard, row group) -> [(position, row in it)]
         for pos, (shard, row) in enumerate(locs):
-            starts = self._row_group_starts(shard)
+            starts = self._file(shard)[1]
             g = int(np.searchsorted(starts, row, side="right") - 1)
             wanted.setdefault((shard, g), []).append((pos, int(row - starts[g])))
         out: list[tuple[bytes | None, str | None, str | None]] = [(None, None, None)] * len(locs)
         for (shard, g), rows in wanted.items():
-            uri, payload = self.corpus[shard]
-            pf = self._pf[uri]
-            cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
+            pf = self._file(shard)[0]
+            cols = [self.corpus[shard][1]] + (["text"] if "text" in pf.schema_arrow.names else [])
             got = pf.read_row_group(g, columns=cols).take([r for _, r in rows]).to_pylist()
             for (pos, _), r in zip(rows, got, strict=True):
                 out[pos] = (r.get("image"), r.get("image_uri"), r.get("text"))
         return out
 
-    def _row_group_starts(self, shard: str) -> np.ndarray:
+    def _file(self, shard: str) -> tuple[Any, np.ndarray]:
+        """The shard's open parquet file and the first row of each of its row groups (opened once)."""
         uri, _ = self.corpus[shard]
-        if uri not in self._pf:
-            md = self._pf.setdefault(uri, self.storage.parquet_file(uri)).metadata
-            self._starts[uri] = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        return self._starts[uri]
+        if uri not in self._files:
+            pf = self.storage.parquet_file(uri)
+            md = pf.metadata
+            self._files[uri] = (pf, np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)]))
+        return self._files[uri]
 
     def image(self, data: bytes | None, uri: str | None) -> Any:
         from operators.decode import decode_image
@@ -619,7 +619,8 @@ def build_app(settings: ServeSettings) -> Any:
     return Api.options(**opts).bind(settings.model_dump(), models)
 
 
-def _port_free(host: str, port: int) -> bool:
+def _bind(host: str, port: int = 0) -> int | None:
+    """The port a listening socket gets on ``host`` (0: any free one), or None when ``port`` is taken."""
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -627,15 +628,7 @@ def _port_free(host: str, port: int) -> bool:
         try:
             s.bind((host, port))
         except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+            return None
         return int(s.getsockname()[1])
 
 
@@ -659,11 +652,10 @@ def start(settings: ServeSettings, blocking: bool = False) -> Any:
     ``ingress="direct"``: the ingress replica listens on the port itself; Serve's proxy still runs (it is
     how Serve starts) on a free port of the same host and nothing needs it. ``"proxy"``: the proxy listens.
     """
-    if not _port_free(settings.host, settings.port):
+    if _bind(settings.host, settings.port) is None:
         raise OSError(f"{settings.host}:{settings.port} is already in use")
     if settings.ingress == "direct":
-        proxy_port = _free_port(settings.host)
-        serve.start(http_options={"host": settings.host, "port": proxy_port},
+        serve.start(http_options={"host": settings.host, "port": _bind(settings.host)},
                     controller_options={"runtime_env": {"env_vars": direct_ingress_env(settings.port)}},
                     logging_config={"enable_access_log": False})
     else:

@@ -644,7 +644,7 @@ def test_live_content_fetch_reads_each_row_group_once(tmp_path: Path, monkeypatc
                                  "image": [f"{shard}-img-{i}".encode() for i in range(n)],
                                  "text": [f"{shard} caption {i}" for i in range(n)]}), files[shard], row_group_size=5)
     live = _Live.__new__(_Live)  # only what contents() needs: no model, no index
-    live.storage, live.corpus, live._pf, live._starts = Storage(), {k: (u, "image") for k, u in files.items()}, {}, {}
+    live.storage, live.corpus, live._files = Storage(), {k: (u, "image") for k, u in files.items()}, {}
     reads: list[int] = []
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group",
