@@ -408,7 +408,7 @@ def _install_tracing(events: str) -> None:
     pr.bucket_candidates = task(pr.bucket_candidates, "bucket_candidates")
     pr.select_bucket = task(pr.select_bucket, "select_bucket")
     pi._build_task = task(pi._build_task, "index_build")
-    for mod in (pe, pi, pr, ps):
+    for mod in (pe, pi, pr, ps, prun):
         mod.ensure_ray = ray_init(mod.ensure_ray)
     for name in ("preflight", "embed_kind", "build_index", "run_search", "run_rerank", "_collect_embed_rejects",
                  "write_manifest", "advance_latest"):
@@ -450,6 +450,9 @@ def _stage_breakdown(events: list[dict[str, Any]], stats: dict[str, Any]) -> dic
              "search": "run_search", "rerank": "run_rerank", "rejects": "_collect_embed_rejects"}
     main_cls = {"embed_corpus": "ImageEmbedder", "embed_queries": "TextEmbedder", "search": "SearchRouter",
                 "rerank": "RerankPairs"}
+    # Actors by stage (an actor of another stage started inside a span is not this stage's).
+    stage_actors = {"embed_corpus": {"ImageEmbedder"}, "embed_queries": {"TextEmbedder"},
+                    "search": {"SearchRouter", "ShardSearcher"}, "rerank": {"RerankPairs"}}
     out: dict[str, dict[str, Any]] = {}
     for stage, label in names.items():
         sp = [s for s in spans if s["cls"] == label]
@@ -462,7 +465,7 @@ def _stage_breakdown(events: list[dict[str, Any]], stats: dict[str, Any]) -> dic
 
         ins = [e for e in events if e["ev"] != "span" and inside(e)]
         init = [s for s in spans if s["cls"] == "ray_init" and inside(s)]
-        actors = [e for e in ins if e["ev"] == "actor_init"]
+        actors = [e for e in ins if e["ev"] == "actor_init" and e["cls"] in stage_actors.get(stage, ())]
         batches = [e for e in ins if e["ev"] == "batch" and e["cls"] == main_cls.get(stage)]
         decode = [e for e in ins if e["ev"] == "batch" and e["cls"] == "DecodeImages"]
         tasks = [e for e in ins if e["ev"] == "task"]
@@ -552,9 +555,12 @@ def _run_pipeline(a: argparse.Namespace, cfg_path: Path, root: Path) -> dict[str
     else:
         child = json.loads(result.read_text())
         r["rss"] = child["rss"]
-        r["breakdown"] = _stage_breakdown(_read_events(wd / "pipeline-events.jsonl"), stats)
+        events = _read_events(wd / "pipeline-events.jsonl")
+        r["breakdown"] = _stage_breakdown(events, stats)
         start = child["proc_start"] or t
+        spans = {e["cls"]: e["t1"] - e["t0"] for e in events if e["ev"] == "span" and e["cls"] in ("preflight", "ray_init")}
         r["process"] = {"python_start_and_imports_s": child["t_cli"] - start,
+                        "preflight_s": spans.get("preflight"), "ray_init_s": spans.get("ray_init"),
                         "cli_main_s": child["t_done"] - child["t_cli"],
                         "ray_shutdown_s": child["t_shutdown"] - child["t_done"],
                         "exit_s": (t + wall) - child["t_shutdown"]}
@@ -631,6 +637,9 @@ def _report(a: argparse.Namespace, raw: dict[str, Any], pipe: dict[str, Any], ch
         p = pipe["process"]
         print(f"    pipeline process: python start + imports {p['python_start_and_imports_s']:.2f} s, cli main "
               f"{p['cli_main_s']:.2f} s, ray.shutdown {p['ray_shutdown_s']:.2f} s, exit {p['exit_s']:.2f} s")
+        if p.get("preflight_s") is not None and p.get("ray_init_s") is not None:
+            print(f"    in cli main: preflight {p['preflight_s']:.2f} s and ray.init {p['ray_init_s']:.2f} s "
+                  "(run at once)")
     out = {"ratio_headline": pipe["process_wall_s"] / raw["sum_s"], "ratio_run": pipe["run_wall_s"] / raw["sum_s"],
            "ratio_process": pipe["process_wall_s"] / raw["process_wall_s"]}
     print(f"  ratio `mmrerank run` process wall / sum of raw stage loops: {out['ratio_headline']:.3f}   "
@@ -638,7 +647,7 @@ def _report(a: argparse.Namespace, raw: dict[str, Any], pipe: dict[str, Any], ch
     print(f"  ratio run() wall / sum of raw stage loops:                  {out['ratio_run']:.3f}")
     print(f"  ratio pipeline process wall / raw process wall:             {out['ratio_process']:.3f}")
     if bd:
-        print("  columns (pipeline, traced): ray.init inside the stage; to ready = stage start until its actors' "
+        print("  columns (pipeline, traced): ray.init inside the stage (when a stage started Ray); to ready = stage start until its actors' "
               "constructors returned (Ray Data start, worker start, imports, model/index load); load = the longest "
               "constructor; busy = the stage's main actor's batch time (embedders, router, reranker; decode "
               "tasks not included); tail = after the last batch (write tail, markers, selection)")

@@ -97,9 +97,11 @@ class EmbedConfig(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     batch_size: int = Field(default=32, gt=0, le=65536)
     dtype: Literal["float32", "float16"] = "float32"
-    # Actor pool size: "auto" = one per GPU on GPU clusters, one on CPU.
+    # Actor pool size: "auto" = one per GPU on GPU clusters; on CPU two (one on a 1-CPU node), the cores split
+    # between them (pipelines.ray_env.actor_pool says why).
     num_actors: int | Literal["auto"] = "auto"
-    # Logical CPUs one embedder actor holds. Keep < the node's CPUs so read/decode/write tasks run.
+    # Logical CPUs one embedder actor holds. Keep < the node's CPUs so read/decode/write tasks run. With
+    # num_actors "auto" on CPU, at most what leaves room for one read or write task.
     actor_num_cpus: float = Field(default=1.0, gt=0)
     # Torch intra-op threads in a CPU actor: "auto" = node CPUs / CPU actors on that node.
     torch_threads: int | Literal["auto"] = "auto"

@@ -158,10 +158,16 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
     e = cfg.embed
     opts = cfg.storage.options()
     res = ensure_ray(cfg.ray)
-    device, n_actors, actor_res, threads = actor_pool(e, res, "embed", min(e.decode_num_cpus, e.write_num_cpus))
+    # Both the read(+decode) and the write tasks must fit next to the pool, one at a time.
+    device, n_actors, actor_res, threads = actor_pool(e, res, "embed", max(e.decode_num_cpus, e.write_num_cpus),
+                                                      auto_cpu_actors=2)
     idc = KINDS[kind].id_column
-    # Same resources as decode, so read+decode fuse into one task (no extra object-store hop).
-    ds = read_source(ShardSource(todo, idc, opts, e.rows_per_read_task), num_cpus=e.decode_num_cpus)
+    # Same resources as decode, so read+decode fuse into one task (no extra object-store hop). With several
+    # actors, one batch per read task: a read task's output reaches the pool as one bundle (Ray Data merges
+    # the blocks it yields), and the first actor ready takes up to 4 bundles at once; with a few large read
+    # tasks that left the second actor without work.
+    rows = e.rows_per_read_task if n_actors == 1 else min(e.rows_per_read_task, e.batch_size)
+    ds = read_source(ShardSource(todo, idc, opts, rows), num_cpus=e.decode_num_cpus)
     kwargs: dict[str, Any] = {"model": rm, "device": device, "precision": e.precision, "torch_threads": threads,
                               "out_dtype": e.dtype, "storage_options": opts}
     batch_format = "numpy"

@@ -86,12 +86,19 @@ class PoolConfig(Protocol):
 
 
 def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str,
-               other_tasks_cpus: float) -> tuple[str, int, dict[str, Any], int]:
+               other_tasks_cpus: float, auto_cpu_actors: int = 1) -> tuple[str, int, dict[str, Any], int]:
     """Device, pool size, per-actor resources and torch threads, resolved once for the cluster.
 
-    GPU clusters: one actor per GPU. CPU: ``num_actors`` (1 for auto), each holding ``actor_num_cpus``
-    logical CPUs and using the node's cores split over the actors (Ray starts workers with
-    OMP_NUM_THREADS=1). A pool that would leave no CPU for the stage's other tasks is refused: it hangs.
+    GPU clusters: one actor per GPU. CPU: ``num_actors`` ("auto": ``auto_cpu_actors``, at most the biggest
+    node's CPUs), each using that node's cores split over the actors as torch threads (Ray starts
+    workers with OMP_NUM_THREADS=1) and holding ``actor_num_cpus`` logical CPUs ("auto" pools: at most
+    what leaves ``other_tasks_cpus`` free for the stage's read or write task). A pool that would leave no
+    CPU for those tasks is refused: it would hang.
+
+    Why the embed stage asks for two on CPU: one actor's OpenMP threads meet at a barrier after every op,
+    so any other process taking one core stalls both (bench_embed on 2 cores: the actor used 1.70 of them
+    with the machine 6% idle); two actors with half the threads each do not wait for each other (steady
+    16.8 against 15.9 img/s, benchmarks/README.md). It costs one more model copy in memory.
     """
     import ray
 
@@ -102,17 +109,20 @@ def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str,
         if n > gpus:
             raise ValueError(f"{section}.num_actors: {n} GPU actors requested, cluster has {gpus} GPUs")
         return device, n, {"num_gpus": 1, "num_cpus": min(cfg.actor_num_cpus, 1.0)}, 1
-    n = 1 if cfg.num_actors == "auto" else int(cfg.num_actors)
     cpus = res.get("CPU", 0)
-    if n * cfg.actor_num_cpus + other_tasks_cpus > cpus:
+    # The biggest CPU node (a head started with num_cpus=0 has none to give).
+    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max(1, int(max(per_node, default=cpus)))
+    per_actor = cfg.actor_num_cpus
+    if cfg.num_actors == "auto":
+        n = max(1, min(auto_cpu_actors, node_cpus))
+        per_actor = min(per_actor, (min(cpus, node_cpus) - other_tasks_cpus) / n)
+    else:
+        n = int(cfg.num_actors)
+    if per_actor <= 0 or n * per_actor + other_tasks_cpus > cpus:
         raise ValueError(
             f"{section}.actor_num_cpus: {n} actor(s) x {cfg.actor_num_cpus} CPU leave no CPU for the stage's "
-            f"other tasks on a cluster with {cpus:g} CPUs; lower {section}.actor_num_cpus or {section}.num_actors")
-    if cfg.torch_threads != "auto":
-        threads = int(cfg.torch_threads)
-    else:
-        # The biggest CPU node (a head started with num_cpus=0 has none to give).
-        per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-        node_cpus = max(1, int(max(per_node, default=cpus)))
-        threads = max(1, node_cpus // n)
-    return device, n, {"num_cpus": cfg.actor_num_cpus}, threads
+            f"other tasks ({other_tasks_cpus:g} CPU) on a cluster with {cpus:g} CPUs; lower "
+            f"{section}.actor_num_cpus or {section}.num_actors")
+    threads = int(cfg.torch_threads) if cfg.torch_threads != "auto" else max(1, node_cpus // n)
+    return device, n, {"num_cpus": per_actor}, threads

@@ -1,7 +1,8 @@
 """``mmrerank run``: the nightly job, shards to published reranked results under one run_id.
 
 Stages: embed corpus (cached per shard) -> index (reused when unchanged) -> embed queries -> search ->
-rerank -> rejects -> stats -> ``_MANIFEST.json`` (last) -> ``LATEST`` (compare-and-swap).
+rerank -> rejects -> stats -> ``_MANIFEST.json`` (last) -> ``LATEST`` (compare-and-swap). Ray starts while
+the preflight checks run.
 
 Resumable: ``_RUN.json`` marks a started run and ``_STAGES/<stage>.json`` a finished stage. Running the
 same command again after a crash picks up the newest unfinished run of the same config (or
@@ -16,6 +17,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ from pipelines.config import Config
 from pipelines.embed import KINDS, embed_kind
 from pipelines.index import build_index
 from pipelines.publish import MANIFEST, TMP, advance_latest, list_files, read_latest, write_manifest
+from pipelines.ray_env import ensure_ray
 from pipelines.rerank import reranker_spec, run_rerank
 from pipelines.search import new_run_id, run_search
 
@@ -83,6 +86,22 @@ def preflight(cfg: Config, storage: Storage) -> None:
     check_factory(cfg.index.factory, 8 if "PQ" not in cfg.index.factory else 64)
 
 
+def start(cfg: Config, storage: Storage) -> dict[str, float]:
+    """Preflight and Ray's start at once; returns the cluster's resources.
+
+    The checks are mostly the driver importing open_clip on one core while a local Ray's processes start
+    on the others (bench_run: ~4 s each, one after the other before). A failed check is the error raised,
+    once Ray is up (also when Ray itself failed to start); nothing has been written by then.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="preflight") as ex:
+        checked = ex.submit(preflight, cfg, storage)
+        try:
+            res = ensure_ray(cfg.ray)  # on the main thread: ray.init installs its SIGTERM handler only there
+        finally:
+            checked.result()
+    return res
+
+
 def find_unfinished(storage: Storage, cfg: Config) -> str | None:
     """Newest run of this config that started but never wrote its manifest."""
     fp = config_fingerprint(cfg)
@@ -104,7 +123,7 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     """The nightly job. Safe to re-run after a crash: it resumes the unfinished run of this config."""
     t0 = time.perf_counter()
     storage = Storage(cfg.storage.options())
-    preflight(cfg, storage)
+    start(cfg, storage)
     resumed = False
     if resume:
         run_id, resumed = resume, True

@@ -202,3 +202,29 @@ def test_s3_and_image_uri_with_bad_rows(s3_bucket: str, tmp_path: Path) -> None:
 
     again = embed_kind(cfg, "corpus")
     assert all(s.reused for s in again.shards)
+
+
+def test_cpu_pool_auto_is_two_actors_that_leave_room_for_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``embed.num_actors: auto`` on CPU: two one-thread actors on 2 CPUs, each leaving a read task room."""
+    import ray
+
+    from pipelines.ray_env import actor_pool
+
+    def nodes(cpus: float) -> None:
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": cpus}}])
+
+    e = parse_config({"root": "r", "corpus": "c"}).embed
+    nodes(2.0)
+    assert actor_pool(e, {"CPU": 2.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 2, {"num_cpus": 0.75}, 1)
+    # The reranker's default: one actor with both cores.
+    assert actor_pool(e, {"CPU": 2.0}, "rerank", 0.5) == ("cpu", 1, {"num_cpus": 1.0}, 2)
+    nodes(16.0)
+    assert actor_pool(e, {"CPU": 16.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 2, {"num_cpus": 1.0}, 8)
+    nodes(1.0)
+    assert actor_pool(e, {"CPU": 1.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 1, {"num_cpus": 0.5}, 1)
+    assert actor_pool(e, {"CPU": 8.0, "GPU": 2.0}, "embed", 0.5, auto_cpu_actors=2)[:2] == ("cuda", 2)
+    # An explicit pool that leaves no room for the read task would hang: refused, naming the field.
+    nodes(2.0)
+    tight = parse_config({"root": "r", "corpus": "c", "embed": {"num_actors": 1, "actor_num_cpus": 1.75}}).embed
+    with pytest.raises(ValueError, match=r"embed\.actor_num_cpus"):
+        actor_pool(tight, {"CPU": 2.0}, "embed", 0.5)

@@ -43,6 +43,7 @@ from operators import fusion
 from operators.models import SHIPPED_CONFIGS
 from operators.storage import Storage, join, scheme_of, strip_scheme
 from pipelines import publish as P
+from pipelines import run as run_mod
 from pipelines.config import Config, parse_config
 from pipelines.rerank import reranker_label, reranker_spec
 from pipelines.run import STAGES, RunReport, run
@@ -827,6 +828,32 @@ def test_racing_publishers_never_lose_an_update(root_uri: str, monkeypatch: pyte
         assert returned[other]["previous"] == previous
         assert P.latest_run(storage, root_uri)[0] == join(root_uri, "runs", final["run_id"])
         previous = final["run_id"]
+
+
+def test_start_reports_the_failed_check_even_when_ray_fails_too(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preflight runs while Ray starts: its error is the one raised, and only once Ray's start returned."""
+    cfg = _cfg(str(tmp_path / "root"), "corpus", "queries")
+    checked = threading.Event()
+
+    def bad_preflight(c: Config, s: Storage) -> None:
+        checked.set()
+        raise ValueError("corpus: missing input")
+
+    def ray_start(rc: Any) -> dict[str, float]:
+        # Returns only once the check has run: were the two sequential (Ray first), this would time out.
+        assert checked.wait(60), "preflight did not run while Ray was starting"
+        raise RuntimeError("ray did not start")
+
+    monkeypatch.setattr(run_mod, "preflight", bad_preflight)
+    monkeypatch.setattr(run_mod, "ensure_ray", ray_start)
+    with pytest.raises(ValueError, match="corpus: missing input"):
+        run_mod.start(cfg, Storage())
+    monkeypatch.setattr(run_mod, "ensure_ray", lambda rc: {"CPU": 2.0})
+    with pytest.raises(ValueError, match="corpus: missing input"):
+        run_mod.start(cfg, Storage())
+    monkeypatch.setattr(run_mod, "preflight", lambda c, s: None)
+    assert run_mod.start(cfg, Storage()) == {"CPU": 2.0}
 
 
 def test_write_manifest_leaves_out_interrupted_temp_files(tmp_path: Path) -> None:
