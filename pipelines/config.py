@@ -97,8 +97,8 @@ class EmbedConfig(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     batch_size: int = Field(default=32, gt=0, le=65536)
     dtype: Literal["float32", "float16"] = "float32"
-    # Actor pool size: "auto" = one per GPU on GPU clusters; on CPU two (one on a 1-CPU node), the cores split
-    # between them (pipelines.ray_env.actor_pool says why).
+    # Actor pool size: "auto" = one per GPU on GPU clusters; on CPU two for the corpus (one on a 1-CPU node),
+    # the cores split between them (pipelines.ray_env.actor_pool says why), one for the queries.
     num_actors: int | Literal["auto"] = "auto"
     # Logical CPUs one embedder actor holds. Keep < the node's CPUs so read/decode/write tasks run. With
     # num_actors "auto" on CPU, at most what leaves room for one read or write task.

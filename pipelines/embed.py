@@ -158,9 +158,11 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
     e = cfg.embed
     opts = cfg.storage.options()
     res = ensure_ray(cfg.ray)
-    # Both the read(+decode) and the write tasks must fit next to the pool, one at a time.
+    # Both the read(+decode) and the write tasks must fit next to the pool, one at a time. Query texts are
+    # light work: a second text model would cost more to load than it saves (bench_run, 100 queries:
+    # 15.4 s with two actors, 10.2 s with one).
     device, n_actors, actor_res, threads = actor_pool(e, res, "embed", max(e.decode_num_cpus, e.write_num_cpus),
-                                                      auto_cpu_actors=2)
+                                                      auto_cpu_actors=2 if kind == "corpus" else 1)
     idc = KINDS[kind].id_column
     # Same resources as decode, so read+decode fuse into one task (no extra object-store hop). With several
     # actors, one batch per read task: a read task's output reaches the pool as one bundle (Ray Data merges
