@@ -111,7 +111,7 @@ def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str,
         return device, n, {"num_gpus": 1, "num_cpus": min(cfg.actor_num_cpus, 1.0)}, 1
     cpus = res.get("CPU", 0)
     # The biggest CPU node (a head started with num_cpus=0 has none to give).
-    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    per_node = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
     node_cpus = max(1, int(max(per_node, default=cpus)))
     per_actor = cfg.actor_num_cpus
     if cfg.num_actors == "auto":
