@@ -21,7 +21,8 @@ raw loop (one fresh subprocess, no Ray)
     (image bytes + caption), ``operators.decode.decode_image`` decodes each distinct doc of a batch once (as
     ``RerankPairs`` does: pairs of one doc share the decoded image), and ``backend.score`` runs on batches of
     ``rerank.batch_size`` pairs. The pairs go in the pipeline's order by default (corpus shard, then row: how
-    ``PairsSource`` streams them), so the batches hold the same mix of queries; this matters for ``clip``,
+    ``PairsSource`` streams them; with two actors each takes runs of consecutive row groups), so the batches
+    hold the same mix of queries; this matters for ``clip``,
     which encodes each distinct query of a batch once. ``--plain-order query`` puts each query's candidates
     together instead (what a hand-written loop would do) to show what that order is worth.
 

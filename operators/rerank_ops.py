@@ -58,11 +58,14 @@ PAIR_KEY, PAIR_ROW = "_cand_key", "_cand_row"
 
 
 def bucket_candidates(cand_uri: str, cand_key: str, out_dir: str, query_uris: list[str],
-                      storage_options: StorageOptions | None = None) -> dict[str, int]:
+                      storage_options: StorageOptions | None = None,
+                      row_group_starts: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
     """Ray task: split one candidates part by corpus shard, attaching each query's text.
 
-    Writes ``<out_dir>/<doc_shard>/<cand_key>.parquet``; returns rows written per corpus shard. This is
-    the only regrouping of candidates: afterwards each corpus shard is read exactly once.
+    Writes ``<out_dir>/<doc_shard>/<cand_key>.parquet``; returns, per corpus shard, its pairs per corpus row
+    group (``row_group_starts[shard]``: the shard's row-group first rows and its row count; a row outside the
+    shard counts in the first or last group; a shard not listed: one count). This is the only regrouping of
+    candidates: afterwards each corpus row group is read exactly once.
     """
     storage = cached_storage(storage_options)
     t = storage.read_table(cand_uri)
@@ -76,25 +79,34 @@ def bucket_candidates(cand_uri: str, cand_key: str, out_dir: str, query_uris: li
             qt = pq.read_table(f, columns=["query_id", "text"], filters=[("query_id", "in", ids)])
         texts.update(zip(qt.column("query_id").to_pylist(), qt.column("text").to_pylist(), strict=True))
     t = t.append_column("query_text", pa.array([texts.get(q) for q in t.column("query_id").to_pylist()], pa.string()))
-    counts: dict[str, int] = {}
+    counts: dict[str, np.ndarray] = {}
     shards = t.column("doc_shard").to_numpy(zero_copy_only=False)
     for key in sorted(set(shards.tolist())):
         sub = t.filter(pa.array(shards == key))
         storage.write_table(join(out_dir, key, f"{cand_key}.parquet"), sub)
-        counts[key] = sub.num_rows
+        starts = (row_group_starts or {}).get(key)
+        if starts is None or len(starts) < 2:
+            counts[key] = np.array([sub.num_rows], dtype=np.int64)
+        else:
+            g = np.searchsorted(starts, sub.column("doc_row").to_numpy(), side="right") - 1
+            counts[key] = np.bincount(np.clip(g, 0, len(starts) - 2), minlength=len(starts) - 1)
     return counts
 
 
-def _shard_pair_tables(corpus_uri: str, payload: str, bucket_files: list[str],
-                       storage_options: StorageOptions | None) -> Iterator[tuple[pa.Table, bool]]:
-    """The candidate pairs pointing into one corpus shard with the doc content, one table per row group
-    read, then the pairs whose row the shard lacks (flagged: they are rejects)."""
+def _shard_pair_tables(corpus_uri: str, payload: str, bucket_files: list[str], rows_from: int | None,
+                       rows_to: int | None, storage_options: StorageOptions | None) -> Iterator[tuple[pa.Table, bool]]:
+    """The candidate pairs pointing into one corpus shard (rows ``[rows_from, rows_to)``, None: unbounded) with
+    the doc content, one table per row group read, then the pairs whose row the shard lacks (flagged: they
+    are rejects)."""
     storage = cached_storage(storage_options)
     cands = pa.concat_tables([storage.read_table(u) for u in bucket_files]).sort_by("doc_row")
     rows = cands.column("doc_row").to_numpy()
+    a = 0 if rows_from is None else int(np.searchsorted(rows, rows_from))
+    b = len(rows) if rows_to is None else int(np.searchsorted(rows, rows_to))
+    cands, rows = cands.slice(a, b - a), rows[a:b]
     pf = storage.parquet_file(corpus_uri)
     cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
-    starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
+    starts = row_group_starts(pf)
     found = np.zeros(len(rows), dtype=bool)
     for g in range(pf.metadata.num_row_groups):
         lo, hi = np.searchsorted(rows, [starts[g], starts[g + 1]])
@@ -107,6 +119,11 @@ def _shard_pair_tables(corpus_uri: str, payload: str, bucket_files: list[str],
     missing = np.nonzero(~found)[0]
     if len(missing):
         yield _pair_block(cands.take(pa.array(missing)), None, payload, CONTENT_MISSING), True
+
+
+def row_group_starts(pf: pq.ParquetFile) -> list[int]:
+    """First row of each row group, then the row count."""
+    return np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]).tolist()
 
 
 def _whole_blocks(tables: Iterable[tuple[pa.Table, bool]], block_rows: int) -> Iterator[pa.Table]:
@@ -134,12 +151,16 @@ def _whole_blocks(tables: Iterable[tuple[pa.Table, bool]], block_rows: int) -> I
         yield pa.concat_tables(pending)
 
 
-def _pairs_for_shards(shards: list[tuple[str, str, list[str]]], storage_options: StorageOptions | None,
+# A read task's piece of a corpus shard: (corpus uri, payload column, bucket files, first row, end row).
+Piece = tuple[str, str, list[str], int | None, int | None]
+
+
+def _pairs_for_shards(pieces: list[Piece], storage_options: StorageOptions | None,
                       block_rows: int) -> Iterator[pa.Table]:
-    """The pairs of several corpus shards ((corpus uri, payload column, bucket files) each, read once, in
-    order) as one stream of whole blocks."""
+    """The pairs of several corpus shard pieces (each read once, in order) as one stream of whole blocks."""
     return _whole_blocks(itertools.chain.from_iterable(
-        _shard_pair_tables(uri, payload, files, storage_options) for uri, payload, files in shards), block_rows)
+        _shard_pair_tables(uri, payload, files, lo, hi, storage_options) for uri, payload, files, lo, hi in pieces),
+        block_rows)
 
 
 def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -> pa.Table:
@@ -165,18 +186,25 @@ def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -
 
 
 class PairsSource(Datasource):
-    """Read tasks over the corpus shards (each read once): their candidate pairs with the doc content.
+    """Read tasks over the corpus shards (each row group read once): their candidate pairs with the doc content.
 
-    Consecutive shards with few pairs share a read task (at least ``TASK_BLOCKS`` blocks a task), so that
-    a shard's last, short block does not give the actor a ragged batch per shard.
+    ``shards``: key -> (corpus uri, payload column, bucket files, row-group starts, pairs per row group).
+    Consecutive shards with few pairs share a read task (at least ``TASK_BLOCKS`` blocks a task), so that a
+    shard's last, short block does not give the actor a ragged batch per shard.
+
+    ``task_rows`` (pools of several actors) also cuts shards, between row groups, into tasks of about that
+    many pairs: Ray Data hands all of a read task's output to one actor (it merges the blocks a task
+    yields), so with whole shards a small run kept one actor busy and the other idle. Each cut costs one
+    short batch.
     """
 
     TASK_BLOCKS = 16
 
-    def __init__(self, shards: dict[str, tuple[str, str, list[str], int]],
-                 storage_options: StorageOptions | None = None, block_rows: int = 256) -> None:
-        self._shards = shards  # key -> (corpus uri, payload column, bucket files, pair count)
-        self._options, self._block = storage_options, block_rows
+    def __init__(self, shards: dict[str, tuple[str, str, list[str], list[int], np.ndarray]],
+                 storage_options: StorageOptions | None = None, block_rows: int = 256,
+                 task_rows: int | None = None) -> None:
+        self._shards = shards
+        self._options, self._block, self._task_rows = storage_options, block_rows, task_rows
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -184,27 +212,48 @@ class PairsSource(Datasource):
     def get_name(self) -> str:
         return "CandidatePairs"
 
-    def groups(self) -> list[list[str]]:
-        """Shard keys per read task, in key order."""
-        out: list[list[str]] = []
+    def groups(self) -> list[list[tuple[str, int, int]]]:
+        """Per read task, in key order: (shard key, first row group, end row group) ranges with pairs."""
+        limit = self.TASK_BLOCKS * self._block
+        cut = min(limit, self._task_rows) if self._task_rows else None
+        out: list[list[tuple[str, int, int]]] = []
         n = 0
         for key in sorted(self._shards):
-            if not out or n >= self.TASK_BLOCKS * self._block:
+            per_group = np.asarray(self._shards[key][4])
+            if not out or n >= limit or (cut and n >= cut):
                 out.append([])
                 n = 0
-            out[-1].append(key)
-            n += self._shards[key][3]
+            if not cut:  # the whole shard
+                out[-1].append((key, 0, len(per_group)))
+                n += int(per_group.sum())
+                continue
+            lo = 0
+            for g, c in enumerate(per_group.tolist()):
+                n += c
+                if n >= cut and g + 1 < len(per_group) and per_group[g + 1:].any():
+                    out[-1].append((key, lo, g + 1))
+                    out.append([])
+                    n, lo = 0, g + 1
+            out[-1].append((key, lo, len(per_group)))
         return out
+
+    def _piece(self, key: str, lo: int, hi: int) -> Piece:
+        uri, payload, files, starts, per_group = self._shards[key]
+        # Rows outside the shard stay in its first / last piece (they become rejects there).
+        return (uri, payload, files, None if lo == 0 else int(starts[lo]),
+                None if hi >= len(per_group) else int(starts[hi]))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: object | None = None) -> list[ReadTask]:
         tasks = []
-        for keys in self.groups():
-            shards = [self._shards[k][:3] for k in keys]
-            read_fn = functools.partial(_pairs_for_shards, shards, self._options, self._block)
+        for ranges in self.groups():
+            pieces = [self._piece(*r) for r in ranges]
+            read_fn = functools.partial(_pairs_for_shards, pieces, self._options, self._block)
             tasks.append(ReadTask(read_fn, BlockMetadata(
-                num_rows=sum(self._shards[k][3] for k in keys), size_bytes=None, exec_stats=None,
-                input_files=tuple(self._shards[k][0] for k in keys))))
+                num_rows=sum(int(np.asarray(self._shards[k][4])[lo:hi].sum()) for k, lo, hi in ranges),
+                size_bytes=None, exec_stats=None, input_files=tuple(self._shards[k][0] for k, _, _ in ranges))))
+        if self._task_rows:  # biggest first: the actors' last tasks are the short ones, they finish together
+            tasks.sort(key=lambda t: -(t.metadata.num_rows or 0))
         return tasks
 
 

@@ -85,17 +85,18 @@ class PoolConfig(Protocol):
     torch_threads: int | str
 
 
-def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str,
-               other_tasks_cpus: float, auto_cpu_actors: int = 1) -> tuple[str, int, dict[str, Any], int]:
+def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str, other_tasks_cpus: float,
+               auto_cpu_actors: int = 1, auto_pool_share: float = 1.0) -> tuple[str, int, dict[str, Any], int]:
     """Device, pool size, per-actor resources and torch threads, resolved once for the cluster.
 
     GPU clusters: one actor per GPU. CPU: ``num_actors`` ("auto": ``auto_cpu_actors``, at most the biggest
     node's CPUs), each using that node's cores split over the actors as torch threads (Ray starts
     workers with OMP_NUM_THREADS=1) and holding ``actor_num_cpus`` logical CPUs ("auto" pools: at most
-    what leaves ``other_tasks_cpus`` free for the stage's read or write task). A pool that would leave no
-    CPU for those tasks is refused: it would hang.
+    what leaves ``other_tasks_cpus`` free for the stage's read or write task, and at most
+    ``auto_pool_share`` of the node's CPUs in all). A pool that would leave no CPU for those tasks is
+    refused: it would hang.
 
-    Why the embed stage asks for two on CPU: one actor's OpenMP threads meet at a barrier after every op,
+    Why the embed and rerank stages ask for two on CPU: one actor's OpenMP threads meet at a barrier after every op,
     so any other process taking one core stalls both (bench_embed on 2 cores: the actor used 1.70 of them
     with the machine 6% idle); two actors with half the threads each do not wait for each other (steady
     16.8 against 15.9 img/s, benchmarks/README.md). It costs one more model copy in memory.
@@ -116,7 +117,7 @@ def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str,
     per_actor = cfg.actor_num_cpus
     if cfg.num_actors == "auto":
         n = max(1, min(auto_cpu_actors, node_cpus))
-        per_actor = min(per_actor, (min(cpus, node_cpus) - other_tasks_cpus) / n)
+        per_actor = min(per_actor, (min(cpus, node_cpus) - other_tasks_cpus) / n, auto_pool_share * node_cpus / n)
     else:
         n = int(cfg.num_actors)
     if per_actor <= 0 or n * per_actor + other_tasks_cpus > cpus:

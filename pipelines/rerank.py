@@ -16,9 +16,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from operators.models import resolve_model
 from operators.parts import make_datasink
-from operators.rerank_ops import PairsSource, RerankPairs, ScoredSink, bucket_candidates, select_bucket
+from operators.rerank_ops import (
+    PairsSource,
+    RerankPairs,
+    ScoredSink,
+    bucket_candidates,
+    row_group_starts,
+    select_bucket,
+)
 from operators.rerankers.base import RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, RerankerSpec
 from operators.schemas import CANDIDATE_ROWS, CORPUS, check_shard_schema
 from operators.shards import ERR_MSG, ERR_TYPE, ShardSource, list_shards, plan_shards, read_source
@@ -75,11 +84,12 @@ def reranker_label(rc: RerankConfig) -> str:
     return rc.backend if rc.backend == "none" else f"{rc.backend}:{rc.model}"
 
 
-def _corpus_shards(storage: Storage, corpus: EmbedResult) -> dict[str, tuple[str, str]]:
+def _corpus_shards(storage: Storage, corpus: EmbedResult) -> dict[str, tuple[str, str, list[int]]]:
+    """Per corpus shard key: its uri, payload column and row-group starts (from the footer)."""
     out = {}
     for s in corpus.shards:
-        payload = check_shard_schema(storage.parquet_file(s.source).schema_arrow, CORPUS, s.source)
-        out[s.key] = (s.source, payload)
+        pf = storage.parquet_file(s.source)
+        out[s.key] = (s.source, check_shard_schema(pf.schema_arrow, CORPUS, s.source), row_group_starts(pf))
     return out
 
 
@@ -117,27 +127,39 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
         corpus = corpus or embed_kind(cfg, "corpus", storage=storage)
         query_uris = list_shards(cfg.queries, storage) if cfg.queries else []
         pairs_dir = join(out, "_pairs")
+        corpus_map = _corpus_shards(storage, corpus)
+        starts = ray.put({k: v[2] for k, v in corpus_map.items()})
         task = ray.remote(bucket_candidates).options(num_cpus=0.25)
-        counts = ray.get([task.remote(u, _stem(u), pairs_dir, query_uris, opts) for u in cand_uris])
-        per_shard: dict[str, int] = {}
+        counts = ray.get([task.remote(u, _stem(u), pairs_dir, query_uris, opts, starts) for u in cand_uris])
+        per_shard: dict[str, np.ndarray] = {}  # pairs per corpus row group
         for c in counts:
             for k, n in c.items():
-                per_shard[k] = per_shard.get(k, 0) + n
-        pairs_in = sum(per_shard.values())
-        corpus_map = _corpus_shards(storage, corpus)
+                per_shard[k] = per_shard[k] + n if k in per_shard else n
+        pairs_in = int(sum(n.sum() for n in per_shard.values()))
         unknown = sorted(set(per_shard) - set(corpus_map))
         if unknown:
             raise IndexMismatchError(f"{out}: candidates point into corpus shards {unknown[:3]} that the current "
                                      "corpus does not have (was the corpus changed after search?)")
-        sources = {k: (*corpus_map[k], storage.ls(join(pairs_dir, k), "*.parquet"), n) for k, n in per_shard.items()}
-        device, n_actors, actor_res, threads = actor_pool(rc, res, "rerank", 0.5)
-        scored = read_source(PairsSource(sources, opts, rc.batch_size * 4), num_cpus=0.5).map_batches(
+        sources = {k: (*corpus_map[k][:2], storage.ls(join(pairs_dir, k), "*.parquet"), corpus_map[k][2], n)
+                   for k, n in per_shard.items()}
+        # Two one-thread actors on CPU, as for embed (a 2-thread actor loses time at OpenMP barriers when
+        # Ray's processes preempt it), holding at most half the node's CPUs: with 1.5 or 1.25 of 2, Ray
+        # Data started the final write 1.6 s after the last batch; with 1.0, 0.07 s (bench_rerank).
+        device, n_actors, actor_res, threads = actor_pool(rc, res, "rerank", 0.5, auto_cpu_actors=2,
+                                                          auto_pool_share=0.5)
+        # Several actors: read tasks of about an eighth of an actor's share each, so they all get work and
+        # finish close together.
+        task_rows = -(-pairs_in // (8 * n_actors * rc.batch_size)) * rc.batch_size if n_actors > 1 else None
+        scored = read_source(PairsSource(sources, opts, rc.batch_size * 4, task_rows), num_cpus=0.5).map_batches(
             RerankPairs,
             fn_constructor_kwargs={"spec": spec, "device": device, "precision": rc.precision,
                                    "torch_threads": threads, "max_pixels": cfg.embed.max_image_pixels,
                                    "allowed_formats": cfg.embed.allowed_formats, "storage_options": opts},
             # Two calls in flight: the next batch is assembled while the model scores this one.
-            compute=ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2), batch_size=rc.batch_size,
+            # Several actors take one task at a time (Ray Data's default queues 4 on the first actor ready).
+            compute=ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2,
+                                      max_tasks_in_flight_per_actor=1 if n_actors > 1 else 2),
+            batch_size=rc.batch_size,
             batch_format="numpy", **actor_res)
     sink = make_datasink(ScoredSink(out, buckets, opts), 4096, "WriteScored")
     with watch("rerank", cfg.ray.stall_timeout_s):

@@ -216,12 +216,19 @@ def test_cpu_pool_auto_is_two_actors_that_leave_room_for_a_task(monkeypatch: pyt
     e = parse_config({"root": "r", "corpus": "c"}).embed
     nodes(2.0)
     assert actor_pool(e, {"CPU": 2.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 2, {"num_cpus": 0.75}, 1)
-    # The reranker's default: one actor with both cores.
-    assert actor_pool(e, {"CPU": 2.0}, "rerank", 0.5) == ("cpu", 1, {"num_cpus": 1.0}, 2)
+    # One actor with both cores (the queries' text pool).
+    assert actor_pool(e, {"CPU": 2.0}, "embed", 0.5) == ("cpu", 1, {"num_cpus": 1.0}, 2)
+    # The reranker's: two actors holding half the node in all (Ray Data then starts the writes promptly).
+    assert actor_pool(e, {"CPU": 2.0}, "rerank", 0.5, auto_cpu_actors=2, auto_pool_share=0.5) == (
+        "cpu", 2, {"num_cpus": 0.5}, 1)
     nodes(16.0)
     assert actor_pool(e, {"CPU": 16.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 2, {"num_cpus": 1.0}, 8)
+    assert actor_pool(e, {"CPU": 16.0}, "rerank", 0.5, auto_cpu_actors=2, auto_pool_share=0.5) == (
+        "cpu", 2, {"num_cpus": 1.0}, 8)
     nodes(1.0)
     assert actor_pool(e, {"CPU": 1.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 1, {"num_cpus": 0.5}, 1)
+    assert actor_pool(e, {"CPU": 1.0}, "rerank", 0.5, auto_cpu_actors=2, auto_pool_share=0.5) == (
+        "cpu", 1, {"num_cpus": 0.5}, 1)
     assert actor_pool(e, {"CPU": 8.0, "GPU": 2.0}, "embed", 0.5, auto_cpu_actors=2)[:2] == ("cuda", 2)
     # An explicit pool that leaves no room for the read task would hang: refused, naming the field.
     nodes(2.0)

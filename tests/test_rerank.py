@@ -248,7 +248,7 @@ def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None
             "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
         bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries])
     files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
-    blocks = list(_pairs_for_shards([(corpus, "image", files)], None, 8))
+    blocks = list(_pairs_for_shards([(corpus, "image", files, None, None)], None, 8))
     ok = [b for b in blocks if not any(b.column(ERR_TYPE).to_pylist())]
     bad = [b for b in blocks if any(b.column(ERR_TYPE).to_pylist())]
     assert [b.num_rows for b in ok[:-1]] == [8] * (len(ok) - 1) and 0 < ok[-1].num_rows <= 8
@@ -286,16 +286,78 @@ def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) 
             "doc_shard": [key] * n_pairs, "doc_row": pa.array(rows, pa.int64())}))
         bucket_candidates(cand, f"part-{key}", str(tmp_path / "run" / "_pairs"), [queries])
         shards.append((corpus, "image", storage.ls(join(str(tmp_path / "run" / "_pairs"), key), "*.parquet")))
-    blocks = list(_pairs_for_shards(shards, None, 8))
+    blocks = list(_pairs_for_shards([(*shard, None, None) for shard in shards], None, 8))
     assert [b.num_rows for b in blocks] == [8, 8, 8]  # per shard it would be 8, 5, 8, 3
     got = [(d, img) for b in blocks for d, img in zip(b.column("doc_id").to_pylist(),
                                                      b.column("doc_image").to_pylist(), strict=True)]
     assert got == [(f"{k}{r}", f"{k}img{r}".encode()) for k, n in (("a", 13), ("b", 11)) for r in range(0, 2 * n, 2)]
-    src = {k: (*shard, n) for k, shard, n in zip("ab", shards, (13, 11), strict=True)}
-    assert PairsSource(src, None, 8).groups() == [["a", "b"]]
+    starts = list(range(0, 32, 4)) + [30]
+    src = {k: (*shard, starts, np.bincount(np.arange(0, 2 * n, 2) // 4, minlength=8))
+           for k, shard, n in zip("ab", shards, (13, 11), strict=True)}
+    assert PairsSource(src, None, 8).groups() == [[("a", 0, 8), ("b", 0, 8)]]
     assert [t.metadata.num_rows for t in PairsSource(src, None, 8).get_read_tasks(1)] == [24]
-    big = {k: (uri, payload, files, 16 * 8) for k, (uri, payload, files, _) in src.items()}
-    assert PairsSource(big, None, 8).groups() == [["a"], ["b"]]
+    big = {k: (*v[:4], v[4] * 16) for k, v in src.items()}
+    assert PairsSource(big, None, 8).groups() == [[("a", 0, 8)], [("b", 0, 8)]]
+
+
+def test_pairs_of_a_shard_split_between_row_groups_for_several_actors(tmp_path: Path) -> None:
+    """With ``task_rows`` (an actor pool of several) a shard's pairs are cut between row groups into tasks
+    of about that many pairs; every pair still comes out once, each row group is read by one task only, and
+    rows the shard lacks are rejects of its last piece. The counts per row group come from bucket_candidates."""
+    from unittest import mock
+
+    from operators.rerank_ops import CONTENT_MISSING, PairsSource, bucket_candidates, row_group_starts
+    from operators.storage import Storage, join
+
+    storage = Storage()
+    n_docs = 40
+    corpus = str(tmp_path / "corpus.parquet")
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(n_docs)],
+                             "image": [f"img{i}".encode() for i in range(n_docs)]}), corpus, row_group_size=5)
+    starts = row_group_starts(pq.ParquetFile(corpus))
+    assert starts == list(range(0, 45, 5))
+    queries = str(tmp_path / "queries.parquet")
+    pq.write_table(pa.table({"query_id": ["q1", "q2"], "text": ["one", "two"]}), queries)
+    want, per_group = [], np.zeros(8, dtype=np.int64)
+    for q, rows in (("q1", [0, 1, 7, 8, 12, 20, 21, 22, 33, 39, 41]), ("q2", [2, 7, 13, 14, 26, 27, 38, 40])):
+        want += [(q, r) for r in rows]
+        cand = str(tmp_path / "run" / "candidates" / f"part-{q}.parquet")
+        storage.write_table(cand, pa.table({
+            "query_id": [q] * len(rows), "rank": pa.array(range(1, len(rows) + 1), pa.int32()),
+            "doc_id": [f"d{r}" for r in rows], "retrieval_score": pa.array(np.ones(len(rows)), pa.float32()),
+            "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
+        per_group += bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries],
+                                       row_group_starts={"k": starts})["k"]
+    # Rows 40 and 41 lie past the shard's end: counted in its last row group.
+    assert per_group.tolist() == [3, 3, 3, 0, 3, 2, 1, 4]
+    files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
+    src = PairsSource({"k": (corpus, "image", files, starts, per_group)}, None, 4, task_rows=5)
+    assert src.groups() == [[("k", 0, 2)], [("k", 2, 5)], [("k", 5, 8)]]
+    tasks = src.get_read_tasks(1)
+    assert [t.metadata.num_rows for t in tasks] == [7, 6, 6]  # biggest first
+    read_groups: list[int] = []
+    real = pq.ParquetFile.read_row_group
+
+    def spy(self: pq.ParquetFile, i: int, *args: Any, **kwargs: Any) -> pa.Table:
+        read_groups.append(i)
+        return real(self, i, *args, **kwargs)
+
+    got, rejects = [], []
+    with mock.patch.object(pq.ParquetFile, "read_row_group", spy):
+        for t, n in zip(tasks, (7, 6, 6), strict=True):
+            blocks = list(t())
+            assert sum(b.num_rows for b in blocks) == n
+            for b in blocks:
+                for q, r, img, err in zip(b.column(ID).to_pylist(), b.column("doc_row").to_pylist(),
+                                          b.column("doc_image").to_pylist(), b.column(ERR_TYPE).to_pylist(),
+                                          strict=True):
+                    (rejects if err else got).append((q, r))
+                    assert err == CONTENT_MISSING or img == f"img{r}".encode()
+    assert sorted(read_groups) == [0, 1, 2, 4, 5, 6, 7]  # each group with pairs, once
+    assert sorted(got + rejects) == sorted(want)
+    assert sorted(rejects) == [("q1", 41), ("q2", 40)]
+    # One actor: no cut inside the shard.
+    assert PairsSource({"k": (corpus, "image", files, starts, per_group)}, None, 4).groups() == [[("k", 0, 8)]]
 
 
 def test_read_source_keeps_whole_blocks_so_the_actor_gets_whole_batches() -> None:

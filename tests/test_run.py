@@ -886,7 +886,7 @@ def test_scored_parts_of_two_candidate_parts_do_not_overwrite_each_other(tmp_pat
     reported = 0
     # Each regrouped candidates file streamed on its own: what separate write tasks of a large run see.
     for pairs_file in storage.ls(join(run_dir, "_pairs", "k"), "*.parquet"):
-        for block in _pairs_for_shards([(corpus, "image", [pairs_file])], None, 256):
+        for block in _pairs_for_shards([(corpus, "image", [pairs_file], None, None)], None, 256):
             batch = {c: block.column(c).to_numpy(zero_copy_only=False) for c in block.column_names}
             batch["rerank_score"] = np.ones(block.num_rows, np.float32)
             reported += sum(r["rows_ok"] for r in sink.write_batch(batch))
