@@ -221,6 +221,18 @@ def test_hf_backend_pipeline_scores_equal_direct_calls(backend: str, sample: Sam
         assert [r["doc_id"] for r in got] == [r["doc_id"] for r in mine[:3]]
 
 
+def _candidates_part(tmp_path: Path, q: str, rows: list[int]) -> str:
+    """A candidates part: query ``q``'s candidates at ``rows`` of corpus shard ``k``."""
+    from operators.storage import Storage
+
+    cand = str(tmp_path / "run" / "candidates" / f"part-{q}.parquet")
+    Storage().write_table(cand, pa.table({
+        "query_id": [q] * len(rows), "rank": pa.array(range(1, len(rows) + 1), pa.int32()),
+        "doc_id": [f"d{r}" for r in rows], "retrieval_score": pa.array(np.ones(len(rows)), pa.float32()),
+        "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
+    return cand
+
+
 def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None:
     """PairsSource blocks hold exactly block_rows pairs across corpus row groups (the actor then gets full
     batches), only the last is short; every candidate comes out once with its own doc's content, and a row the
@@ -241,11 +253,7 @@ def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None
     for q in ("q1", "q2"):
         rows = sorted(rng.choice(n_docs, 19, replace=False).tolist()) + [n_docs + 5]  # + a row the shard lacks
         want += [(q, r) for r in rows]
-        cand = str(tmp_path / "run" / "candidates" / f"part-{q}.parquet")
-        storage.write_table(cand, pa.table({
-            "query_id": [q] * len(rows), "rank": pa.array(range(1, len(rows) + 1), pa.int32()),
-            "doc_id": [f"d{r}" for r in rows], "retrieval_score": pa.array(np.ones(len(rows)), pa.float32()),
-            "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
+        cand = _candidates_part(tmp_path, q, rows)
         bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries])
     files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
     blocks = list(_pairs_for_shards([(corpus, "image", files, None, None)], None, 8))
@@ -321,11 +329,7 @@ def test_pairs_of_a_shard_split_between_row_groups_for_several_actors(tmp_path: 
     want, per_group = [], np.zeros(8, dtype=np.int64)
     for q, rows in (("q1", [0, 1, 7, 8, 12, 20, 21, 22, 33, 39, 41]), ("q2", [2, 7, 13, 14, 26, 27, 38, 40])):
         want += [(q, r) for r in rows]
-        cand = str(tmp_path / "run" / "candidates" / f"part-{q}.parquet")
-        storage.write_table(cand, pa.table({
-            "query_id": [q] * len(rows), "rank": pa.array(range(1, len(rows) + 1), pa.int32()),
-            "doc_id": [f"d{r}" for r in rows], "retrieval_score": pa.array(np.ones(len(rows)), pa.float32()),
-            "doc_shard": ["k"] * len(rows), "doc_row": pa.array(rows, pa.int64())}))
+        cand = _candidates_part(tmp_path, q, rows)
         per_group += bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries],
                                        row_group_starts={"k": starts})["k"]
     # Rows 40 and 41 lie past the shard's end: counted in its last row group.
