@@ -92,8 +92,8 @@ def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str, other_tasks
     GPU clusters: one actor per GPU. CPU: ``num_actors`` ("auto": ``auto_cpu_actors``, at most the biggest
     node's CPUs), each using that node's cores split over the actors as torch threads (Ray starts
     workers with OMP_NUM_THREADS=1) and holding ``actor_num_cpus`` logical CPUs ("auto" pools: at most
-    what leaves ``other_tasks_cpus`` free for the stage's read or write task, and at most
-    ``auto_pool_share`` of the node's CPUs in all). A pool that would leave no CPU for those tasks is
+    what leaves ``other_tasks_cpus`` free for the stage's read or write task, also of the CPUs free now,
+    and at most ``auto_pool_share`` of the node's CPUs in all). A pool that would leave no CPU for those tasks is
     refused: it would hang.
 
     Why the embed and rerank stages ask for two on CPU: one actor's OpenMP threads meet at a barrier after every op,
@@ -117,7 +117,12 @@ def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str, other_tasks
     per_actor = cfg.actor_num_cpus
     if cfg.num_actors == "auto":
         n = max(1, min(auto_cpu_actors, node_cpus))
-        per_actor = min(per_actor, (min(cpus, node_cpus) - other_tasks_cpus) / n, auto_pool_share * node_cpus / n)
+        # Also fit what is free now: CPUs held outside this job (a Serve app's replicas on the same
+        # cluster) would otherwise leave the stage's read tasks unscheduled behind the pool (a hang). At
+        # least 0.25 each: resources of the previous stage's actors may still be on their way back.
+        free = min(cpus, node_cpus, ray.available_resources().get("CPU", cpus))
+        per_actor = min(per_actor, (min(cpus, node_cpus) - other_tasks_cpus) / n, auto_pool_share * node_cpus / n,
+                        max(0.25, (free - other_tasks_cpus) / n))
     else:
         n = int(cfg.num_actors)
     if per_actor <= 0 or n * per_actor + other_tasks_cpus > cpus:

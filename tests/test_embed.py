@@ -210,8 +210,9 @@ def test_cpu_pool_auto_is_two_actors_that_leave_room_for_a_task(monkeypatch: pyt
 
     from pipelines.ray_env import actor_pool
 
-    def nodes(cpus: float) -> None:
+    def nodes(cpus: float, free: float | None = None) -> None:
         monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": cpus}}])
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": cpus if free is None else free})
 
     e = parse_config({"root": "r", "corpus": "c"}).embed
     nodes(2.0)
@@ -225,6 +226,11 @@ def test_cpu_pool_auto_is_two_actors_that_leave_room_for_a_task(monkeypatch: pyt
     assert actor_pool(e, {"CPU": 16.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 2, {"num_cpus": 1.0}, 8)
     assert actor_pool(e, {"CPU": 16.0}, "rerank", 0.5, auto_cpu_actors=2, auto_pool_share=0.5) == (
         "cpu", 2, {"num_cpus": 1.0}, 8)
+    # CPUs held outside the job (two Serve replicas of 1 CPU on a 4-CPU node): the pool fits what is free,
+    # leaving the read task room (1.0 each would have left it none: a hang).
+    nodes(4.0, free=2.0)
+    assert actor_pool(e, {"CPU": 4.0}, "rerank", 0.5, auto_cpu_actors=2, auto_pool_share=0.5) == (
+        "cpu", 2, {"num_cpus": 0.75}, 2)
     nodes(1.0)
     assert actor_pool(e, {"CPU": 1.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 1, {"num_cpus": 0.5}, 1)
     assert actor_pool(e, {"CPU": 1.0}, "rerank", 0.5, auto_cpu_actors=2, auto_pool_share=0.5) == (
