@@ -227,10 +227,10 @@ class PairsSource(Datasource):
                 out[-1].append((key, 0, len(per_group)))
                 n += int(per_group.sum())
                 continue
-            lo = 0
+            lo, last = 0, int(np.flatnonzero(per_group)[-1]) if per_group.any() else 0
             for g, c in enumerate(per_group.tolist()):
                 n += c
-                if n >= cut and g + 1 < len(per_group) and per_group[g + 1:].any():
+                if n >= cut and g < last:  # pairs remain in the shard's later row groups
                     out[-1].append((key, lo, g + 1))
                     out.append([])
                     n, lo = 0, g + 1
