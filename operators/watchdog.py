@@ -4,7 +4,10 @@ Operators call :func:`beat` each time they finish a block (read, decode, encode,
 the beats go, fire-and-forget, to one small actor per job pinned to the driver's node. The driver wraps
 each stage in :func:`watch`: a thread polls that actor and, when no block has completed for
 ``ray.stall_timeout_s``, interrupts the stage and raises :class:`StallError` naming the stage and the
-last progress. It catches what Ray Data cannot report itself: a hung model call, an actor pool that
+last progress. The interruption is an asynchronous exception raised in the stage's own thread (main or
+not), never a signal: a job started in the background of a non-interactive shell (``nohup cmd &``, cron
+wrappers, some init systems) has SIGINT ignored, and an interrupt through SIGINT would then do nothing.
+It catches what Ray Data cannot report itself: a hung model call, an actor pool that
 waits forever for resources, or Ray issue 62746 (a size-1 pool with ``max_errored_blocks=-1``).
 
 ``MMR_FAULT_INJECT`` (tests only; unset in production) makes operators fail on purpose, ``;``-separated:
@@ -20,7 +23,6 @@ Points: ``embed_batch``, ``search_batch``, ``rerank_batch``.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import ctypes
 import logging
@@ -153,16 +155,18 @@ def _progress_actor() -> Any:
 
 
 class _Stalled(BaseException):
-    """Raised asynchronously in a stage running outside the main thread (BaseException: not swallowed
-    by ``except Exception`` on its way up)."""
+    """Raised asynchronously in the stalled stage's thread (BaseException: not swallowed by ``except
+    Exception`` on its way up; Ray Data's output iterator shuts its executor down on any BaseException)."""
 
 
-def _interrupt(thread_id: int, on_main: bool) -> None:
-    """Break the stage's thread out of Ray Data's execution loop (it polls in Python, so it is reached)."""
-    if on_main:
-        _thread.interrupt_main()  # KeyboardInterrupt: Ray Data shuts its executor down on it
-    else:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_Stalled))
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in the thread at its next bytecode (``None`` cancels a pending one).
+
+    Works in any thread whatever the process's signal dispositions; it reaches the stage because Ray Data's
+    driver loop polls its output queue in Python.
+    """
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               ctypes.py_object(exc) if exc is not None else None)
 
 
 @contextlib.contextmanager
@@ -186,7 +190,6 @@ def watch(stage: str, stall_timeout_s: float | None) -> Iterator[None]:
     fired: dict[str, Any] = {}
     done = False
     target = threading.get_ident()
-    on_main = threading.current_thread() is threading.main_thread()
 
     def loop() -> None:
         while not stop.wait(min(5.0, stall_timeout_s / 4)):
@@ -200,7 +203,7 @@ def watch(stage: str, stall_timeout_s: float | None) -> Iterator[None]:
                     if done:
                         return
                     fired.update(age=age, n=n, what=what)
-                    _interrupt(target, on_main)
+                    _set_async_exc(target, _Stalled)
                 return
 
     t = threading.Thread(target=loop, name=f"watchdog-{stage}", daemon=True)
@@ -211,9 +214,9 @@ def watch(stage: str, stall_timeout_s: float | None) -> Iterator[None]:
         finally:
             with lock:
                 done = True
-    except (KeyboardInterrupt, _Stalled):
-        if not fired:
-            raise
+                if fired:  # the stage ended as the watchdog fired: the exception may not be delivered yet
+                    _set_async_exc(target, None)
+    except _Stalled:
         last = f"the last from {fired['what']}" if fired["what"] else "none at all"
         raise StallError(
             f"stage {stage!r} stalled: no block completed for {fired['age']:.0f}s (ray.stall_timeout_s="

@@ -6,8 +6,12 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 import yaml
 
@@ -293,11 +297,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a RayJob stopped, a pod evicted): unwind the stage like an error, publish nothing.
+
+    A BaseException, so no ``except Exception`` on the way up swallows it; Ray Data shuts its executor
+    (and the stage's actors) down on it, and Ray's atexit handler then stops a local Ray.
+    """
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not break the clean-up it starts
+    raise Terminated(signum)
+
+
+@contextmanager
+def _sigterm_stops_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` on the main thread for the command's duration, then restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed on the main thread (main() called from a thread)
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return int(args.fn(args))
+        with _sigterm_stops_cleanly():
+            return int(args.fn(args))
     except USER_ERRORS as e:
         # A storage failure raised in a Ray worker arrives wrapped, its str a remote traceback: report
         # the worker's own one-line message.
@@ -308,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StallError as e:
         log.error("%s", _REDACT.scrub(str(e)))
         return 3
+    except (Terminated, KeyboardInterrupt) as e:
+        terminated = isinstance(e, Terminated)
+        # An unfinished run keeps its finished stages and never moved LATEST: the same command resumes it.
+        log.error("stopped by %s%s", "SIGTERM" if terminated else "an interrupt",
+                  "; nothing was published, the same command resumes the run" if args.command == "run" else "")
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 if __name__ == "__main__":  # pragma: no cover

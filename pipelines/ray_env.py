@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -45,6 +47,22 @@ def _loopback_only() -> Iterator[None]:
             os.environ[_SINGLE_NODE_VAR] = old_env
 
 
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Keep a SIGTERM handler the caller installed (the CLI's clean stop) across ``ray.init``.
+
+    ``ray.init`` on the main thread replaces it with ``sys.exit(15)``; a process without a Python handler of
+    its own keeps Ray's (it still runs ``finally`` blocks and Ray's atexit shutdown).
+    """
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
 def ensure_ray(cfg: RayConfig) -> dict[str, float]:
     """Initialise Ray unless already connected; return the cluster's resources."""
     import ray
@@ -61,13 +79,14 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
             if cfg.object_store_memory_mb:
                 kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
         log.info("starting Ray (%s)", cfg.address or "local")
-        if cfg.address or os.environ.get("RAY_ADDRESS", "") not in ("", "local"):
-            ray.init(**kwargs)  # a cluster: the config's address, else RAY_ADDRESS (set inside a Ray job)
-        else:
-            # A new local instance, also when a `ray start` cluster runs on this machine (ray.init() alone
-            # would attach to it): `ray.address: null` means local.
-            with _loopback_only():
-                ray.init(address="local", **kwargs)
+        with _keep_sigterm_handler():
+            if cfg.address or os.environ.get("RAY_ADDRESS", "") not in ("", "local"):
+                ray.init(**kwargs)  # a cluster: the config's address, else RAY_ADDRESS (set inside a Ray job)
+            else:
+                # A new local instance, also when a `ray start` cluster runs on this machine (ray.init()
+                # alone would attach to it): `ray.address: null` means local.
+                with _loopback_only():
+                    ray.init(address="local", **kwargs)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     # Keep Ray Data's default: the first errored block fails the job. Bad rows never raise; they

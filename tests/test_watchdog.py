@@ -2,9 +2,10 @@
 
 Without Ray: the ``MMR_FAULT_INJECT`` grammar; ``die:`` exits a real process once and only once.
 On a local Ray: beats sent from Ray Data tasks reach the job's progress actor; a stage whose tasks hang
-fails with :class:`StallError` naming the stage, whether it runs on the main thread (interrupted like
-Ctrl-C) or on another thread (an asynchronous exception); a stage that makes progress is left alone.
-The whole-pipeline case (``hang:embed_batch`` on a multi-node cluster) is in test_cluster.py.
+fails with :class:`StallError` naming the stage, whether it runs on the main thread or on another thread
+(an asynchronous exception in the stage's thread either way, never a signal); a stage that makes progress is
+left alone. The whole-pipeline case (``hang:embed_batch`` on a multi-node cluster) is in test_cluster.py,
+the CLI started with SIGINT ignored (``cmd &`` of a non-interactive shell) and SIGTERM in test_stop.py.
 """
 
 from __future__ import annotations
