@@ -317,6 +317,23 @@ def test_rank_orders_by_score_desc(reranker: VlmYesNoReranker, pairs: Any) -> No
     np.testing.assert_allclose(got, np.sort(scores)[::-1], atol=1e-6)
 
 
+def test_a_bf16_checkpoint_runs_in_fp32_on_cpu(model_dir: Path, reranker: VlmYesNoReranker, pairs: Any,
+                                               tmp_path: Path) -> None:
+    """Most real VLM checkpoints are stored in bf16: on CPU (`precision: auto` = fp32) they must load as fp32,
+    not in the checkpoint's own dtype (bf16 on CPU is many times slower)."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    bf16 = tmp_path / "bf16"
+    Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoProcessor.from_pretrained(model_dir).save_pretrained(bf16)
+    r = create(_spec(bf16), device="cpu", precision="fp32")
+    assert r.model.dtype == torch.float32
+    queries, images, captions = pairs
+    # The weights went through bf16 once: close to the fp32 model's scores, not equal.
+    np.testing.assert_allclose(r.score(queries, images, captions), reranker.score(queries, images, captions),
+                               atol=0.05)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: half precision through load_model's precision
 # ----------------------------------------------------------------------------------------------

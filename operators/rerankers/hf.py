@@ -78,7 +78,9 @@ def load_model(model_cls: Any, spec: RerankerSpec, device: str, precision: str) 
         raise RerankerLoadError(f"rerank.model: {spec.model!r} holds only pickle weights ({', '.join(pickles)}), "
                                 "refused because unpickling can run code: save them as safetensors")
     try:
-        model, info = model_cls.from_pretrained(src, dtype=torch_dtype(precision) if device == "cuda" else None,
+        # Always explicit: dtype=None keeps a checkpoint's own dtype, so a bf16 checkpoint (most VLMs) would run
+        # in bf16 on CPU, very slowly, against `precision: auto` = fp32 there.
+        model, info = model_cls.from_pretrained(src, dtype=torch_dtype(precision),
                                                 use_safetensors=True, output_loading_info=True,
                                                 **common_kwargs(spec))
     except RerankerLoadError:
