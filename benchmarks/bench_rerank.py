@@ -330,7 +330,8 @@ def _timed_operators(events: str) -> dict[str, Any]:
     """Subclasses / wrappers of the stage's operators that only add timestamps (swapped into pipelines.rerank)."""
     from ray.data.datasource import ReadTask
 
-    from operators.rerank_ops import PairsSource, RerankPairs, ScoredSink, bucket_candidates, select_bucket
+    from operators.pair_source import PairsSource
+    from operators.rerank_ops import RerankPairs, ScoredSink, bucket_candidates, select_bucket
     from operators.shards import ID
 
     class TimedRerankPairs(RerankPairs):

@@ -1,7 +1,8 @@
 """Reranking stage operators: candidate content, batched reranker actors, fusion + selection, writers.
 
 * :func:`bucket_candidates` (Ray task per candidates part) regroups candidates by corpus shard, then
-  :class:`PairsSource` reads each corpus shard once, only the row groups holding wanted rows, using the
+  :class:`operators.pair_source.PairsSource` (the Ray Data source, kept apart so that this module imports
+  without Ray) reads each corpus shard once, only the row groups holding wanted rows, using the
   ``(shard, row)`` recorded at embedding time: no join against the corpus, memory bounded by a row group.
 * :class:`RerankPairs` (actor UDF) decodes what its backend needs and scores pairs; a pair that fails
   is a reject row with a reason, the rest of the batch is scored.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from operators import decode as R
 from operators.fusion import fuse, select
@@ -183,78 +181,6 @@ def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -
         ERR_MSG: pa.array([f"row {r} not in the corpus shard" if err else "" for r in c.column("doc_row").to_pylist()],
                           pa.string()),
     })
-
-
-class PairsSource(Datasource):
-    """Read tasks over the corpus shards (each row group read once): their candidate pairs with the doc content.
-
-    ``shards``: key -> (corpus uri, payload column, bucket files, row-group starts, pairs per row group).
-    Consecutive shards with few pairs share a read task (at least ``TASK_BLOCKS`` blocks a task), so that a
-    shard's last, short block does not give the actor a ragged batch per shard.
-
-    ``task_rows`` (pools of several actors) also cuts shards, between row groups, into tasks of about that
-    many pairs: Ray Data hands all of a read task's output to one actor (it merges the blocks a task
-    yields), so with whole shards a small run kept one actor busy and the other idle. Each cut costs one
-    short batch.
-    """
-
-    TASK_BLOCKS = 16
-
-    def __init__(self, shards: dict[str, tuple[str, str, list[str], list[int], np.ndarray]],
-                 storage_options: StorageOptions | None = None, block_rows: int = 256,
-                 task_rows: int | None = None) -> None:
-        self._shards = shards
-        self._options, self._block, self._task_rows = storage_options, block_rows, task_rows
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_name(self) -> str:
-        return "CandidatePairs"
-
-    def groups(self) -> list[list[tuple[str, int, int]]]:
-        """Per read task, in key order: (shard key, first row group, end row group) ranges with pairs."""
-        limit = self.TASK_BLOCKS * self._block
-        cut = min(limit, self._task_rows) if self._task_rows else None
-        out: list[list[tuple[str, int, int]]] = []
-        n = 0
-        for key in sorted(self._shards):
-            per_group = np.asarray(self._shards[key][4])
-            if not out or n >= limit or (cut and n >= cut):
-                out.append([])
-                n = 0
-            if not cut:  # the whole shard
-                out[-1].append((key, 0, len(per_group)))
-                n += int(per_group.sum())
-                continue
-            lo, last = 0, int(np.flatnonzero(per_group)[-1]) if per_group.any() else 0
-            for g, c in enumerate(per_group.tolist()):
-                n += c
-                if n >= cut and g < last:  # pairs remain in the shard's later row groups
-                    out[-1].append((key, lo, g + 1))
-                    out.append([])
-                    n, lo = 0, g + 1
-            out[-1].append((key, lo, len(per_group)))
-        return out
-
-    def _piece(self, key: str, lo: int, hi: int) -> Piece:
-        uri, payload, files, starts, per_group = self._shards[key]
-        # Rows outside the shard stay in its first / last piece (they become rejects there).
-        return (uri, payload, files, None if lo == 0 else int(starts[lo]),
-                None if hi >= len(per_group) else int(starts[hi]))
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: object | None = None) -> list[ReadTask]:
-        tasks = []
-        for ranges in self.groups():
-            pieces = [self._piece(*r) for r in ranges]
-            read_fn = functools.partial(_pairs_for_shards, pieces, self._options, self._block)
-            tasks.append(ReadTask(read_fn, BlockMetadata(
-                num_rows=sum(int(np.asarray(self._shards[k][4])[lo:hi].sum()) for k, lo, hi in ranges),
-                size_bytes=None, exec_stats=None, input_files=tuple(self._shards[k][0] for k, _, _ in ranges))))
-        if self._task_rows:  # biggest first: the actors' last tasks are the short ones, they finish together
-            tasks.sort(key=lambda t: -(t.metadata.num_rows or 0))
-        return tasks
 
 
 class RerankPairs:

@@ -1,8 +1,9 @@
-"""Input shards: discovery, contract checks, fingerprints and a Ray Data source that keeps row positions.
+"""Input shards: discovery, contract checks, fingerprints and the row reader that keeps row positions.
 
 Ray Data's ``read_parquet`` does not expose a row's position in its file, and later stages need
 ``(shard, row_index)`` both for reject rows and to fetch a candidate's content without a join, so
-:class:`ShardSource` reads row groups itself (pyarrow, streaming ``iter_batches``) and adds them.
+:class:`operators.shard_source.ShardSource` reads row groups itself (pyarrow, streaming ``iter_batches``,
+:func:`_read_rows` here) and adds them.
 Problems found per row at read time (null/duplicate id, null payload, empty text) become reject
 columns that flow down the pipeline with the row.
 """
@@ -13,18 +14,19 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data import Dataset
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from operators import decode as R
 from operators.schemas import CORPUS, InputKind, SchemaError, check_shard_schema
 from operators.storage import Storage, StorageOptions, join, scheme_of
-from operators.watchdog import beat
+
+if TYPE_CHECKING:  # Ray only where a Dataset is built: the UDF modules import this one without Ray
+    from ray.data import Dataset
+    from ray.data.datasource import Datasource
 
 log = logging.getLogger(__name__)
 
@@ -162,54 +164,6 @@ def _read_rows(plan: ShardPlan, shard_key: str, row_groups: list[int], first_row
             }
         )
         start += n
-
-
-class ShardSource(Datasource):
-    """Reads planned shards as row-group ranges; every row carries shard key, source and row index."""
-
-    def __init__(self, plans: list[tuple[ShardPlan, str]], id_column: str,
-                 storage_options: StorageOptions | None, rows_per_task: int = 256,
-                 extra_columns: tuple[str, ...] = ()) -> None:
-        self._plans = plans
-        self._extra = extra_columns
-        self._id_column = id_column
-        self._options = storage_options
-        self._rows_per_task = rows_per_task
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_name(self) -> str:
-        return "ShardSource"
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: object | None = None) -> list[ReadTask]:
-        tasks: list[ReadTask] = []
-        for plan, key in self._plans:
-            first = 0
-            group: list[int] = []
-            rows = 0
-            for i, n in enumerate(plan.row_groups):
-                group.append(i)
-                rows += n
-                last = i == len(plan.row_groups) - 1
-                if rows >= self._rows_per_task or last:
-                    tasks.append(self._task(plan, key, group, first, rows))
-                    first += rows
-                    group, rows = [], 0
-        return tasks
-
-    def _task(self, plan: ShardPlan, key: str, groups: list[int], first: int, rows: int) -> ReadTask:
-        groups = list(groups)
-        opts, idc, batch, extra = self._options, self._id_column, self._rows_per_task, self._extra
-
-        def read_fn() -> Iterator[pa.Table]:
-            for block in _read_rows(plan, key, groups, first, idc, opts, batch, extra):
-                beat("read")
-                yield block
-
-        meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(plan.uri,))
-        return ReadTask(read_fn, meta)
 
 
 def cache_dir(root: str, model_fingerprint: str, kind: str) -> str:

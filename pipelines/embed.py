@@ -26,7 +26,8 @@ from operators.embedders import DecodeImages, EmbeddingsSink, ImageEmbedder, Tex
 from operators.models import ResolvedModel, resolve_model
 from operators.parts import make_datasink
 from operators.schemas import CORPUS, QUERY, InputKind
-from operators.shards import ShardPlan, ShardSource, cache_dir, list_shards, plan_shards, read_source
+from operators.shard_source import ShardSource
+from operators.shards import ShardPlan, cache_dir, list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config

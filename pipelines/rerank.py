@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from operators.models import resolve_model
+from operators.pair_source import PairsSource
 from operators.parts import make_datasink
 from operators.rerank_ops import (
-    PairsSource,
     RerankPairs,
     ScoredSink,
     bucket_candidates,
@@ -30,7 +30,8 @@ from operators.rerank_ops import (
 )
 from operators.rerankers.base import RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, RerankerSpec
 from operators.schemas import CANDIDATE_ROWS, CORPUS, check_shard_schema
-from operators.shards import ERR_MSG, ERR_TYPE, ShardSource, list_shards, plan_shards, read_source
+from operators.shard_source import ShardSource
+from operators.shards import ERR_MSG, ERR_TYPE, list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config, RerankConfig

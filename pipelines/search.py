@@ -17,7 +17,8 @@ from operators.models import resolve_model
 from operators.parts import make_datasink
 from operators.schemas import CACHED_VECTORS, QUERY_VECTORS
 from operators.search_ops import CandidatesSink, SearchRouter, ShardSearcher
-from operators.shards import ShardSource, list_shards, plan_shards, read_source
+from operators.shard_source import ShardSource
+from operators.shards import list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config

@@ -274,7 +274,8 @@ def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) 
     """Shards with few pairs share one read task whose blocks are whole across the shard boundary (one
     short block in all, not one per shard); each shard is still read once, and a shard with enough pairs
     for its own task gets one."""
-    from operators.rerank_ops import PairsSource, _pairs_for_shards, bucket_candidates
+    from operators.pair_source import PairsSource
+    from operators.rerank_ops import _pairs_for_shards, bucket_candidates
     from operators.storage import Storage, join
 
     storage = Storage()
@@ -314,7 +315,8 @@ def test_pairs_of_a_shard_split_between_row_groups_for_several_actors(tmp_path: 
     rows the shard lacks are rejects of its last piece. The counts per row group come from bucket_candidates."""
     from unittest import mock
 
-    from operators.rerank_ops import CONTENT_MISSING, PairsSource, bucket_candidates, row_group_starts
+    from operators.pair_source import PairsSource
+    from operators.rerank_ops import CONTENT_MISSING, bucket_candidates, row_group_starts
     from operators.storage import Storage, join
 
     storage = Storage()
