@@ -4,8 +4,11 @@
   in columnar form (:class:`ResultsStore`).
 * ``POST /v1/search``: live path: embed the text -> search every index shard -> fetch candidate
   content by ``(shard, row)`` -> rerank -> the same fusion and selection as the batch job.
-* ``POST /v1/rerank``: the Cohere/Jina request shape, so existing clients work.
+* ``POST /v1/rerank`` (Cohere v1, Jina: text and image documents) and ``POST /v2/rerank`` (Cohere v2):
+  the request and response shapes of those APIs, so their SDKs and integrations work unchanged.
 * ``GET /healthz``, ``GET /v1/runs/current``.
+* ``GET /`` and ``/v1/explore/*``, ``/v1/docs/*``: the results explorer page, its views, doc metadata and
+  thumbnails (:mod:`pipelines.explorer`).
 
 Hot reload: a background task polls ``LATEST``; a new run is loaded and verified off the request path
 and swapped in with one assignment; an incomplete or corrupt run is refused, the old one keeps serving
@@ -19,6 +22,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -27,13 +31,16 @@ import pyarrow as pa
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from operators import faiss_shards as F
 from operators.fusion import fuse, select
 from operators.storage import Storage, join, scheme_of
+from pipelines import explorer
+from pipelines.explorer.views import MAX_SUGGESTIONS, DocsRequest, Explorer, LikeRequest
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +93,118 @@ class SearchRequest(BaseModel):
     rerank: bool = True
 
 
-class RerankDocument(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+IMAGE_FIELDS = ("image", "image_url", "image_b64")  # a document carries at most one of them
 
-    text: Text | None = None
-    image_url: Text | None = None
-    image_b64: Text | None = None
+
+class RerankDocument(BaseModel):
+    """A document of a rerank call: text (the caption) and/or one image.
+
+    ``image`` is Jina's form (jina-reranker-m0): an image URL (allowed schemes only), base64, or a
+    ``data:image/...;base64,`` URI. ``image_url`` / ``image_b64`` say which explicitly."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"text": "a red circle on a white background"}, {"image": "data:image/png;base64,iVBORw0KGgo..."},
+        {"image": "s3://bucket/images/0001.jpg", "text": "its caption"}]})
+
+    text: Text | None = Field(default=None, description="the document's text (a caption for image rerankers)")
+    image: Text | None = Field(default=None, description="Jina's form: an image URL (allowed schemes only), "
+                                                         "base64, or a data:image/...;base64, URI")
+    image_url: Text | None = Field(default=None, description="an image URL (allowed schemes only)")
+    image_b64: Text | None = Field(default=None, description="base64 image bytes")
 
     @model_validator(mode="after")
     def _one_image(self) -> "RerankDocument":
-        if self.image_url and self.image_b64:
-            raise ValueError("give image_url or image_b64, not both")
-        if not (self.text or self.image_url or self.image_b64):
-            raise ValueError("a document needs text, image_url or image_b64")
+        given = [f for f in IMAGE_FIELDS if getattr(self, f)]
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(IMAGE_FIELDS)}, not several")
+        if not (self.text or given):
+            raise ValueError(f"a document needs text or an image ({', '.join(IMAGE_FIELDS)})")
         return self
 
 
+def _document_kind(v: Any) -> str:
+    return "string" if isinstance(v, str) else "object"
+
+
+# A document as Cohere (v1 and v2) and Jina send it: a string (its text) or an object. The discriminator makes a
+# bad document one error of its own kind (a plain union reports why it is neither).
+Document = Annotated[Annotated[Annotated[Text, Field(min_length=1)], Tag("string")]
+                     | Annotated[RerankDocument, Tag("object")],
+                     Discriminator(_document_kind),
+                     Field(description="a string (the document's text), or an object with text and/or an image")]
+
+
 class RerankRequest(BaseModel):
+    """``POST /v1/rerank``: Cohere v1's and Jina's request."""
+
     model_config = ConfigDict(extra="forbid")
 
     query: Text = Field(min_length=1)
-    documents: list[RerankDocument | Annotated[Text, Field(min_length=1)]] = Field(min_length=1)
+    documents: list[Document] = Field(min_length=1)
     top_n: int | None = Field(default=None, gt=0)
-    return_documents: bool = False
-    model: Text | None = None  # accepted for client compatibility; the served reranker is fixed
+    return_documents: bool | None = Field(default=False, description="echo each document (null: false)")
+    model: Text | None = Field(default=None, description="accepted and reported back; the served reranker is fixed")
+    # Cohere v1 parameters: the SDK sends them as null when an integration passes None; see NOT_APPLIED.
+    max_chunks_per_doc: int | None = Field(default=None, gt=0, description="accepted, not applied (meta.warnings)")
+    rank_fields: list[Text] | None = Field(default=None, description="accepted, not applied (meta.warnings)")
+
+
+class RerankV2Request(BaseModel):
+    """``POST /v2/rerank``: Cohere v2's request (documents may also be the objects of ``/v1/rerank``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = Field(default=None, description="accepted and reported back; the served reranker is fixed")
+    query: Text = Field(min_length=1)
+    documents: list[Document] = Field(min_length=1)
+    top_n: int | None = Field(default=None, gt=0)
+    max_tokens_per_doc: int | None = Field(default=None, gt=0, description="accepted, not applied (meta.warnings)")
+    priority: int | None = Field(default=None, ge=0, description="accepted, not applied (meta.warnings)")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="the document's position in the request")
+    relevance_score: float
+    document: RerankDocument | None = Field(default=None, description="/v1/rerank with return_documents: true")
+
+
+class ApiVersion(BaseModel):
+    version: str
+
+
+class RerankMeta(BaseModel):
+    """Cohere's ``meta``: the API version answered, and what of the request was not applied."""
+
+    api_version: ApiVersion
+    warnings: list[str] | None = None
+
+
+class RerankResponse(BaseModel):
+    """Cohere's response (``id``, ``results``, ``meta``) plus ``model``: the served reranker's name."""
+
+    id: str
+    model: str
+    results: list[RerankResult] = Field(description="best first")
+    meta: RerankMeta
+
+
+# Cohere parameters accepted so that its clients work, and not applied: why, for meta.warnings.
+NOT_APPLIED = {
+    "max_tokens_per_doc": "documents are truncated to the served reranker's max_length",
+    "max_chunks_per_doc": "documents are not chunked; they are truncated to the served reranker's max_length",
+    "rank_fields": "a document is ranked on its text and image",
+    "priority": "requests are served in arrival order",
+}
+
+
+def _rerank_meta(version: str, served: str, req: RerankRequest | RerankV2Request) -> RerankMeta:
+    """Cohere's ``meta``; ``warnings`` say what of the request was not applied (never echoing it).
+    Module level above ``Api``: ``serve.ingress`` pickles the handlers with the globals defined by then."""
+    warnings = [f"{name} is not applied: {why}" for name, why in NOT_APPLIED.items()
+                if getattr(req, name, None) is not None]
+    if req.model is not None and req.model != served:
+        warnings.append(f"the requested model is not served here; scored with {served}")
+    return RerankMeta(api_version=ApiVersion(version=version), warnings=warnings or None)
 
 
 # --- the published run, in memory -------------------------------------------------------------------
@@ -236,6 +331,18 @@ class _Live:
         D, I = F.merge([(p["D"], p["I"]) for p in parts])  # noqa: E741
         return D, I, parts
 
+    def hits(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """Merged top-k of one query vector: doc id, corpus shard and row, retrieval score, best first."""
+        D, I, parts = self.search(q, k)  # noqa: E741
+        lookup = {}
+        for p in parts:
+            docs = p["docs"].to_pydict()
+            for g, d, s, r in zip(p["I"].ravel(), docs["doc_id"], docs["doc_shard"], docs["doc_row"], strict=True):
+                if g >= 0:
+                    lookup[int(g)] = (d, s, int(r))
+        return [{"doc_id": d, "doc_shard": s, "doc_row": r, "retrieval_score": float(sc)}
+                for g, sc in zip(I[0], D[0], strict=True) if g >= 0 for d, s, r in [lookup[int(g)]]]
+
     def contents(self, locs: list[tuple[str, int]]) -> list[tuple[bytes | None, str | None, str | None]]:
         """(image bytes, image uri, caption) of each ``(corpus shard, row)``: one read per parquet row group
         holding any of them (a row group is the smallest unit a parquet reader fetches)."""
@@ -290,6 +397,7 @@ class LiveModels:
         self.device = _device(device)
         self.live: _Live | None = None
         self.key: tuple[str, str] | None = None
+        self._docs: Any = None  # the explorer's doc lookups of self.live, built on first use
 
     def load(self, run_id: str, config: dict[str, Any], index_uri: str) -> str:
         if self.key != (run_id, index_uri):
@@ -311,18 +419,50 @@ class LiveModels:
         t0 = time.perf_counter()
         q = await self.embed(text)
         t1 = time.perf_counter()
-        D, I, parts = live.search(np.asarray(q, np.float32)[None, :], k)  # noqa: E741
+        hits = live.hits(np.asarray(q, np.float32)[None, :], k)
         t2 = time.perf_counter()
-        lookup = {}
-        for p in parts:
-            docs = p["docs"].to_pydict()
-            for g, d, s, r in zip(p["I"].ravel(), docs["doc_id"], docs["doc_shard"], docs["doc_row"], strict=True):
-                if g >= 0:
-                    lookup[int(g)] = (d, s, int(r))
-        hits = [(lookup[int(g)], float(sc)) for g, sc in zip(I[0], D[0], strict=True) if g >= 0]
-        return {"hits": [{"doc_id": d, "doc_shard": s, "doc_row": r, "retrieval_score": sc}
-                         for (d, s, r), sc in hits],
-                "timing": {"embed_ms": 1000 * (t1 - t0), "search_ms": 1000 * (t2 - t1)}}
+        return {"hits": hits, "timing": {"embed_ms": 1000 * (t1 - t0), "search_ms": 1000 * (t2 - t1)}}
+
+    # -- the explorer's doc side (pipelines/explorer/docs.py) -----------------------------------------
+    def _explorer_docs(self) -> Any:
+        from pipelines.explorer.docs import Docs
+
+        live = self._need()
+        if self._docs is None or self._docs.live is not live:
+            self._docs = Docs(live, self.key[1] if self.key else "")
+        return self._docs
+
+    async def docs_meta(self, doc_ids: list[str]) -> list[dict[str, Any] | None]:
+        docs = await asyncio.to_thread(self._explorer_docs)  # the first call builds the id map
+        return docs.meta(doc_ids)  # on the loop: _Live's Parquet handles are read from one thread only
+
+    async def thumbnail(self, doc_id: str, size: int) -> dict[str, Any]:
+        """``{"data": JPEG bytes or None (unknown id)}``, or ``{"error": reject type}``. The row is read on the
+        event loop (as every _Live read), the decode and encode in a thread: a large image never stalls the
+        replica's batching."""
+        from operators.decode import RejectError
+
+        docs = await asyncio.to_thread(self._explorer_docs)
+        stored = docs.stored(doc_id)
+        if stored is None:
+            return {"data": None}
+        try:
+            return {"data": await asyncio.to_thread(docs.thumbnail, stored, size)}
+        except RejectError as e:
+            return {"error": e.error_type}
+
+    async def like(self, doc_id: str, k: int) -> dict[str, Any] | None:
+        """"More like this": the doc's own embedding through the live search; None for an unknown doc."""
+        t0 = time.perf_counter()
+        docs = await asyncio.to_thread(self._explorer_docs)
+        v = await asyncio.to_thread(docs.vector, doc_id)  # embeddings cache files: new handles, thread-safe
+        if v is None:
+            return None
+        (meta,) = docs.meta([doc_id])
+        t1 = time.perf_counter()
+        hits = self._need().hits(np.asarray(v, np.float32)[None, :], k)
+        return {"hits": hits, "caption": meta["caption"] if meta else None,
+                "timing": {"embed_ms": 1000 * (t1 - t0), "search_ms": 1000 * (time.perf_counter() - t1)}}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _score(self, pairs: list[tuple[str, Any, str | None]]) -> list[float]:
@@ -365,10 +505,12 @@ class LiveModels:
             raise ValueError("the served run has rerank.backend: none")
         return list(await asyncio.gather(*[self._score((query, im, cap)) for im, cap in docs]))
 
-    def needs(self) -> dict[str, bool]:
+    def needs(self) -> dict[str, Any]:
+        """What a rerank call's documents must carry, and the run's image limits (as in its batch job)."""
         live = self._need()
-        b = live.backend
-        return {"image": bool(b and b.needs_image), "caption": bool(b and b.needs_caption)}
+        b, e = live.backend, live.cfg.embed
+        return {"scores": b is not None, "image": bool(b and b.needs_image), "caption": bool(b and b.needs_caption),
+                "decode": (e.max_image_pixels, tuple(e.allowed_formats), e.max_image_bytes)}
 
 
 # --- the HTTP ingress ----------------------------------------------------------------------------------
@@ -397,7 +539,8 @@ class _BodyLimit:
         limit = _max_body_bytes()
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})(
+            too_big = f"request body over {limit} bytes"
+            return await JSONResponse(status_code=413, content=_error_body(too_big, too_big))(
                 scope, receive, send)
         seen = 0
 
@@ -423,15 +566,24 @@ class _SafeJSON(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+def _error_body(detail: Any, message: str) -> dict[str, Any]:
+    """Every error body: ``message`` (what Cohere's and Jina's SDKs show) and ``detail`` (FastAPI's shape)."""
+    return {"message": message, "detail": detail}
+
+
 async def _invalid_request(request: Any, exc: RequestValidationError) -> JSONResponse:
     """422 naming each bad field, without echoing the input: it can be huge, NaN/inf (not JSON) or not text."""
     detail = [{"type": str(e.get("type", "")), "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
                "msg": str(e.get("msg", ""))} for e in exc.errors()]
-    return _SafeJSON(status_code=422, content={"detail": detail})
+    parts = [f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail[:3]]
+    more = f" (+{len(detail) - 3} more)" if len(detail) > 3 else ""
+    return _SafeJSON(status_code=422, content=_error_body(detail, "invalid request: " + "; ".join(parts) + more))
 
 
 async def _http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
-    return _SafeJSON(status_code=exc.status_code, content={"detail": exc.detail}, headers=getattr(exc, "headers", None))
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, ensure_ascii=True)
+    return _SafeJSON(status_code=exc.status_code, content=_error_body(exc.detail, message),
+                     headers=getattr(exc, "headers", None))
 
 
 # Before @serve.ingress(api) below: it freezes a pickled copy of the app.
@@ -448,6 +600,7 @@ class Api:
         self.storage = Storage()
         self.store: ResultsStore | None = None
         self.reload_error: str | None = "loading"
+        self.explorer = Explorer(self.storage)  # the explorer page's per-run views and thumbnail cache
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Loading happens on this thread, never on the event loop: requests keep being answered.
@@ -517,6 +670,93 @@ class Api:
             raise HTTPException(status_code=404, detail=f"unknown query_id {query_id!r} in run {s.run_id}")
         return {"query_id": query_id, "run_id": s.run_id, "reranker": s.reranker, "results": rows}
 
+    # -- the results explorer (pipelines/explorer): the page, its assets, its views, docs ---------------
+    @api.get("/", include_in_schema=False)
+    async def explorer_page(self) -> Response:
+        return self._asset("index.html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def explorer_asset(self, name: str) -> Response:
+        return self._asset(name)
+
+    def _asset(self, name: str) -> Response:
+        found = explorer.asset(name)
+        if found is None:
+            raise HTTPException(status_code=404, detail="no such asset")
+        return Response(found[0], media_type=found[1], headers=explorer.asset_headers(name))
+
+    @api.get("/v1/explore/run")
+    async def explore_run(self) -> dict[str, Any]:
+        view = await asyncio.to_thread(self.explorer.view, self._store())
+        return {**view.facts(), "reload_error": self.reload_error}
+
+    @api.get("/v1/explore/queries")
+    async def explore_queries(self, prefix: str = "", limit: int = 20) -> dict[str, Any]:
+        if len(prefix) > self.settings.max_text_chars or not 0 < limit <= MAX_SUGGESTIONS:
+            raise HTTPException(status_code=422, detail=f"prefix too long or limit not in 1..{MAX_SUGGESTIONS}")
+        view = await asyncio.to_thread(self.explorer.view, self._store())
+        return {"query_ids": await asyncio.to_thread(view.suggest, prefix, limit)}
+
+    @api.get("/v1/explore/queries/{query_id}")
+    async def explore_query(self, query_id: str) -> dict[str, Any]:
+        view = await asyncio.to_thread(self.explorer.view, self._store())
+        out = await asyncio.to_thread(view.query, query_id)
+        if out is None:
+            raise HTTPException(status_code=404, detail="unknown query_id in the served run")
+        return out
+
+    @api.post("/v1/explore/like")
+    async def explore_like(self, req: LikeRequest) -> dict[str, Any]:
+        self._limits("", req.top_k, req.top_n)
+        s = self._store()
+        found = await self.models.like.remote(req.doc_id, req.top_k)
+        if found is None:
+            raise HTTPException(status_code=404, detail="unknown doc_id in the served run")
+        out: dict[str, Any] = {"run_id": s.run_id, "doc_id": req.doc_id, "caption": found["caption"],
+                               "retrieval": [{"rank": i + 1, "doc_id": h["doc_id"], "retrieval_score": h["retrieval_score"]}
+                                             for i, h in enumerate(found["hits"])],
+                               "reranked": None, "reranker": s.reranker, "timing": found["timing"]}
+        if req.rerank and found["caption"]:  # a text reranker needs a text query: the doc's own caption
+            rr = await self.models.rerank_hits.remote(found["caption"], found["hits"], req.top_n)
+            out.update(reranked=rr["results"], reranker=rr["reranker"], timing={**found["timing"], **rr["timing"]})
+        return out
+
+    @api.post("/v1/docs")
+    async def docs(self, req: DocsRequest) -> dict[str, Any]:
+        s = self._store()
+        metas = await self.models.docs_meta.remote(req.doc_ids)
+        return {"run_id": s.run_id, "docs": [m for m in metas if m is not None]}
+
+    # Registered before /v1/docs/{doc_id:path}, which would otherwise take ".../thumbnail" as part of the id.
+    @api.get("/v1/docs/{doc_id:path}/thumbnail", include_in_schema=False)
+    async def doc_thumbnail(self, doc_id: str, size: int | None = None) -> Response:
+        from pipelines.explorer.docs import check_size
+
+        try:
+            px = check_size(size)
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        s = self._store()
+        key = (s.run_id, doc_id, px)
+        data = self.explorer.thumbs.get(key)
+        if data is None:
+            got = await self.models.thumbnail.remote(doc_id, px)
+            if "error" in got:
+                raise HTTPException(status_code=422, detail=f"the stored image does not decode: {got['error']}")
+            if got["data"] is None:
+                raise HTTPException(status_code=404, detail="unknown doc_id in the served run")
+            data = got["data"]
+            self.explorer.thumbs.put(key, data)
+        return Response(data, media_type="image/jpeg", headers=explorer.thumbnail_headers())
+
+    @api.get("/v1/docs/{doc_id:path}")
+    async def doc(self, doc_id: str) -> dict[str, Any]:
+        s = self._store()
+        (meta,) = await self.models.docs_meta.remote([doc_id])
+        if meta is None:
+            raise HTTPException(status_code=404, detail="unknown doc_id in the served run")
+        return {**meta, "run_id": s.run_id}
+
     def _limits(self, text: str, top_k: int | None = None, top_n: int | None = None) -> None:
         st = self.settings
         if len(text) > st.max_text_chars:
@@ -543,51 +783,71 @@ class Api:
         out["timing"]["total_ms"] = 1000 * (time.perf_counter() - t0)
         return out
 
-    @api.post("/v1/rerank")
-    async def rerank(self, req: RerankRequest) -> dict[str, Any]:
+    async def _rerank(self, query: str, documents: list[Any], top_n: int | None,
+                      ) -> tuple[str, list[RerankDocument], list[int], list[float]]:
+        """What both rerank endpoints share: the limits, images decoded off the event loop, the scores.
+        Returns the served reranker's name, the documents, their order (best first, cut to top_n), the scores."""
         st = self.settings
-        self._limits(req.query, None, req.top_n)
-        if len(req.documents) > st.max_documents:
-            raise HTTPException(status_code=422, detail=f"{len(req.documents)} documents, max {st.max_documents}")
-        self._store()
+        self._limits(query, None, top_n)
+        if len(documents) > st.max_documents:
+            raise HTTPException(status_code=422, detail=f"{len(documents)} documents, max {st.max_documents}")
+        store = self._store()
         needs = await self.models.needs.remote()
-        docs = [RerankDocument(text=d) if isinstance(d, str) else d for d in req.documents]
+        if not needs["scores"]:
+            raise HTTPException(status_code=422, detail="the served run has rerank.backend: none (nothing reranks)")
+        docs = [RerankDocument(text=d) if isinstance(d, str) else d for d in documents]
         prepared = []
         for i, d in enumerate(docs):
             if d.text is not None and len(d.text) > st.max_text_chars:
                 raise HTTPException(status_code=422, detail=f"documents[{i}].text is longer than {st.max_text_chars}")
             image = None
             if needs["image"]:
-                image = await asyncio.to_thread(self._image, i, d)  # decode off the event loop
+                image = await asyncio.to_thread(self._image, i, d, needs["decode"])  # off the event loop
             if needs["caption"] and not d.text:
                 raise HTTPException(status_code=422, detail=f"documents[{i}]: this reranker needs text")
             prepared.append((image, d.text))
-        scores = await self.models.rerank_docs.remote(req.query, prepared)
+        scores = [float(s) for s in await self.models.rerank_docs.remote(query, prepared)]
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-        if req.top_n is not None:
-            order = order[: req.top_n]
-        res = []
-        for i in order:
-            item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
-            if req.return_documents:
-                item["document"] = docs[i].model_dump(exclude_none=True)
-            res.append(item)
-        return {"results": res, "model": self._store().reranker}
+        return store.reranker, docs, order[:top_n] if top_n is not None else order, scores
 
-    def _image(self, i: int, d: RerankDocument) -> Any:
+    @api.post("/v1/rerank", response_model_exclude_none=True)
+    async def rerank(self, req: RerankRequest) -> RerankResponse:
+        """Cohere v1 / Jina: ``documents`` are strings or objects (text, image); ``return_documents`` echoes them."""
+        served, docs, order, scores = await self._rerank(req.query, req.documents, req.top_n)
+        return RerankResponse(id=str(uuid.uuid4()), model=served, meta=_rerank_meta("1", served, req),
+                              results=[RerankResult(index=i, relevance_score=scores[i],
+                                                    document=docs[i] if req.return_documents else None)
+                                       for i in order])
+
+    @api.post("/v2/rerank", response_model_exclude_none=True)
+    async def rerank_v2(self, req: RerankV2Request) -> RerankResponse:
+        """Cohere v2 (``cohere.ClientV2(...).rerank``): the same scores as ``/v1/rerank``."""
+        served, _, order, scores = await self._rerank(req.query, req.documents, req.top_n)
+        return RerankResponse(id=str(uuid.uuid4()), model=served, meta=_rerank_meta("2", served, req),
+                              results=[RerankResult(index=i, relevance_score=scores[i]) for i in order])
+
+    def _image(self, i: int, d: RerankDocument, limits: tuple[int, tuple[str, ...], int]) -> Any:
         from operators.decode import RejectError, decode_image
 
+        field = next((f for f in IMAGE_FIELDS if getattr(d, f)), None)
+        if field is None:
+            raise HTTPException(status_code=422, detail=f"documents[{i}]: this reranker needs an image")
+        value: str = getattr(d, field)
         try:
-            if d.image_b64:
-                data = base64.b64decode(d.image_b64, validate=True)
-            elif d.image_url:
-                if scheme_of(d.image_url) not in self.settings.allowed_url_schemes:
-                    raise HTTPException(status_code=422, detail=f"documents[{i}].image_url: scheme not allowed "
+            if field == "image" and value.startswith("data:"):  # RFC 2397: data:[<mediatype>][;base64],<data>
+                head, _, payload = value.partition(",")
+                if not head.endswith(";base64"):
+                    raise HTTPException(status_code=422, detail=f"documents[{i}].image: a data URI must be base64 "
+                                                                "(data:image/png;base64,...)")
+                data = base64.b64decode(payload, validate=True)
+            elif field == "image_url" or (field == "image" and "://" in value):
+                if scheme_of(value) not in self.settings.allowed_url_schemes:
+                    raise HTTPException(status_code=422, detail=f"documents[{i}].{field}: scheme not allowed "
                                                                 f"(allowed: {list(self.settings.allowed_url_schemes)})")
-                data = self.storage.read_bytes(d.image_url)
-            else:
-                raise HTTPException(status_code=422, detail=f"documents[{i}]: this reranker needs an image")
-            return decode_image(data, 89_478_485, ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))
+                data = self.storage.read_bytes(value)
+            else:  # image_b64, or Jina's image without a scheme: base64 (a local path is not base64: refused)
+                data = base64.b64decode(value, validate=True)
+            return decode_image(data, *limits)  # the run's embed.max_image_pixels, allowed_formats, max_image_bytes
         except HTTPException:
             raise
         except RejectError as e:

@@ -13,7 +13,14 @@ import pytest
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from operators.schemas import CORPUS_IMAGE_BYTES, CORPUS_IMAGE_URI, QRELS, QUERIES
-from pipelines.sample import ALLOWED_FORMATS, SampleInfo, load_sample_info, make_sample
+from pipelines.sample import (
+    ALLOWED_FORMATS,
+    MARKUP_CASES,
+    XSS_FLAG,
+    SampleInfo,
+    load_sample_info,
+    make_sample,
+)
 
 KW = {"docs": 24, "queries": 6, "shards": 3, "seed": 7, "image_size": 48}
 
@@ -123,7 +130,7 @@ def test_bad_rows_listed_match_shards(bad: SampleInfo) -> None:
     reject_types = sorted(b["error_type"] for b in bad.expected_rejects)
     assert reject_types == sorted(["empty_image", "undecodable", "truncated_image", "decompression_bomb",
                                    "unsupported_format", "null_id", "duplicate_id", "duplicate_id"])
-    assert len(bad.expected_accepts) == 6
+    assert len(bad.expected_accepts) == 6 + len(MARKUP_CASES)
     assert {b["shard"] for b in bad.bad_rows} == set(bad.shard_uris[:-1])  # spread over the shards
     for b in bad.bad_rows:
         assert set(b) >= {"shard", "row_index", "doc_id", "expect", "error_type", "why"}
@@ -179,7 +186,7 @@ def test_rejects_fail_as_described(bad: SampleInfo) -> None:
 def test_accepted_odd_rows_open(bad: SampleInfo) -> None:
     modes = {"cmyk_jpeg": "CMYK", "gray16_png": "I;16", "palette_png_trns": "P", "exif_rotated_jpeg": "RGB",
              "rgba_png": "RGBA", "gray_l_png": "L"}
-    by = {b["case"]: b for b in bad.expected_accepts}
+    by = {b["case"]: b for b in bad.expected_accepts if b["case"] not in MARKUP_CASES}
     assert set(by) == set(modes)
     for case, mode in modes.items():
         b = by[case]
@@ -197,6 +204,18 @@ def test_accepted_odd_rows_open(bad: SampleInfo) -> None:
     qrel_docs = set(pq.read_table(bad.qrels).column("doc_id").to_pylist())
     rejected_slots = {b["slot"] for b in bad.expected_rejects}
     assert not qrel_docs & rejected_slots
+
+
+def test_markup_rows_hold_markup(bad: SampleInfo) -> None:
+    by = {b["case"]: b for b in bad.expected_accepts if b["case"] in MARKUP_CASES}
+    assert set(by) == set(MARKUP_CASES)
+    script, img = _row(bad, by["markup_caption_script"]), _row(bad, by["markup_id_img"])
+    assert script["text"].startswith("<script>") and XSS_FLAG in script["text"]
+    assert script["doc_id"] == by["markup_caption_script"]["slot"]
+    assert img["doc_id"].startswith("<img") and "onerror" in img["doc_id"] and not any(c.isspace() for c in img["doc_id"])
+    assert img["text"].startswith("<img ") and "onerror" in img["text"]
+    for row in (script, img):
+        assert Image.open(io.BytesIO(row["image"])).format == "PNG"
 
 
 def test_image_uri_mode(tmp_path: Path) -> None:
