@@ -117,7 +117,8 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     from pipelines.sample import make_sample
 
     info = make_sample(args.out, docs=args.docs, queries=args.queries, shards=args.shards, seed=args.seed,
-                       bad_rows=args.bad_rows, image_size=args.image_size, image_uri=args.image_uri)
+                       bad_rows=args.bad_rows, image_size=args.image_size, image_uri=args.image_uri,
+                       binding=args.binding)
     log.info("sample written: corpus=%s queries=%s qrels=%s (%d docs, %d queries, %d bad rows)",
              info.corpus, info.queries, info.qrels, info.docs, info.queries_n, len(info.bad_rows))
     return 0
@@ -205,10 +206,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quickstart(args: argparse.Namespace) -> int:
-    from pipelines.quickstart import quickstart
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train import run_train
 
-    quickstart(args.out, docs=args.docs, queries=args.queries, shards=args.shards)
+    cfg = _load(args)
+    for line in run_train(cfg).lines():
+        log.info("%s", line)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from pipelines.quickstart import TRAINED_DOCS, TRAINED_QUERIES, quickstart
+
+    trained = not args.random_weights
+    docs = args.docs if args.docs is not None else (TRAINED_DOCS if trained else 200)
+    queries = args.queries if args.queries is not None else (TRAINED_QUERIES if trained else 20)
+    quickstart(args.out, docs=docs, queries=queries, shards=args.shards, trained=trained)
     return 0
 
 
@@ -231,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--image-uri", action="store_true", help="store images as files and reference them by URI")
     s.add_argument("--bad-rows", action="store_true", help="add the documented mix of broken rows")
+    s.add_argument("--binding", action="store_true",
+                   help="attribute-binding docs and queries (groups of 4 docs per concept; what `train` uses)")
     s.set_defaults(fn=cmd_make_sample)
 
     e = sub.add_parser("embed", help="embed corpus images and query texts into the embeddings cache")
@@ -288,11 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     sv.set_defaults(fn=cmd_serve)
 
+    t = sub.add_parser("train", help="fine-tune the retriever (clip) or the reranker (vlm_yesno) with Ray Train")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    t.set_defaults(fn=cmd_train)
+
     q = sub.add_parser("quickstart", help="make a sample and run the pipeline on the embedded default")
     q.add_argument("--out", default="mmrerank-quickstart", help="where the sample and outputs go")
-    q.add_argument("--docs", type=int, default=200)
-    q.add_argument("--queries", type=int, default=20)
+    q.add_argument("--docs", type=int, default=None, help="default 160 (trained) / 200 (--random-weights)")
+    q.add_argument("--queries", type=int, default=None, help="default 40 (trained) / 20 (--random-weights)")
     q.add_argument("--shards", type=int, default=4)
+    q.add_argument("--random-weights", action="store_true",
+                   help="skip training: the default sample on random-weight models (a smoke test)")
     q.set_defaults(fn=cmd_quickstart)
     return p
 

@@ -228,6 +228,71 @@ class RerankConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """LoRA (peft) settings of the vlm_yesno target; ``enabled: auto`` = LoRA unless the base is tiny."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    r: int = Field(default=8, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # "auto" keeps full fine-tuning for bases up to this many parameters (the offline tiny models).
+    full_finetune_max_params: int = Field(default=20_000_000, gt=0)
+
+
+class TrainConfig(_Strict):
+    """``mmrerank train``: fine-tune the retriever (clip) or the reranker (vlm_yesno) on qrels with Ray Train."""
+
+    target: Literal["clip", "vlm_yesno"]
+    # Base weights: clip: an open_clip spec (default embed.model); vlm_yesno: an HF dir / hub id (default
+    # rerank.model). The prompt, answer tokens and use_caption of vlm_yesno come from the rerank section.
+    clip_model: ModelSpec | None = None
+    model: str | None = None
+    # Hard negatives / vlm validation candidates: a run directory or a root (its published run).
+    candidates: str | None = None
+    negatives: Literal["none", "hard", "random"] = "none"
+    negatives_per_query: int = Field(default=4, ge=0, le=1000)
+    # clip: also train on (caption, image) pairs of the corpus (docs judged for held-out queries left out).
+    caption_pairs: bool = False
+    heldout_fraction: float = Field(default=0.3, gt=0, lt=1, description="share of query ids never trained on")
+    split_seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0)
+    epochs: int = Field(default=5, gt=0, le=10_000)
+    batch_size: int = Field(default=32, gt=0, description="examples per optimiser step, all workers together")
+    lr: float = Field(default=1e-4, gt=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    num_workers: int = Field(default=1, gt=0, le=4096)
+    use_gpu: bool | Literal["auto"] = "auto"
+    worker_num_cpus: float = Field(default=1.0, gt=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                             description="Ray Train run name under <root>/training/ (default: from the config)")
+    output: str | None = Field(default=None, description="model directory (default <root>/models/<name>)")
+
+    @field_validator("candidates", "output")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a non-empty path or URI")
+        return None if v is None else normalize(os.path.expanduser(v))
+
+    @model_validator(mode="after")
+    def _target(self) -> TrainConfig:
+        if self.negatives == "hard" and not self.candidates:
+            raise ValueError("negatives: hard needs candidates (a run directory or root)")
+        if self.target == "vlm_yesno":
+            if not self.candidates:
+                raise ValueError("target vlm_yesno needs candidates (a run directory or root): its validation "
+                                 "reranks the held-out queries' candidates")
+            if self.negatives == "none":
+                raise ValueError("target vlm_yesno needs negatives: hard (RagVL) or random")
+        if self.target == "clip" and self.model is not None:
+            raise ValueError("model is for target vlm_yesno; target clip takes clip_model")
+        if self.target == "vlm_yesno" and self.clip_model is not None:
+            raise ValueError("clip_model is for target clip; target vlm_yesno takes model")
+        return self
+
+
 class Config(_Strict):
     """Root of a pipeline config file."""
 
@@ -241,6 +306,7 @@ class Config(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
+    train: TrainConfig | None = None
 
     @field_validator("root", "corpus", "queries", "qrels")
     @classmethod
@@ -285,6 +351,10 @@ def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(data.get("search"), dict):
         data["search"] = dict(data["search"])
         fix(data["search"], "query_embeddings")
+    if isinstance(data.get("train"), dict):
+        data["train"] = dict(data["train"])
+        for key in ("candidates", "output"):
+            fix(data["train"], key)
     return data
 
 

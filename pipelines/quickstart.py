@@ -1,9 +1,17 @@
-"""``mmrerank quickstart``: sample data + the nightly run (+ evaluation) on the embedded default."""
+"""``mmrerank quickstart``: sample data + the nightly run (+ evaluation) on the embedded default.
+
+Two modes. ``trained=True`` (the CLI default): the binding sample, ``mmrerank train`` of the tiny
+retriever (clip) on the training queries, a nightly run with it, ``mmrerank train`` of the tiny yes/no
+reranker on that run's candidates (hard negatives), a nightly run with both, and the metrics of both runs on
+the held-out queries only. ``trained=False`` (``--random-weights``, and what the tests' fixtures use): the
+default sample and the random-weight models, the smoke test of the pipeline itself.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -14,18 +22,34 @@ from pipelines.sample import make_sample
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
+CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "quickstart.yaml"
+TRAIN_CLIP_CONFIG = CONFIGS / "train-clip.yaml"
+TRAIN_VLM_CONFIG = CONFIGS / "train-vlm.yaml"
+TRAINED_DOCS, TRAINED_QUERIES = 160, 40  # 40 concept groups of 4 docs, one query each
+
+
+def _paths(out: str) -> dict[str, str]:
+    out = normalize(out)
+    return {"root": join(out, "out"), "corpus": join(out, "sample", "corpus"),
+            "queries": join(out, "sample", "queries"), "qrels": join(out, "sample", "qrels.parquet")}
+
+
+def _merged(path: Path, out: str, **sections: Any) -> Config:
+    data = yaml.safe_load(path.read_text())
+    data.update(_paths(out))
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return parse_config(data, str(path))
 
 
 def quickstart_config(out: str) -> Config:
-    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    out = normalize(out)
-    data.update(root=join(out, "out"), corpus=join(out, "sample", "corpus"),
-                queries=join(out, "sample", "queries"), qrels=join(out, "sample", "qrels.parquet"))
-    return parse_config(data, str(DEFAULT_CONFIG))
+    return _merged(DEFAULT_CONFIG, out)
 
 
-def quickstart(out: str, docs: int = 200, queries: int = 20, shards: int = 4) -> RunReport:
+def quickstart(out: str, docs: int = 200, queries: int = 20, shards: int = 4, trained: bool = False) -> RunReport:
+    if trained:
+        return _trained(out, docs, queries, shards)
     cfg = quickstart_config(out)
     info = make_sample(join(normalize(out), "sample"), docs=docs, queries=queries, shards=shards, seed=0,
                        bad_rows=True)
@@ -39,12 +63,65 @@ def quickstart(out: str, docs: int = 200, queries: int = 20, shards: int = 4) ->
     if cfg.qrels:
         for line in format_table(evaluate(report.run_dir, cfg.qrels)):
             log.info("%s", line)
-    log.warning("the quickstart models have RANDOM weights: rankings are deterministic but meaningless. "
-                "For real models set embed.model to {name: ViT-B-32, pretrained: laion2b_s34b_b79k} and "
-                "rerank to e.g. {backend: blip_itm, model: Salesforce/blip-itm-base-coco}.")
+    log.warning("the quickstart models have RANDOM weights (--random-weights): rankings are deterministic but "
+                "meaningless. Without the flag the quickstart trains them first; for real models set embed.model "
+                "to {name: ViT-B-32, pretrained: laion2b_s34b_b79k} and rerank to e.g. "
+                "{backend: blip_itm, model: Salesforce/blip-itm-base-coco}.")
+    _where(report, cfg)
+    return report
+
+
+def _where(report: RunReport, cfg: Config) -> None:
     log.info("results: %s/results/*.parquet (one row per query x kept candidate); rejects: %s/rejects/",
              report.run_dir, report.run_dir)
     log.info("look at them: python -c \"import pyarrow.dataset as ds; "
              "print(ds.dataset('%s/results').to_table().to_pandas().head(20))\"", report.run_dir)
     log.info("serve them: mmrerank serve --root %s", cfg.root)
+
+
+def _trained(out: str, docs: int, queries: int, shards: int) -> RunReport:
+    from operators.training.tiny_vlm import save_tiny_vlm
+    from pipelines.evaluate import evaluate, format_table
+    from pipelines.train import HELDOUT_QRELS, run_train
+
+    paths = _paths(out)
+    info = make_sample(join(normalize(out), "sample"), docs=docs, queries=queries, shards=shards, seed=0,
+                       bad_rows=True, binding=True)
+    log.info("[1/6] sample: %d docs in groups of 4 around one binding concept (+%d broken/odd rows), %d queries",
+             info.docs, len(info.bad_rows), info.queries_n)
+
+    clip_cfg = _merged(TRAIN_CLIP_CONFIG, out)
+    clip = run_train(clip_cfg)
+    log.info("[2/6] retriever trained:")
+    for line in clip.lines():
+        log.info("%s", line)
+    retriever = {"name": clip_cfg.embed.model.name, "pretrained": clip.weights}
+
+    first = run(_merged(DEFAULT_CONFIG, out, embed={"model": retriever}, rerank={"backend": "none"}), publish=False)
+    log.info("[3/6] nightly run with the trained retriever (retrieval only): %s", first.run_dir)
+
+    base = join(paths["root"], "models", "tiny-vlm-base")
+    if not Path(base, "config.json").is_file():
+        save_tiny_vlm(base)
+    vlm_cfg = _merged(TRAIN_VLM_CONFIG, out, rerank={"model": base}, train={"candidates": first.run_dir})
+    vlm = run_train(vlm_cfg)
+    log.info("[4/6] reranker trained on the run's candidates (hard negatives):")
+    for line in vlm.lines():
+        log.info("%s", line)
+    if clip.card["split"]["heldout_query_ids"] != vlm.card["split"]["heldout_query_ids"]:
+        raise RuntimeError("the two trainings held out different queries (same split settings expected)")
+
+    rerank = {k: getattr(vlm_cfg.rerank, k) for k in ("positive_token", "negative_token", "use_caption")}
+    cfg = _merged(DEFAULT_CONFIG, out, embed={"model": retriever},
+                  rerank={**rerank, "backend": "vlm_yesno", "model": vlm.output, "batch_size": 32})
+    report = run(cfg)
+    log.info("[5/6] nightly run with the trained retriever and reranker:")
+    for line in report.table():
+        log.info("%s", line)
+    heldout = join(vlm.output, HELDOUT_QRELS)
+    log.info("[6/6] held-out queries only (%d, never trained on): mmrerank eval --run %s --qrels %s",
+             len(vlm.card["split"]["heldout_query_ids"]), report.run_dir, heldout)
+    for line in format_table(evaluate(report.run_dir, heldout)):
+        log.info("%s", line)
+    _where(report, cfg)
     return report

@@ -47,9 +47,14 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 BOMB_SIZE = (20000, 20000)  # 400M pixels: over PIL's own 2 * MAX_IMAGE_PIXELS limit, so open() refuses it
+# The markup bad rows would set window.<XSS_FLAG> if a page ever ran them (the explorer tests check it does not).
+XSS_FLAG = "mmrXss"
+MARKUP_CASES = ("markup_caption_script", "markup_id_img")
 
 # Independent random streams (numpy SeedSequence keys), so adding bad rows never changes clean docs.
-_STREAM_DOC, _STREAM_QUERY, _STREAM_BAD = 0, 1, 2
+_STREAM_DOC, _STREAM_QUERY, _STREAM_BAD, _STREAM_BINDING = 0, 1, 2, 3
+# Binding mode: docs come in groups of BINDING_GROUP around one (color, shape) x 2 concept; see make_sample.
+BINDING_GROUP = 4
 
 _QUERY_TEMPLATES = ("a photo of {a}", "{bare}", "a picture with {a}", "an image showing {a}")
 
@@ -159,14 +164,21 @@ class _Scene:
 
 def _random_scene(rng: np.random.Generator, size: tuple[int, int]) -> _Scene:
     """1-3 distinct (color, shape) pairs, each in its own cell of a 2x2 grid so none is hidden."""
-    w, h = size
-    colors, backgrounds = list(COLORS), list(BACKGROUNDS)
+    colors = list(COLORS)
     k = int(rng.integers(1, 4))
     pairs: list[Pair] = []
     while len(pairs) < k:
         p = (colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))])
         if p not in pairs:
             pairs.append(p)
+    return _place(rng, size, pairs)
+
+
+def _place(rng: np.random.Generator, size: tuple[int, int], pairs: Sequence[Pair]) -> _Scene:
+    """A seeded background and one 2x2-grid cell per pair (at most 4 pairs)."""
+    w, h = size
+    backgrounds = list(BACKGROUNDS)
+    k = len(pairs)
     background = backgrounds[int(rng.integers(len(backgrounds)))]
     cells = rng.permutation(4)[:k]
     cw, ch = w / 2, h / 2
@@ -279,6 +291,68 @@ def _clean_docs(seed: int, docs: int, image_size: int) -> list[_Row]:
     return rows
 
 
+def _binding_concept(seed: int, group: int) -> tuple[Pair, Pair]:
+    """Group ``group``'s two (color, shape) pairs: distinct colors and distinct shapes."""
+    rng = np.random.default_rng([seed, _STREAM_BINDING, group])
+    c = rng.permutation(len(COLORS))[:2]
+    s = rng.permutation(len(SHAPES))[:2]
+    colors = list(COLORS)
+    return (colors[int(c[0])], SHAPES[int(s[0])]), (colors[int(c[1])], SHAPES[int(s[1])])
+
+
+def _binding_pairs(seed: int, i: int) -> list[Pair]:
+    """Doc ``i``'s pairs in binding mode: variant ``i % BINDING_GROUP`` of its group's concept.
+
+    0: both pairs; 1: colors swapped between the shapes (same words, wrong binding); 2: both pairs plus a
+    third of another color; 3: one pair plus the other shape in a third color.
+    """
+    (c1, s1), (c2, s2) = _binding_concept(seed, i // BINDING_GROUP)
+    rng = np.random.default_rng([seed, _STREAM_BINDING, i, 1])
+    others = [c for c in COLORS if c not in (c1, c2)]
+    c3 = others[int(rng.integers(len(others)))]
+    variant = i % BINDING_GROUP
+    if variant == 0:
+        return [(c1, s1), (c2, s2)]
+    if variant == 1:
+        return [(c1, s2), (c2, s1)]
+    if variant == 2:
+        return [(c1, s1), (c2, s2), (c3, SHAPES[int(rng.integers(len(SHAPES)))])]
+    return [(c1, s1), (c3, s2)]
+
+
+def _binding_docs(seed: int, docs: int, image_size: int) -> list[_Row]:
+    rows = []
+    size = (image_size, image_size)
+    for i in range(docs):
+        pairs = _binding_pairs(seed, i)
+        rng = np.random.default_rng([seed, _STREAM_DOC, i])
+        order = [pairs[int(j)] for j in rng.permutation(len(pairs))]  # the caption's order is no clue
+        scene = _place(rng, size, order)
+        fmt = "JPEG" if i % 2 else "PNG"
+        data = _encode(_render(scene, size), fmt)
+        rows.append(_Row(_doc_id(i), _doc_id(i), data, ".jpg" if fmt == "JPEG" else ".png", scene.caption,
+                         frozenset(scene.pairs)))
+    return rows
+
+
+def _binding_queries(seed: int, n: int, docs: int) -> list[tuple[str, str, frozenset[Pair]]]:
+    """One query per group (groups in seeded order) naming its two pairs, e.g. "a cyan cross and a yellow square"."""
+    groups = -(-docs // BINDING_GROUP)
+    if n > groups:
+        raise ValueError(f"binding sample: at most one query per group of {BINDING_GROUP} docs: "
+                         f"{n} queries need docs >= {n * BINDING_GROUP}, got {docs}")
+    rng = np.random.default_rng([seed, _STREAM_QUERY])
+    out: list[tuple[str, str, frozenset[Pair]]] = []
+    for g in rng.permutation(groups)[:n]:
+        pairs = list(_binding_concept(seed, int(g)))
+        if rng.integers(2):
+            pairs.reverse()
+        tmpl = _QUERY_TEMPLATES[int(rng.integers(len(_QUERY_TEMPLATES)))]
+        text = tmpl.format(a=_phrase(pairs), bare=_phrase(pairs, articles=False))
+        out.append((f"q-{len(out):05d}", text, frozenset(pairs)))
+    return out
+
+
 def _make_queries(seed: int, n: int, clean: list[_Row]) -> list[tuple[str, str, frozenset[Pair]]]:
     """Each query names 1-2 (color, shape) pairs taken from one clean doc, so it has >= 1 relevant doc."""
     rng = np.random.default_rng([seed, _STREAM_QUERY])
@@ -344,6 +418,10 @@ def _bad_rows(seed: int, first_slot: int, image_size: int, shards: int, image_ur
          "JPEG stored rotated 90 degrees CCW with EXIF orientation 6; exif_transpose restores it"),
         ("rgba_png", "accept", None, "RGBA PNG with a half-transparent background"),
         ("gray_l_png", "accept", None, "8-bit grayscale PNG (mode L)"),
+        ("markup_caption_script", "accept", None,
+         "valid PNG whose caption starts with a <script> element that would set window." + XSS_FLAG),
+        ("markup_id_img", "accept", None,
+         "valid PNG whose doc_id and caption hold an <img> element whose onerror would set window." + XSS_FLAG),
     ]
     gray_palette = {"white": (255, 255, 255), "black": (0, 0, 0)}
     out: list[tuple[int, int, _Row]] = []
@@ -423,6 +501,15 @@ def _bad_rows(seed: int, first_slot: int, image_size: int, shards: int, image_ur
             rgba.putalpha(Image.composite(Image.new("L", size, 255), alpha, mask))
             data, fmt, mode = _encode(rgba, "PNG"), "PNG", "RGBA"
             pairs = frozenset(scene.pairs)
+        elif case.startswith("markup_"):
+            # Untrusted text for every consumer that renders ids or captions (the explorer page, notebooks).
+            data, fmt, mode = _encode(img, "PNG"), "PNG", "RGB"
+            pairs = frozenset(scene.pairs)
+            if case == "markup_caption_script":
+                caption = f'<script>window.{XSS_FLAG}="caption"</script> {scene.caption}'
+            else:  # no whitespace in the id (TREC run files are space-separated)
+                doc_id = f"<img/src/onerror=window.{XSS_FLAG}=1>{slot}"
+                caption = f'<img src=x onerror="window.{XSS_FLAG}=1"> {scene.caption}'
         pos = int(rng.integers(lo, len(blocks[shard]) + 1))
         bad = {"case": case, "expect": expect, "error_type": error_type, "why": why, "doc_id": doc_id,
                "image_format": fmt, "image_mode": mode}
@@ -443,6 +530,7 @@ def make_sample(
     image_size: int = 64,
     image_uri: bool = False,
     storage: Storage | None = None,
+    binding: bool = False,
 ) -> SampleInfo:
     """Write a synthetic corpus, queries and qrels under ``out`` (any storage URI) and describe it.
 
@@ -461,6 +549,13 @@ def make_sample(
     it contains all of them: relevance 2 when its pair set equals the query's, else 1.
 
     Same arguments give byte-identical files; doc ``i`` depends only on (``seed``, ``i``, ``image_size``).
+
+    With ``binding=True`` (what ``mmrerank train`` and the quickstart use) the docs come in groups of
+    ``BINDING_GROUP`` = 4 around one concept of two (color, shape) pairs with distinct colors and shapes:
+    the concept itself, the same words bound the other way round (a hard negative for bag-of-words
+    models), the concept plus a third shape, and one pair plus the other shape in a third color. Each
+    query names one group's concept ("a cyan cross and a yellow square"; at most ``docs // 4`` queries),
+    so its relevant docs are variants 0 and 2 of its group and its hardest negatives share every word.
 
     With ``bad_rows=True`` the rows below are inserted at seeded positions in the shards (bad row ``k``
     goes to shard ``k % shards``), each with its own slot id ``doc-{docs + k:06d}`` (the row's doc_id
@@ -482,7 +577,11 @@ def make_sample(
     Expected ACCEPTED (``error_type`` None; real ids and captions, judged in qrels like clean docs):
     a CMYK JPEG, a 16-bit grayscale PNG (mode I;16), a palette PNG with tRNS transparency (mode P), a
     non-square JPEG stored rotated with EXIF orientation 6, an RGBA PNG, and an 8-bit grayscale PNG
-    (mode L). The grayscale ones show white shapes on black, a colour no query asks for.
+    (mode L). The grayscale ones show white shapes on black, a colour no query asks for. Two valid PNGs
+    carry markup (``MARKUP_CASES``): ``markup_caption_script`` has a caption starting with
+    ``<script>window.mmrXss="caption"</script>``, ``markup_id_img`` a doc_id
+    ``<img/src/onerror=window.mmrXss=1>doc-...`` and a caption starting with ``<img src=x onerror=...>``
+    (untrusted text that every consumer must render as text).
 
     Each ``SampleInfo.bad_rows`` entry: ``shard`` (shard URI), ``row_index`` (row in that shard),
     ``doc_id``, ``expect``, ``error_type``, ``why``, plus ``case`` (unique name), ``slot``,
@@ -500,7 +599,7 @@ def make_sample(
     root = _root_uri(out)
     corpus_dir = join(root, "corpus")
 
-    clean = _clean_docs(seed, docs, image_size)
+    clean = _binding_docs(seed, docs, image_size) if binding else _clean_docs(seed, docs, image_size)
     blocks = [clean[a:b] for a, b in _block_bounds(docs, shards)]
     shard_rows: list[list[_Row]] = [list(b) for b in blocks]
     judged = list(clean)
@@ -516,7 +615,7 @@ def make_sample(
         judged.sort(key=lambda r: r.slot)
         shard_rows.append([])  # the empty shard
 
-    q = _make_queries(seed, queries, clean)
+    q = _binding_queries(seed, queries, docs) if binding else _make_queries(seed, queries, clean)
     qrels = _qrels(q, judged)
 
     schema = CORPUS_IMAGE_URI if image_uri else CORPUS_IMAGE_BYTES
@@ -561,7 +660,7 @@ def make_sample(
         "format_version": FORMAT_VERSION,
         "paths": "relative to the directory holding this file",
         "params": {"docs": docs, "queries": queries, "shards": shards, "seed": seed, "bad_rows": bad_rows,
-                   "image_size": image_size, "image_uri": image_uri},
+                   "image_size": image_size, "image_uri": image_uri, **({"binding": True} if binding else {})},
         "counts": {"docs": docs, "queries": len(q), "qrels": len(qrels), "rows": rows_total,
                    "shards": len(shard_uris), "bad_rows": len(bad_list)},
         "corpus": "corpus", "queries": "queries/queries.parquet", "qrels": "qrels.parquet",
@@ -608,10 +707,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--bad-rows", action="store_true")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--image-uri", action="store_true")
+    ap.add_argument("--binding", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     make_sample(a.out, docs=a.docs, queries=a.queries, shards=a.shards, seed=a.seed, bad_rows=a.bad_rows,
-                image_size=a.image_size, image_uri=a.image_uri)
+                image_size=a.image_size, image_uri=a.image_uri, binding=a.binding)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,287 @@
+"""``mmrerank train``: the seeded split, the binding sample, Ray Train for clip and vlm_yesno, checkpoints that
+load through the users' code paths, quality that a regression would break, 2 workers = 1 worker, resume.
+
+One module-scoped setup (cached per session by the content hash of sample + training config): the binding
+sample, the tiny retriever trained on its training queries, a nightly run with it (retrieval only) and the
+tiny yes/no reranker trained on that run's candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from operators.storage import Storage
+from operators.training.data import build_training_set, read_corpus, read_queries, split_query_ids
+from pipelines.config import ConfigError, parse_config
+
+DOCS, QUERIES, SHARDS = 160, 40, 2
+CLIP_TRAIN: dict[str, Any] = {}  # the quickstart's train-clip.yaml as shipped
+VLM_TRAIN = {"epochs": 2, "batch_size": 16}
+
+
+@dataclass
+class Trained:
+    out: Path
+    sample: Any
+    clip: Any  # TrainReport
+    run_a: Any  # RunReport: trained retriever, retrieval only
+    vlm: Any  # TrainReport
+
+
+def _cfg(path: Path, out: Path, **sections: Any) -> Any:
+    from pipelines.quickstart import _paths
+
+    data = yaml.safe_load(path.read_text())
+    data.update(_paths(str(out)))
+    data["ray"] = {"progress_bars": False}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return parse_config(data, str(path))
+
+
+_SESSION: dict[str, Trained] = {}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    from operators.training.tiny_vlm import save_tiny_vlm
+    from pipelines.quickstart import DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG
+    from pipelines.run import run
+    from pipelines.sample import make_sample
+    from pipelines.train import run_train
+
+    key = hashlib.sha256(json.dumps([DOCS, QUERIES, SHARDS, CLIP_TRAIN, VLM_TRAIN, TRAIN_CLIP_CONFIG.read_text(),
+                                     TRAIN_VLM_CONFIG.read_text()]).encode()).hexdigest()[:16]
+    if key in _SESSION:
+        return _SESSION[key]
+    out = tmp_path_factory.mktemp(f"trained-{key}")
+    sample = make_sample(str(out / "sample"), docs=DOCS, queries=QUERIES, shards=SHARDS, binding=True)
+    clip = run_train(_cfg(TRAIN_CLIP_CONFIG, out, train=CLIP_TRAIN))
+    retriever = {"name": "mmr-tiny", "pretrained": clip.weights}
+    run_a = run(_cfg(DEFAULT_CONFIG, out, embed={"model": retriever}, rerank={"backend": "none"}), publish=False)
+    base = out / "out" / "models" / "tiny-vlm-base"
+    save_tiny_vlm(base)
+    vlm = run_train(_cfg(TRAIN_VLM_CONFIG, out, rerank={"model": str(base)},
+                         train={**VLM_TRAIN, "candidates": run_a.run_dir}))
+    _SESSION[key] = Trained(out, sample, clip, run_a, vlm)
+    return _SESSION[key]
+
+
+# --- no Ray -------------------------------------------------------------------------------------------
+
+
+def test_split_is_seeded_by_query_id_and_stable() -> None:
+    ids = [f"q-{i:05d}" for i in range(200)]
+    train, held = split_query_ids(ids, 0.3, seed=0)
+    assert set(train).isdisjoint(held) and set(train) | set(held) == set(ids)
+    assert 40 <= len(held) <= 80
+    assert split_query_ids(list(reversed(ids)), 0.3, 0) == (train, held)
+    # A query's side does not depend on which other queries exist.
+    train2, held2 = split_query_ids(ids[:120], 0.3, 0)
+    assert set(held2) == set(held) & set(ids[:120])
+    assert split_query_ids(ids, 0.3, seed=1)[1] != held
+
+
+def test_split_refuses_an_empty_side() -> None:
+    from operators.training.data import TrainDataError
+
+    with pytest.raises(TrainDataError, match="at least one of each"):
+        split_query_ids(["q-1"], 0.3, 0)
+
+
+def test_binding_sample_has_swapped_distractors(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from pipelines.sample import COLORS, SHAPES, make_sample
+
+    info = make_sample(str(tmp_path / "s"), docs=40, queries=10, shards=2, binding=True)
+    captions = {}
+    for shard in info.shard_uris:
+        t = pq.read_table(shard)
+        captions.update(zip(t.column("doc_id").to_pylist(), t.column("text").to_pylist(), strict=True))
+    qrels = pq.read_table(info.qrels).to_pylist()
+    texts = dict(zip(*(pq.read_table(info.queries).column(c).to_pylist() for c in ("query_id", "text")), strict=True))
+    for q in texts:
+        rel = {r["doc_id"]: r["relevance"] for r in qrels if r["query_id"] == q}
+        exact = [d for d, r in rel.items() if r == 2]
+        assert len(exact) == 1
+        group = int(exact[0][4:]) // 4
+        swapped = f"doc-{group * 4 + 1:06d}"
+        assert swapped not in rel  # the same words bound the other way round: not relevant
+
+        def words(caption: str) -> list[str]:
+            return sorted(w for w in caption.replace(",", "").split() if w in COLORS or w in SHAPES)
+
+        assert words(captions[swapped]) == words(captions[exact[0]])
+        assert captions[swapped].split(" on ")[0] != captions[exact[0]].split(" on ")[0]
+        assert f"doc-{group * 4 + 2:06d}" in rel  # the concept plus a third shape
+
+
+def test_training_set_never_contains_heldout_queries(tmp_path: Path) -> None:
+    from pipelines.evaluate import load_qrels
+    from pipelines.sample import make_sample
+
+    info = make_sample(str(tmp_path / "s"), docs=80, queries=20, shards=2, binding=True)
+    st = Storage()
+    docs, skipped = read_corpus(info.corpus, st, 10**8, ("PNG", "JPEG"))
+    assert skipped == 0 and len(docs) == 80
+    qrels = load_qrels(info.qrels, st)
+    ts = build_training_set(read_queries(info.queries, st), docs, qrels, None, 0.3, 0, 0, "random", 3,
+                            caption_pairs=True)
+    held = set(ts.heldout_ids)
+    assert held and not held & {q for q, _d, _l in ts.examples}
+    held_docs = {d for q in held for d in qrels[q]}
+    assert not held_docs & set(ts.caption_docs)  # no caption of a held-out query's judged doc is trained on
+    for q, d, label in ts.examples:
+        assert (label == 1) == (qrels[q].get(d, 0) > 0)
+    assert set(ts.qrels) == held
+
+
+def test_train_config_is_validated_before_any_work() -> None:
+    base = {"root": "/tmp/x", "corpus": "/tmp/c", "queries": "/tmp/q", "qrels": "/tmp/r"}
+    with pytest.raises(ConfigError, match="train.target"):
+        parse_config({**base, "train": {"target": "bert"}})
+    with pytest.raises(ConfigError, match="needs candidates"):
+        parse_config({**base, "train": {"target": "vlm_yesno", "negatives": "hard"}})
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        parse_config({**base, "train": {"target": "clip", "batch_size": 0}})
+    with pytest.raises(ConfigError, match="train.lora.unknown"):
+        parse_config({**base, "train": {"target": "clip", "lora": {"unknown": 1}}})
+
+
+def test_train_without_section_or_qrels_is_a_clear_error() -> None:
+    from pipelines.train import run_train
+
+    with pytest.raises(ConfigError, match="no train section"):
+        run_train(parse_config({"root": "/tmp/x", "corpus": "/tmp/c"}))
+    with pytest.raises(ConfigError, match="qrels"):
+        run_train(parse_config({"root": "/tmp/x", "corpus": "/tmp/c", "queries": "/tmp/q",
+                                "train": {"target": "clip"}}))
+
+
+# --- trained models -----------------------------------------------------------------------------------
+
+
+def _heldout_recall(trained: Trained, spec: Any, mix_channels: bool = False) -> dict[str, float]:
+    """Held-out retrieval metrics of an open_clip spec, loaded the way the pipeline loads it."""
+    from operators.models import build_model, image_transform, resolve_model
+    from operators.training.clip import _validate
+    from pipelines.evaluate import load_qrels
+
+    st = Storage()
+    s = trained.sample
+    docs, _ = read_corpus(s.corpus, st, 10**8, ("PNG", "JPEG"))
+    ts = build_training_set(read_queries(s.queries, st), docs, load_qrels(s.qrels, st), None, 0.3, 0, 0, "none", 0)
+    rm = resolve_model(spec)
+    model, tok = build_model(rm)
+    import torch
+
+    tf = image_transform(rm.preprocess)
+    transform = (lambda im: tf(im)[[2, 1, 0]]) if mix_channels else tf  # a BGR/RGB mix-up
+    return _validate(model, tok, transform, ts, torch.device("cpu"))
+
+
+def test_trained_retriever_beats_random_and_a_preprocessing_mismatch_breaks_it(trained: Trained) -> None:
+    from operators.models import ModelSpec
+
+    spec = ModelSpec(name="mmr-tiny", pretrained=trained.clip.weights)
+    good = _heldout_recall(trained, spec)
+    rand = _heldout_recall(trained, ModelSpec(name="mmr-tiny", seed=0))
+    assert good["recall@10"] >= rand["recall@10"] + 0.15, (good, rand)
+    # The card's held-out metrics are those of the checkpoint users load.
+    assert good["recall@10"] == pytest.approx(trained.clip.card["validation"]["recall@10"], abs=1e-6)
+    # A preprocessing mismatch (channels in BGR order): red shapes read as blue, the ranking collapses.
+    bad = _heldout_recall(trained, spec, mix_channels=True)
+    assert bad["ndcg@10"] < good["ndcg@10"] - 0.05, (good, bad)
+
+
+def test_model_card_and_weights(trained: Trained) -> None:
+    out = Path(trained.clip.output)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["target"] == "clip" and card["base_model"]["name"] == "mmr-tiny"
+    assert card["training"]["library"] == "ray.train.torch.TorchTrainer"
+    assert card["training"]["steps"] > 0 and len(card["history"]) == card["training"]["epochs"]
+    for name, sha in card["weights"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
+    assert set(card["weights"]) == {"model.safetensors"}
+    held = set(card["split"]["heldout_query_ids"])
+    assert held and card["data"]["counts"]["heldout_queries"] == len(held)
+    assert {line.split()[0] for line in (out / "heldout_qrels.txt").read_text().splitlines()} == held
+    vcard = trained.vlm.card
+    assert vcard["split"]["heldout_query_ids"] == card["split"]["heldout_query_ids"]
+    assert vcard["training"]["lora"] is False  # tiny base: full fine-tuning
+    vfiles = {p.name for p in Path(trained.vlm.output).iterdir()}
+    assert "model.safetensors" in vfiles and "config.json" in vfiles
+    assert not [f for f in vfiles if f.endswith((".bin", ".pt", ".pth"))]
+
+
+def test_checkpoint_for_another_architecture_is_a_clear_error(trained: Trained, tmp_path: Path) -> None:
+    from operators.models import ModelLoadError, ModelSpec, build_model, resolve_model
+
+    cfg = json.loads((Path(__file__).parent.parent / "operators" / "model_configs" / "mmr-tiny.json").read_text())
+    cfg["embed_dim"] = 32
+    (tmp_path / "other.json").write_text(json.dumps(cfg))
+    rm = resolve_model(ModelSpec(name=str(tmp_path / "other.json"), pretrained=trained.clip.weights))
+    with pytest.raises(ModelLoadError, match="cannot load weights"):
+        build_model(rm)
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve_model(ModelSpec(name="mmr-tiny", pretrained=str(tmp_path / "missing.safetensors")))
+
+
+def test_rerank_uses_the_trained_reranker_as_is_and_matches_its_validation(trained: Trained) -> None:
+    """The nightly run with the trained directory as rerank.model scores the held-out queries exactly as the
+    training's validation did: same prompt, processor and preprocessing on both paths."""
+    from pipelines.evaluate import evaluate
+    from pipelines.quickstart import DEFAULT_CONFIG
+    from pipelines.run import run
+
+    retriever = {"name": "mmr-tiny", "pretrained": trained.clip.weights}
+    cfg = _cfg(DEFAULT_CONFIG, trained.out, embed={"model": retriever},
+               rerank={"backend": "vlm_yesno", "model": trained.vlm.output, "batch_size": 16})
+    report = run(cfg, publish=False)
+    m = evaluate(report.run_dir, str(Path(trained.vlm.output) / "heldout_qrels.txt"))
+    val = trained.vlm.card["validation"]
+    assert m["rerank"]["ndcg@10"] == pytest.approx(val["ndcg@10"], abs=0.02), (m["rerank"], val)
+    # Same retriever as the candidates run: the retrieval stage equals the run the reranker was trained on.
+    a = evaluate(trained.run_a.run_dir, str(Path(trained.vlm.output) / "heldout_qrels.txt"))
+    assert m["retrieval"] == a["retrieval"]
+
+
+def test_two_workers_match_one(trained: Trained) -> None:
+    """Data parallel correctness: same data, same global batch, 2 workers -> the same weights as 1."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipelines.quickstart import TRAIN_CLIP_CONFIG
+    from pipelines.train import run_train
+
+    weights, cards = {}, {}
+    for n in (1, 2):
+        r = run_train(_cfg(TRAIN_CLIP_CONFIG, trained.out, train={
+            "epochs": 2, "batch_size": 16, "lr": 0.002, "num_workers": n, "worker_num_cpus": 0.5,
+            "name": f"dp-{n}", "output": str(trained.out / f"dp-{n}")}))
+        weights[n] = load_file(str(Path(r.output) / "model.safetensors"))
+        cards[n] = r.card
+        assert r.card["training"]["num_workers"] == n
+    assert weights[1].keys() == weights[2].keys()
+    for a, b in zip(cards[1]["history"], cards[2]["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert {k: v for k, v in a.items() if "@" in k} == {k: v for k, v in b.items() if "@" in k}
+
+    def comparable(name: str, t: Any) -> Any:
+        # The key part of an attention in_proj_bias has no effect on any output (softmax is invariant to a
+        # per-query constant), so its gradient is float noise that Adam scales up to lr-sized steps.
+        if name.endswith("attn.in_proj_bias"):
+            d = t.shape[0] // 3
+            return torch.cat([t[:d], t[2 * d:]])
+        return t
+
+    diffs = {k: float((comparable(k, weights[1][k]) - comparable(k, weights[2][k])).abs().max()) for k in weights[1]}
+    assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda x: -x[1])[:3]
