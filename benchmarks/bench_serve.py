@@ -176,6 +176,20 @@ def _request(c: http.client.HTTPConnection, method: str, path: str, body: bytes 
     return r.status, r.read()
 
 
+def run_timed(threads: list[threading.Thread], barrier: threading.Barrier) -> tuple[Load, float]:
+    """Start the client threads, release them together (they wait on ``barrier``), join them: the CPU load
+    and the wall time of the measured phase."""
+    for t in threads:
+        t.start()
+    with Load() as load:
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    return load, wall
+
+
 def load_test(url: str, paths: list[str], n: int, concurrency: int, warmup: int = 0) -> dict[str, Any]:
     """``n`` GETs over ``concurrency`` keep-alive connections (one thread each); latency + throughput."""
     if warmup:
@@ -208,15 +222,8 @@ def load_test(url: str, paths: list[str], n: int, concurrency: int, warmup: int 
                 errors.append(f"HTTP {status} for {path}")
         c.close()
 
-    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
-    for t in threads:
-        t.start()
-    with Load() as load:
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+    load, wall = run_timed([threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)],
+                           barrier)
     all_lat = [x for xs in lat for x in xs]
     return {"concurrency": concurrency, **summary(all_lat), "rps": len(all_lat) / wall if wall > 0 else 0.0,
             "wall_s": wall, "errors": len(errors), "error_examples": errors[:3], **load.as_dict(),

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_serve import Load, _conn, _free_port, _request, _wait_ok, load_test, summary  # noqa: E402
+from benchmarks.bench_serve import _conn, _free_port, _request, _wait_ok, load_test, run_timed, summary  # noqa: E402
 
 
 def cold_test(url: str, paths: list[str], concurrency: int) -> dict[str, Any]:
@@ -69,15 +69,7 @@ def cold_test(url: str, paths: list[str], concurrency: int) -> dict[str, Any]:
                 (lat.append(dt) if status == 200 else errors.append(f"HTTP {status} for {p}"))
         c.close()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    with Load() as load:
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+    load, wall = run_timed([threading.Thread(target=worker, daemon=True) for _ in range(concurrency)], barrier)
     return {"concurrency": concurrency, **summary(lat), "rps": len(lat) / wall if wall > 0 else 0.0,
             "errors": len(errors), "error_examples": errors[:3], **load.as_dict()}
 
