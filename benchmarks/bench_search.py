@@ -280,7 +280,7 @@ def run_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if spec["exact"]:
         del index
-        from pipelines.embed import part_uris, read_vectors
+        from operators.embedding_cache import part_uris, read_vectors
 
         cache = spec["cache"]
         vecs = [read_vectors(storage, part_uris(storage, cache, key))[2] for key in spec["corpus_keys"]]

@@ -1,7 +1,7 @@
-"""Ray Data source of (query, candidate, content) pairs for the reranker actors, each corpus row group read once.
+"""Ray Data source of candidate docs (content once, pairs as lists) for the reranker actors, each row group read once.
 
 The only Ray-dependent part of the rerank stage's reading; the readers it schedules
-(:func:`operators.rerank_ops._pairs_for_shards`) live with the other rerank operators, which import
+(:func:`operators.rerank_ops._docs_for_shards`) live with the other rerank operators, which import
 without Ray (``benchmarks/gpu_check.py``).
 """
 
@@ -13,14 +13,17 @@ import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.rerank_ops import Piece, _pairs_for_shards
+from operators.rerank_ops import Piece, _docs_for_shards
 from operators.storage import StorageOptions
 
 
 class PairsSource(Datasource):
-    """Read tasks over the corpus shards (each row group read once): their candidate pairs with the doc content.
+    """Read tasks over the corpus shards (each row group read once): their candidate docs, each with its content
+    (or, clip backend, its cached vector) and its pairs.
 
-    ``shards``: key -> (corpus uri, payload column, bucket files, row-group starts, pairs per row group).
+    ``shards``: key -> (corpus uri, payload column, bucket files, row-group starts, pairs per row group,
+    reranker vectors ``(cache dir, shard key)`` or None). Blocks hold whole docs and at least ``block_rows``
+    pairs (the last of a task fewer).
     Consecutive shards with few pairs share a read task (at least ``TASK_BLOCKS`` blocks a task), so that a
     shard's last, short block does not give the actor a ragged batch per shard.
 
@@ -32,7 +35,7 @@ class PairsSource(Datasource):
 
     TASK_BLOCKS = 16
 
-    def __init__(self, shards: dict[str, tuple[str, str, list[str], list[int], np.ndarray]],
+    def __init__(self, shards: dict[str, tuple[str, str, list[str], list[int], np.ndarray, tuple[str, str] | None]],
                  storage_options: StorageOptions | None = None, block_rows: int = 256,
                  task_rows: int | None = None) -> None:
         self._shards = shards
@@ -70,20 +73,22 @@ class PairsSource(Datasource):
         return out
 
     def _piece(self, key: str, lo: int, hi: int) -> Piece:
-        uri, payload, files, starts, per_group = self._shards[key]
+        uri, payload, files, starts, per_group, vectors = self._shards[key]
         # Rows outside the shard stay in its first / last piece (they become rejects there).
         return (uri, payload, files, None if lo == 0 else int(starts[lo]),
-                None if hi >= len(per_group) else int(starts[hi]))
+                None if hi >= len(per_group) else int(starts[hi]), vectors)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: object | None = None) -> list[ReadTask]:
         tasks = []
         for ranges in self.groups():
             pieces = [self._piece(*r) for r in ranges]
-            read_fn = functools.partial(_pairs_for_shards, pieces, self._options, self._block)
-            tasks.append(ReadTask(read_fn, BlockMetadata(
-                num_rows=sum(int(np.asarray(self._shards[k][4])[lo:hi].sum()) for k, lo, hi in ranges),
-                size_bytes=None, exec_stats=None, input_files=tuple(self._shards[k][0] for k, _, _ in ranges))))
+            read_fn = functools.partial(_docs_for_shards, pieces, self._options, self._block)
+            pairs = sum(int(np.asarray(self._shards[k][4])[lo:hi].sum()) for k, lo, hi in ranges)
+            # Blocks are docs (with their pairs): the doc count is unknown before reading.
+            tasks.append((pairs, ReadTask(read_fn, BlockMetadata(
+                num_rows=None, size_bytes=None, exec_stats=None,
+                input_files=tuple(self._shards[k][0] for k, _, _ in ranges)))))
         if self._task_rows:  # biggest first: the actors' last tasks are the short ones, they finish together
-            tasks.sort(key=lambda t: -(t.metadata.num_rows or 0))
-        return tasks
+            tasks.sort(key=lambda t: -t[0])
+        return [t for _, t in tasks]

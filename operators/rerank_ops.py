@@ -1,11 +1,14 @@
-"""Reranking stage operators: candidate content, batched reranker actors, fusion + selection, writers.
+"""Reranking stage operators: candidate docs with their pairs, batched reranker actors, fusion + selection.
 
 * :func:`bucket_candidates` (Ray task per candidates part) regroups candidates by corpus shard, then
   :class:`operators.pair_source.PairsSource` (the Ray Data source, kept apart so that this module imports
   without Ray) reads each corpus shard once, only the row groups holding wanted rows, using the
   ``(shard, row)`` recorded at embedding time: no join against the corpus, memory bounded by a row group.
-* :class:`RerankPairs` (actor UDF) decodes what its backend needs and scores pairs; a pair that fails
-  is a reject row with a reason, the rest of the batch is scored.
+  It yields one row per distinct candidate doc, its content once and its pairs as list columns
+  (:func:`group_by_doc`): a doc retrieved by many queries is read, moved and decoded once per run.
+* :class:`DecodeDocs` decodes each doc's image once, in CPU tasks (GPU clusters) or in the actor (CPU).
+* :class:`RerankPairs` (actor UDF) scores each doc's pairs; a pair that fails is a reject row with a
+  reason, the rest of the block is scored. The clip backend scores cached vectors instead (no model).
 * :class:`ScoredSink` writes scored pairs bucketed by hash(query_id); :func:`select_bucket` (Ray task per
   bucket) fuses scores and selects what each query keeps.
 """
@@ -18,10 +21,12 @@ import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators import decode as R
@@ -91,17 +96,80 @@ def bucket_candidates(cand_uri: str, cand_key: str, out_dir: str, query_uris: li
     return counts
 
 
-def _shard_pair_tables(corpus_uri: str, payload: str, bucket_files: list[str], rows_from: int | None,
-                       rows_to: int | None, storage_options: StorageOptions | None) -> Iterator[tuple[pa.Table, bool]]:
-    """The candidate pairs pointing into one corpus shard (rows ``[rows_from, rows_to)``, None: unbounded) with
-    the doc content, one table per row group read, then the pairs whose row the shard lacks (flagged: they
-    are rejects)."""
-    storage = cached_storage(storage_options)
+# A candidate doc's pairs travel with it as list columns (one row per doc, never one copy of its content per pair).
+P_QUERY, P_TEXT, P_RANK, P_SCORE, P_KEY, P_ROW = "p_query_id", "p_query_text", "p_rank", "p_score", "p_key", "p_row"
+PAIR_LISTS = (P_QUERY, P_TEXT, P_RANK, P_SCORE, P_KEY, P_ROW)
+DOC_VEC, DOC_RGB, DOC_H, DOC_W, DECODED = "doc_vec", "doc_rgb", "doc_h", "doc_w", "_decoded"
+DOC_FIRST = "_doc_first"  # 1 on each doc's first pair: the sink counts docs and decodes from the pairs
+
+
+def group_by_doc(pairs: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Pairs sorted by ``doc_row`` (one corpus shard) -> one row per distinct doc with its pairs as list
+    columns, and the index of each doc's first pair (to take the doc's content once)."""
+    rows = pairs.column("doc_row").to_numpy()
+    first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, np.int64)
+    offsets = pa.array(np.r_[first, len(rows)].astype(np.int32))
+    src = {P_QUERY: "query_id", P_TEXT: "query_text", P_RANK: "rank", P_SCORE: "retrieval_score",
+           P_KEY: PAIR_KEY, P_ROW: PAIR_ROW}
+    take = pa.array(first)
+    cols = {"doc_shard": pairs.column("doc_shard").take(take), "doc_row": pairs.column("doc_row").take(take),
+            "doc_id": pairs.column("doc_id").take(take)}
+    for name, c in src.items():
+        cols[name] = pa.ListArray.from_arrays(offsets, pairs.column(c).combine_chunks())
+    return pa.table(cols), first
+
+
+def _doc_table(docs: pa.Table, content: pa.Table | None, errors: list[tuple[str, str]] | None = None,
+               vectors: np.ndarray | None = None) -> pa.Table:
+    """Doc rows (from :func:`group_by_doc`) with their content columns and a reject reason per doc."""
+    n = docs.num_rows
+
+    def col(name: str, typ: pa.DataType) -> pa.Array:
+        if content is not None and name in content.column_names:
+            return content.column(name).cast(typ)
+        return pa.nulls(n, typ)
+
+    errors = errors or [("", "")] * n
+    out = docs.append_column("doc_image", col("image", pa.binary())) \
+        .append_column("doc_image_uri", col("image_uri", pa.string())) \
+        .append_column("doc_caption", col("text", pa.string())) \
+        .append_column(ERR_TYPE, pa.array([e[0] for e in errors], pa.string())) \
+        .append_column(ERR_MSG, pa.array([e[1] for e in errors], pa.string()))
+    if vectors is not None:
+        out = out.append_column(DOC_VEC, pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]))
+    return out
+
+
+def _missing(docs: pa.Table) -> list[tuple[str, str]]:
+    return [(CONTENT_MISSING, f"row {r} not in the corpus shard") for r in docs.column("doc_row").to_pylist()]
+
+
+def _shard_pairs(storage: Any, bucket_files: list[str], rows_from: int | None, rows_to: int | None) -> pa.Table:
+    """The candidate pairs of one corpus shard piece, sorted by corpus row (stable: deterministic order)."""
     cands = pa.concat_tables([storage.read_table(u) for u in bucket_files]).sort_by("doc_row")
     rows = cands.column("doc_row").to_numpy()
     a = 0 if rows_from is None else int(np.searchsorted(rows, rows_from))
     b = len(rows) if rows_to is None else int(np.searchsorted(rows, rows_to))
-    cands, rows = cands.slice(a, b - a), rows[a:b]
+    return cands.slice(a, b - a)
+
+
+def _shard_doc_tables(corpus_uri: str, payload: str, bucket_files: list[str], rows_from: int | None,
+                      rows_to: int | None, storage_options: StorageOptions | None,
+                      vectors: tuple[str, str] | None = None) -> Iterator[pa.Table]:
+    """The candidate docs of one corpus shard (rows ``[rows_from, rows_to)``, None: unbounded), each once with
+    its content and its pairs, one table per row group read; docs whose row the shard lacks are rejects.
+
+    ``vectors`` (clip backend): ``(cache dir, shard key)`` of the reranker model's embedding cache entry for
+    this shard; each doc then carries its cached vector (or the reason the cache rejected its row) instead of
+    its content, and the corpus shard is not read at all.
+    """
+    storage = cached_storage(storage_options)
+    cands = _shard_pairs(storage, bucket_files, rows_from, rows_to)
+    if vectors is not None:
+        yield _vector_docs(storage, cands, *vectors)
+        return
+    rows = cands.column("doc_row").to_numpy()
     pf = storage.parquet_file(corpus_uri)
     cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
     starts = row_group_starts(pf)
@@ -110,13 +178,44 @@ def _shard_pair_tables(corpus_uri: str, payload: str, bucket_files: list[str], r
         lo, hi = np.searchsorted(rows, [starts[g], starts[g + 1]])
         if lo == hi:
             continue  # only the row groups that hold wanted rows are read
-        content = pf.read_row_group(g, columns=cols)
+        docs, first = group_by_doc(cands.slice(lo, hi - lo))
+        content = pf.read_row_group(g, columns=cols).take(pa.array(rows[lo:hi][first] - starts[g]))
         found[lo:hi] = True
-        yield _pair_block(cands.slice(lo, hi - lo), content.take(pa.array(rows[lo:hi] - starts[g])), payload, ""), False
+        beat("read candidate docs")
+        yield _doc_table(docs, content)
         del content
     missing = np.nonzero(~found)[0]
     if len(missing):
-        yield _pair_block(cands.take(pa.array(missing)), None, payload, CONTENT_MISSING), True
+        docs, _ = group_by_doc(cands.take(pa.array(missing)))
+        yield _doc_table(docs, None, _missing(docs))
+
+
+def _vector_docs(storage: Any, cands: pa.Table, cache: str, key: str) -> pa.Table:
+    from operators.embedding_cache import part_uris, read_vectors, shard_marker, shard_rejects
+
+    docs, _ = group_by_doc(cands)
+    _, index_rows, vecs = read_vectors(storage, part_uris(storage, cache, key))
+    n_rows = int(shard_marker(storage, cache, key)["rows_in"])
+    rejected = shard_rejects(storage, cache, key)
+    rows = docs.column("doc_row").to_numpy()
+    pos = np.searchsorted(index_rows, rows)
+    hit = (pos < len(index_rows)) & (index_rows[np.minimum(pos, max(len(index_rows) - 1, 0))] == rows) \
+        if len(index_rows) else np.zeros(len(rows), bool)
+    dim = vecs.shape[1] if vecs.ndim == 2 and vecs.shape[1] else 1
+    out = np.zeros((len(rows), dim), np.float32)
+    out[hit] = vecs[pos[hit]]
+    errors = []
+    for r, ok in zip(rows.tolist(), hit.tolist(), strict=True):
+        if ok:
+            errors.append(("", ""))
+        elif r in rejected:  # the reranker model's embedding rejected the image: same reason as a decode
+            errors.append(rejected[r])
+        elif r >= n_rows:
+            errors.append((CONTENT_MISSING, f"row {r} not in the corpus shard"))
+        else:
+            errors.append((CONTENT_MISSING, f"row {r} has no vector in the reranker's embedding cache"))
+    beat("read candidate docs")
+    return _doc_table(docs, None, errors, out)
 
 
 def row_group_starts(pf: pq.ParquetFile) -> list[int]:
@@ -124,83 +223,118 @@ def row_group_starts(pf: pq.ParquetFile) -> list[int]:
     return np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]).tolist()
 
 
-def _whole_blocks(tables: Iterable[tuple[pa.Table, bool]], block_rows: int) -> Iterator[pa.Table]:
-    """Blocks of exactly block_rows pairs (a multiple of the reranker's batch size) across row-group and
-    corpus-shard boundaries: Ray Data batches within a block bundle, so ragged blocks would give the actor
-    ragged batches (measured: sizes 1-3 among the 16s). Only the last block is short; reject tables pass
-    through on their own. Memory: one row group's pairs plus less than one block."""
+def pair_counts(docs: pa.Table) -> np.ndarray:
+    return pc.list_value_length(docs.column(P_QUERY)).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _doc_blocks(tables: Iterable[pa.Table], block_pairs: int) -> Iterator[pa.Table]:
+    """Blocks of whole docs holding at least ``block_pairs`` pairs each (only the last may hold fewer): a doc's
+    content is in exactly one block, so it travels and is decoded once. Memory: one row group's docs plus
+    less than one block."""
     pending: list[pa.Table] = []
-    n_pending = 0
-    for table, reject in tables:
-        if reject:
-            yield table
-            continue
-        pending.append(table)
-        n_pending += table.num_rows
-        if n_pending >= block_rows:
-            whole = pa.concat_tables(pending)
-            full = n_pending // block_rows * block_rows
-            for a in range(0, full, block_rows):
-                beat("read pairs")
-                yield whole.slice(a, block_rows)
-            pending, n_pending = ([whole.slice(full)], n_pending - full) if n_pending > full else ([], 0)
-    if n_pending:
-        beat("read pairs")
+    n = 0
+    for t in tables:
+        cum = np.cumsum(pair_counts(t))
+        a = 0
+        while a < t.num_rows:
+            base = int(cum[a - 1]) if a else 0
+            b = min(int(np.searchsorted(cum, base + block_pairs - n, side="left")) + 1, t.num_rows)
+            pending.append(t.slice(a, b - a))
+            n += int(cum[b - 1]) - base
+            a = b
+            if n >= block_pairs:
+                yield pa.concat_tables(pending)
+                pending, n = [], 0
+    if pending:
         yield pa.concat_tables(pending)
 
 
-# A read task's piece of a corpus shard: (corpus uri, payload column, bucket files, first row, end row).
-Piece = tuple[str, str, list[str], int | None, int | None]
+# A read task's piece of a corpus shard: (corpus uri, payload column, bucket files, first row, end row,
+# reranker vectors (cache dir, shard key) or None).
+Piece = tuple[str, str, list[str], int | None, int | None, tuple[str, str] | None]
 
 
-def _pairs_for_shards(pieces: list[Piece], storage_options: StorageOptions | None,
-                      block_rows: int) -> Iterator[pa.Table]:
-    """The pairs of several corpus shard pieces (each read once, in order) as one stream of whole blocks."""
-    return _whole_blocks(itertools.chain.from_iterable(
-        _shard_pair_tables(uri, payload, files, lo, hi, storage_options) for uri, payload, files, lo, hi in pieces),
-        block_rows)
+def _docs_for_shards(pieces: list[Piece], storage_options: StorageOptions | None,
+                     block_pairs: int) -> Iterator[pa.Table]:
+    """The candidate docs of several corpus shard pieces (each read once, in order) as one stream of blocks."""
+    return _doc_blocks(itertools.chain.from_iterable(
+        _shard_doc_tables(uri, payload, files, lo, hi, storage_options, vec)
+        for uri, payload, files, lo, hi, vec in pieces), block_pairs)
 
 
-def _pair_block(c: pa.Table, content: pa.Table | None, payload: str, err: str) -> pa.Table:
-    n = c.num_rows
+def docs_from_pairs(pairs: pa.Table) -> pa.Table:
+    """Per-pair rows (query_id, query_text, doc_id, rank, retrieval_score, doc_shard, doc_row, doc_image,
+    doc_image_uri, doc_caption and optionally _cand_key/_cand_row) -> the doc blocks the reranker actor takes:
+    what the pair source builds from storage, for callers that hold pairs in memory (tests, gpu_check)."""
+    n = pairs.num_rows
+    if PAIR_KEY not in pairs.column_names:
+        pairs = pairs.append_column(PAIR_KEY, pa.array(["mem"] * n, pa.string()))
+    if PAIR_ROW not in pairs.column_names:
+        pairs = pairs.append_column(PAIR_ROW, pa.array(np.arange(n, dtype=np.int64)))
+    pairs = pairs.sort_by([("doc_shard", "ascending"), ("doc_row", "ascending")])
+    out = []
+    shard = pairs.column("doc_shard").to_numpy(zero_copy_only=False)
+    for key in sorted(set(shard.tolist())):
+        sub = pairs.filter(pa.array(shard == key))
+        docs, first = group_by_doc(sub)
+        content = pa.table({"image": sub.column("doc_image").take(pa.array(first)),
+                            "image_uri": sub.column("doc_image_uri").take(pa.array(first)),
+                            "text": sub.column("doc_caption").take(pa.array(first))})
+        out.append(_doc_table(docs, content))
+    return pa.concat_tables(out)
 
-    def col(name: str, typ: pa.DataType) -> pa.Array:
-        if content is not None and name in content.column_names:
-            return content.column(name).cast(typ)
-        return pa.nulls(n, typ)
 
-    return pa.table({
-        ID: c.column("query_id"), "doc_id": c.column("doc_id"), "rank": c.column("rank"),
-        "retrieval_score": c.column("retrieval_score"), "doc_shard": c.column("doc_shard"),
-        "doc_row": c.column("doc_row"), "query_text": c.column("query_text"),
-        "doc_image": col("image", pa.binary()), "doc_image_uri": col("image_uri", pa.string()),
-        "doc_caption": col("text", pa.string()),
-        SHARD: c.column(PAIR_KEY),
-        ROW: c.column(PAIR_ROW), SOURCE: c.column("doc_shard"),
-        ERR_TYPE: pa.array([err] * n, pa.string()),
-        ERR_MSG: pa.array([f"row {r} not in the corpus shard" if err else "" for r in c.column("doc_row").to_pylist()],
-                          pa.string()),
-    })
+def explode(docs: pa.Table) -> dict[str, np.ndarray]:
+    """A block of candidate docs -> its pairs as numpy columns (what :class:`ScoredSink` writes), doc by doc."""
+    doc_of = np.repeat(np.arange(docs.num_rows), pair_counts(docs))
+    n = len(doc_of)
+
+    def flat(name: str) -> np.ndarray:
+        return docs.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False) if n else np.zeros(0)
+
+    def per_pair(name: str) -> np.ndarray:
+        return docs.column(name).to_numpy(zero_copy_only=False)[doc_of]
+
+    err = np.array([e or "" for e in per_pair(ERR_TYPE)], dtype=object)
+    msg = np.array([e or "" for e in per_pair(ERR_MSG)], dtype=object)
+    return {ID: np.asarray(flat(P_QUERY), dtype=object), "doc_id": per_pair("doc_id"), "rank": flat(P_RANK),
+            "retrieval_score": flat(P_SCORE), "doc_shard": per_pair("doc_shard"), "doc_row": per_pair("doc_row"),
+            SHARD: flat(P_KEY), ROW: flat(P_ROW), SOURCE: per_pair("doc_shard"), ERR_TYPE: err, ERR_MSG: msg}
 
 
-class RerankPairs:
-    """Actor UDF: score every (query, candidate) pair of a batch with one reranker backend."""
+@dataclass(frozen=True)
+class DecodeDocs:
+    """Batch fn (CPU task, or called inside the reranker actor): each candidate doc's image decoded once.
 
-    def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32",
-                 torch_threads: int | None = None, max_pixels: int = 89_478_485,
-                 allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
-                 storage_options: StorageOptions | None = None) -> None:
-        import torch
+    As a task it ships 8-bit RGB pixels (``doc_rgb``, ``doc_h``, ``doc_w``) instead of the encoded bytes;
+    :meth:`images` is the in-actor form (PIL images, no copy). ``_decoded`` counts the decodes done.
+    """
 
-        t0 = time.perf_counter()
-        if device == "cpu":
-            torch.set_num_threads(torch_threads or max(1, len(os.sched_getaffinity(0))))
-        precision = resolve_precision(precision, device)  # resolved where the GPU is
-        self.backend = create(spec, device, precision)
-        self.spec = spec
-        self.max_pixels, self.allowed_formats = max_pixels, allowed_formats
-        self.storage_options = storage_options
-        log.info("reranker %s ready in %.1fs on %s/%s", spec.backend, time.perf_counter() - t0, device, precision)
+    needs_image: bool
+    max_pixels: int
+    allowed_formats: tuple[str, ...]
+    storage_options: StorageOptions | None = None
+
+    def images(self, docs: pa.Table) -> tuple[list[Any], np.ndarray]:
+        """Per doc: a PIL image, a :class:`RejectError`, or None (not needed / doc already rejected)."""
+        n = docs.num_rows
+        out: list[Any] = [None] * n
+        decoded = np.zeros(n, np.int8)
+        if not self.needs_image:
+            return out, decoded
+        err = docs.column(ERR_TYPE).to_pylist()
+        data = docs.column("doc_image").to_pylist()
+        uris = docs.column("doc_image_uri").to_pylist()
+        for i in range(n):
+            if err[i]:
+                continue
+            decoded[i] = 1
+            try:
+                out[i] = self._image(data[i], uris[i])
+            except R.RejectError as e:
+                out[i] = e
+        beat("decode candidate docs")
+        return out, decoded
 
     def _image(self, data: Any, uri: Any) -> Any:
         if data is None and uri is None:
@@ -212,59 +346,144 @@ class RerankPairs:
                 raise R.RejectError(R.URI_UNREADABLE, f"cannot read {uri}: {type(e).__name__}: {e}") from None
         return R.decode_image(data, self.max_pixels, self.allowed_formats)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, docs: pa.Table) -> pa.Table:
+        images, decoded = self.images(docs)
+        err_type = docs.column(ERR_TYPE).to_pylist()
+        err_msg = docs.column(ERR_MSG).to_pylist()
+        rgb: list[bytes | None] = [None] * len(images)
+        h = np.zeros(len(images), np.int32)
+        w = np.zeros(len(images), np.int32)
+        for i, im in enumerate(images):
+            if isinstance(im, R.RejectError):
+                err_type[i], err_msg[i] = im.error_type, im.message
+            elif im is not None:
+                rgb[i], (w[i], h[i]) = im.tobytes(), im.size
+        keep = [c for c in docs.column_names if c not in ("doc_image", "doc_image_uri", ERR_TYPE, ERR_MSG)]
+        return docs.select(keep).append_column(ERR_TYPE, pa.array(err_type, pa.string())) \
+            .append_column(ERR_MSG, pa.array(err_msg, pa.string())).append_column(DOC_RGB, pa.array(rgb, pa.binary())) \
+            .append_column(DOC_H, pa.array(h)).append_column(DOC_W, pa.array(w)) \
+            .append_column(DECODED, pa.array(decoded))
+
+
+def _rgb_images(docs: pa.Table) -> list[Any]:
+    from PIL import Image
+
+    data = docs.column(DOC_RGB).to_pylist()
+    h, w = docs.column(DOC_H).to_pylist(), docs.column(DOC_W).to_pylist()
+    return [None if d is None else Image.frombytes("RGB", (w[i], h[i]), d) for i, d in enumerate(data)]
+
+
+class RerankPairs:
+    """Actor UDF: score every (query, candidate) pair of a block of candidate docs with one reranker backend.
+
+    A block holds whole docs, each with its pairs: a doc's image is decoded once (here, or by
+    :class:`DecodeDocs` tasks before the actor) and shared by all its pairs, and backends that can compute
+    the image side once per doc do (clip and blip_itm encode each distinct image once per call). With
+    ``query_vectors`` (clip backend through the embedding cache) no model is loaded: a doc carries its cached
+    vector and a pair's score is its dot product with the query's cached vector.
+    """
+
+    def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32",
+                 torch_threads: int | None = None, max_pixels: int = 89_478_485,
+                 allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+                 storage_options: StorageOptions | None = None, batch_size: int = 16,
+                 query_vectors: Any = None) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        if device == "cpu":
+            torch.set_num_threads(torch_threads or max(1, len(os.sched_getaffinity(0))))
+        self.spec, self.batch_size = spec, batch_size
+        self.query_index: dict[str, int] | None = None
+        if query_vectors is not None:
+            if not isinstance(query_vectors, tuple):  # a Ray object ref: the matrix is shared, not copied
+                import ray
+
+                query_vectors = ray.get(query_vectors)
+            ids, self.query_vecs = query_vectors
+            self.query_index = {q: i for i, q in enumerate(ids)}
+            self.backend = None
+            needs_image = needs_caption = False
+            label = "cached vectors"
+        else:
+            precision = resolve_precision(precision, device)  # resolved where the GPU is
+            self.backend = create(spec, device, precision)
+            needs_image, needs_caption = self.backend.needs_image, self.backend.needs_caption
+            label = f"{device}/{precision}"
+        self.needs_caption = needs_caption
+        self.decoder = DecodeDocs(needs_image, max_pixels, allowed_formats, storage_options)
+        self.max_pixels, self.allowed_formats = max_pixels, allowed_formats
+        log.info("reranker %s ready in %.1fs on %s", spec.backend, time.perf_counter() - t0, label)
+
+    def __call__(self, docs: pa.Table) -> dict[str, np.ndarray]:
         maybe_fail("rerank_batch")
-        n = len(batch[ID])
-        err_type = np.asarray(batch[ERR_TYPE], dtype=object).copy()
-        err_msg = np.asarray(batch[ERR_MSG], dtype=object).copy()
-        images: list[Any] = [None] * n
-        captions = [c if isinstance(c, str) else None for c in batch["doc_caption"]]
-        queries = [q if isinstance(q, str) else None for q in batch["query_text"]]
-        # One decode per distinct doc of the batch (pairs arrive sorted by corpus row, so a doc retrieved by
-        # several queries is usually in one batch); its pairs share the image object, or its reject reason.
-        decoded: dict[tuple[Any, Any], Any] = {}
-        for i in range(n):
+        if DOC_RGB in docs.column_names:  # decoded by DecodeDocs tasks
+            images, decoded = _rgb_images(docs), docs.column(DECODED).to_numpy()
+        else:
+            images, decoded = self.decoder.images(docs)
+        counts = pair_counts(docs)
+        doc_of = np.repeat(np.arange(docs.num_rows), counts)
+        n = len(doc_of)
+        doc_err = docs.column(ERR_TYPE).to_pylist()
+        doc_msg = docs.column(ERR_MSG).to_pylist()
+        captions_doc = docs.column("doc_caption").to_pylist() if "doc_caption" in docs.column_names else [None] * len(doc_err)
+        queries = docs.column(P_TEXT).combine_chunks().flatten().to_pylist() if n else []
+        err_type = np.array([doc_err[d] or "" for d in doc_of], dtype=object)
+        err_msg = np.array([doc_msg[d] or "" for d in doc_of], dtype=object)
+        pair_images: list[Any] = [None] * n
+        captions: list[Any] = [None] * n
+        qids = docs.column(P_QUERY).combine_chunks().flatten().to_pylist() if n else []
+        for i, d in enumerate(doc_of.tolist()):
             if err_type[i]:
                 continue
-            try:
-                if queries[i] is None:
-                    raise R.RejectError(QUERY_MISSING, f"no text for query {batch[ID][i]!r}")
-                if self.backend.needs_caption and captions[i] is None:
-                    raise R.RejectError(CONTENT_MISSING, "candidate has no caption and the reranker needs one")
-                if self.backend.needs_image:
-                    key = (batch["doc_shard"][i], batch["doc_row"][i])
-                    if key not in decoded:
-                        try:
-                            decoded[key] = self._image(batch["doc_image"][i], batch["doc_image_uri"][i])
-                        except R.RejectError as e:
-                            decoded[key] = e
-                    if isinstance(decoded[key], R.RejectError):
-                        raise decoded[key]
-                    images[i] = decoded[key]
-            except R.RejectError as e:
-                err_type[i], err_msg[i] = e.error_type, e.message
+            cap = captions_doc[d] if isinstance(captions_doc[d], str) else None
+            captions[i] = cap
+            if queries[i] is None:
+                err_type[i], err_msg[i] = QUERY_MISSING, f"no text for query {qids[i]!r}"
+            elif self.query_index is not None and qids[i] not in self.query_index:
+                err_type[i], err_msg[i] = QUERY_MISSING, f"no embedding for query {qids[i]!r} in the reranker's cache"
+            elif self.needs_caption and cap is None:
+                err_type[i], err_msg[i] = CONTENT_MISSING, "candidate has no caption and the reranker needs one"
+            elif isinstance(images[d], R.RejectError):
+                err_type[i], err_msg[i] = images[d].error_type, images[d].message
+            else:
+                pair_images[i] = images[d]  # the doc's one image object, shared by its pairs
         scores = np.full(n, np.nan, dtype=np.float32)
         idx = [i for i in range(n) if not err_type[i]]
-        if idx:
+        for a in range(0, len(idx), self.batch_size):
+            chunk = idx[a:a + self.batch_size]
             try:
-                scores[idx] = self._score(idx, queries, images, captions)
+                scores[chunk] = self._score(chunk, queries, qids, pair_images, captions, doc_of, docs)
             except Exception as e:  # noqa: BLE001 - isolate the failing pair(s), keep the rest
                 log.warning("rerank batch failed (%s: %s); scoring pair by pair", type(e).__name__, e)
-                for i in idx:
+                for i in chunk:
                     try:
-                        scores[i] = self._score([i], queries, images, captions)[0]
+                        scores[i] = self._score([i], queries, qids, pair_images, captions, doc_of, docs)[0]
                     except Exception as e1:  # noqa: BLE001
                         err_type[i], err_msg[i] = RERANK_ERROR, f"{type(e1).__name__}: {e1}"
-        out = {c: v for c, v in batch.items() if c not in ("doc_image", "doc_image_uri", "doc_caption", "query_text")}
-        out[ERR_TYPE], out[ERR_MSG], out["rerank_score"] = err_type, err_msg, scores
+        first, dec = np.zeros(n, np.int8), np.zeros(n, np.int8)
+        starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+        has = counts > 0
+        first[starts[has]] = 1
+        dec[starts[has]] = np.asarray(decoded, np.int8)[has]
+
+        out = explode(docs)
+        out.update({ERR_TYPE: err_type, ERR_MSG: err_msg, "rerank_score": scores, DECODED: dec, DOC_FIRST: first})
         beat("rerank")
         return out
 
-    def _score(self, idx: list[int], queries: list[Any], images: list[Any], captions: list[Any]) -> np.ndarray:
+    def _score(self, idx: list[int], queries: list[Any], qids: list[Any], images: list[Any], captions: list[Any],
+               doc_of: np.ndarray, docs: pa.Table) -> np.ndarray:
         maybe_fail_queries([queries[i] for i in idx])
-        s = np.asarray(self.backend.score([queries[i] for i in idx], [images[i] for i in idx],
-                                          [captions[i] if self.spec.use_caption else None for i in idx]),
-                       dtype=np.float32)
+        if self.backend is None:
+            vecs = docs.column(DOC_VEC).combine_chunks()
+            dv = vecs.flatten().to_numpy().reshape(-1, vecs.type.list_size)[doc_of[idx]]
+            qv = self.query_vecs[[self.query_index[qids[i]] for i in idx]]  # type: ignore[index]
+            s = np.einsum("ij,ij->i", dv, qv).astype(np.float32)
+        else:
+            s = np.asarray(self.backend.score([queries[i] for i in idx], [images[i] for i in idx],
+                                              [captions[i] if self.spec.use_caption else None for i in idx]),
+                           dtype=np.float32)
         if s.shape != (len(idx),) or not np.isfinite(s).all():
             raise FloatingPointError(f"reranker returned {s.shape} scores with non-finite values for {len(idx)} pairs")
         return s
@@ -287,7 +506,15 @@ class ScoredSink(PartsSink):
         batch = dict(batch)
         batch[SHARD] = np.array([f"{bucket_of(str(q), self.buckets):05d}~{k}" for q, k in
                                  zip(batch[ID], batch[SHARD], strict=True)], dtype=object)
-        return super().write_batch(batch)
+        records = super().write_batch(batch)
+        zeros = np.zeros(len(batch[ID]), np.int8)
+        decoded = np.asarray(batch.get(DECODED, zeros), np.int64)
+        first = np.asarray(batch.get(DOC_FIRST, zeros), np.int64)
+        keys = np.asarray(batch[SHARD]).astype(str)
+        for r in records:  # each doc and each decode counted once: on the doc's first pair
+            sel = keys == r["shard"]
+            r["docs"], r["docs_decoded"] = int(first[sel].sum()), int(decoded[sel].sum())
+        return records
 
     def path(self, what: str, key: str, first_row: int) -> str:
         bucket, cand = key.split("~", 1)

@@ -211,6 +211,10 @@ class RerankConfig(_Strict):
     num_actors: int | Literal["auto"] = "auto"
     actor_num_cpus: float = Field(default=1.0, gt=0)
     torch_threads: int | Literal["auto"] = "auto"
+    # Where candidate images are decoded (once per doc): "auto" = in the reranker actor on CPU devices (no
+    # pixel copies through the object store; what measured best there), in CPU tasks before the GPU actors.
+    decode_in_actor: bool | Literal["auto"] = "auto"
+    decode_num_cpus: float = Field(default=0.5, gt=0, description="CPUs of one decode task (decode_in_actor off)")
     select_buckets: int = Field(default=4, gt=0, le=65536, description="query hash buckets for selection tasks")
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)

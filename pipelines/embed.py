@@ -20,8 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from operators.embedders import DecodeImages, EmbeddingsSink, ImageEmbedder, TextEmbedder
 from operators.models import ResolvedModel, resolve_model
 from operators.parts import make_datasink
@@ -253,31 +251,3 @@ def summary_lines(results: list[EmbedResult]) -> list[str]:
         if types:
             lines.append("         rejects: " + ", ".join(f"{t}={c}" for t, c in sorted(types.items())))
     return lines
-
-
-
-
-def shard_marker(storage: Storage, cache: str, key: str) -> dict[str, Any]:
-    """The ``_SUCCESS.json`` of one cached shard (raises FileNotFoundError when incomplete)."""
-    return storage.read_json(join(cache, key, "_SUCCESS.json"))
-
-
-def part_uris(storage: Storage, cache: str, key: str) -> list[str]:
-    """Embedding part files of one cached shard, in row order (only those its marker lists)."""
-    return [join(cache, key, p) for p in shard_marker(storage, cache, key)["parts"]]
-
-
-def read_vectors(storage: Storage, uris: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """ids, row indexes and float32 vectors of embedding part files, concatenated in order."""
-    ids: list[str] = []
-    rows, vecs = [], []
-    for u in uris:
-        t = storage.read_table(u)
-        dim = t.schema.field("embedding").type.list_size
-        ids += t.column("id").to_pylist()
-        rows.append(t.column("row_index").to_numpy())
-        flat = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vecs.append(np.asarray(flat, dtype=np.float32).reshape(t.num_rows, dim))
-    if not uris:
-        return [], np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return ids, np.concatenate(rows), np.concatenate(vecs)

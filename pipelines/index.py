@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from operators import faiss_shards as F
+from operators.embedding_cache import part_uris, read_vectors, shard_marker
 from operators.storage import Storage, StorageOptions, join
 from pipelines.config import Config
-from pipelines.embed import EmbedResult, embed_kind, part_uris, read_vectors, shard_marker
+from pipelines.embed import EmbedResult, embed_kind
 from pipelines.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)

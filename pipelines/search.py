@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from operators import faiss_shards as F
+from operators.embedding_cache import part_uris
 from operators.models import resolve_model
 from operators.parts import make_datasink
 from operators.schemas import CACHED_VECTORS, QUERY_VECTORS
@@ -22,7 +23,7 @@ from operators.shards import list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config
-from pipelines.embed import embed_kind, part_uris
+from pipelines.embed import embed_kind
 from pipelines.index import IndexMismatchError, IndexResult, build_index
 from pipelines.ray_env import ensure_ray
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from operators import fusion
-from operators.rerank_ops import RERANK_ERROR, RerankPairs
+from operators.rerank_ops import RERANK_ERROR, RerankPairs, docs_from_pairs, pair_counts
 from operators.rerankers.base import create
-from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
+from operators.shards import ERR_MSG, ERR_TYPE, ROW
 from pipelines.config import parse_config
 from pipelines.rerank import reranker_spec, run_rerank
 from pipelines.sample import SampleInfo, make_sample
@@ -106,48 +106,56 @@ def test_threshold_selection_can_leave_a_query_empty(sample: SampleInfo, tmp_pat
     assert all(r["rerank_score"] >= thr for r in results)
 
 
+def _docs(n: int, **cols: Any) -> pa.Table:
+    """Pairs (one per index) -> the doc blocks the reranker actor takes (pairs of one doc_row grouped)."""
+    base = {"query_id": [f"q{i}" for i in range(n)], "rank": pa.array(np.ones(n), pa.int32()),
+            "retrieval_score": pa.array(np.ones(n), pa.float32()), "doc_shard": ["s"] * n,
+            "doc_image_uri": pa.nulls(n, pa.string()), "doc_caption": pa.nulls(n, pa.string())}
+    base.update(cols)
+    return docs_from_pairs(pa.table(base))
+
+
+def _by_pair(out: dict[str, np.ndarray], col: str) -> list[Any]:
+    """A RerankPairs output column in the input pairs' order (the output is grouped by doc)."""
+    order = np.argsort(np.asarray(out[ROW]))
+    return [out[col][i] for i in order]
+
+
 def test_failing_pair_is_rejected_rest_scored(sample: SampleInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(Path("/unused"), sample)
     docs = list(_corpus(sample).items())[:4]
     n = len(docs)
-    batch = {ID: np.array(["q1", "q2", "q1", "q3"], object), "doc_id": np.array([d for d, _ in docs], object),
-             "rank": np.arange(1, n + 1), "retrieval_score": np.linspace(0.9, 0.6, n).astype(np.float32),
-             "doc_shard": np.array(["s"] * n, object), "doc_row": np.arange(n),
-             "query_text": np.array(["a red circle", "POISON blue", "a red circle", "green star"], object),
-             "doc_image": np.array([img for _, (img, _) in docs], object), "doc_image_uri": np.array([None] * n, object),
-             "doc_caption": np.array([c for _, (_, c) in docs], object), SHARD: np.array(["k"] * n, object),
-             ROW: np.arange(n), SOURCE: np.array(["s"] * n, object), ERR_TYPE: np.array([""] * n, object),
-             ERR_MSG: np.array([""] * n, object)}
+    batch = _docs(n, query_id=["q1", "q2", "q1", "q3"], doc_id=[d for d, _ in docs], doc_row=list(range(n)),
+                  query_text=["a red circle", "POISON blue", "a red circle", "green star"],
+                  doc_image=[img for _, (img, _) in docs], doc_caption=[c for _, (_, c) in docs])
     monkeypatch.setenv("MMR_FAULT_INJECT", "rerank_query:POISON")
     op = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)
     out = op(batch)
-    assert list(out[ERR_TYPE]) == ["", RERANK_ERROR, "", ""]
-    assert "injected" in out[ERR_MSG][1]
+    assert _by_pair(out, ERR_TYPE) == ["", RERANK_ERROR, "", ""]
+    assert "injected" in _by_pair(out, ERR_MSG)[1]
     monkeypatch.delenv("MMR_FAULT_INJECT")
     clean = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)(batch)
     ok = [0, 2, 3]
-    np.testing.assert_allclose(out["rerank_score"][ok], clean["rerank_score"][ok], atol=1e-6)
-    assert np.isnan(out["rerank_score"][1])
+    got, want = np.array(_by_pair(out, "rerank_score")), np.array(_by_pair(clean, "rerank_score"))
+    np.testing.assert_allclose(got[ok], want[ok], atol=1e-6)
+    assert np.isnan(got[1])
 
 
 def test_missing_content_and_query_text_are_rejects(sample: SampleInfo) -> None:
     cfg = _cfg(Path("/unused"), sample)
     img = next(iter(_corpus(sample).values()))[0]
-    batch = {ID: np.array(["q1", "q2", "q3"], object), "doc_id": np.array(["a", "b", "c"], object),
-             "rank": np.arange(1, 4), "retrieval_score": np.ones(3, np.float32),
-             "doc_shard": np.array(["s"] * 3, object), "doc_row": np.arange(3),
-             "query_text": np.array(["x", None, "y"], object), "doc_image": np.array([img, img, None], object),
-             "doc_image_uri": np.array([None] * 3, object), "doc_caption": np.array([None] * 3, object),
-             SHARD: np.array(["k"] * 3, object), ROW: np.arange(3), SOURCE: np.array(["s"] * 3, object),
-             ERR_TYPE: np.array([""] * 3, object), ERR_MSG: np.array([""] * 3, object)}
+    batch = _docs(3, doc_id=["a", "b", "c"], doc_row=[0, 1, 2], query_text=["x", None, "y"],
+                  doc_image=pa.array([img, img, None], pa.binary()))
     out = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)(batch)
-    assert list(out[ERR_TYPE]) == ["", "query_text_missing", "doc_content_missing"]
-    assert np.isfinite(out["rerank_score"][0])
+    assert _by_pair(out, ERR_TYPE) == ["", "query_text_missing", "doc_content_missing"]
+    assert np.isfinite(_by_pair(out, "rerank_score")[0])
 
 
-def test_each_doc_of_a_batch_is_decoded_once(sample: SampleInfo, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pairs of one doc share one decode (and the clip backend encodes that image once); the scores are the
-    per-pair direct scores, and a broken doc rejects every pair that points at it with the same reason."""
+@pytest.mark.parametrize("in_actor", [True, False])
+def test_each_doc_is_decoded_once(sample: SampleInfo, monkeypatch: pytest.MonkeyPatch, in_actor: bool) -> None:
+    """Pairs of one doc share one decode (in the actor, or in a DecodeDocs task that ships RGB pixels); the
+    scores are the per-pair direct scores, and a broken doc rejects every pair that points at it with the
+    same reason."""
     import operators.rerank_ops as ops
 
     cfg = _cfg(Path("/unused"), sample)
@@ -157,13 +165,8 @@ def test_each_doc_of_a_batch_is_decoded_once(sample: SampleInfo, monkeypatch: py
     data = {d1: img1, d2: img2, "bad": b"not an image"}
     qs = ["a red circle", "green star", "a red circle", "blue square", "blue square", "green star"]
     n = len(docs)
-    batch = {ID: np.array([f"q{i}" for i in range(n)], object), "doc_id": np.array(docs, object),
-             "rank": np.ones(n, np.int32), "retrieval_score": np.ones(n, np.float32),
-             "doc_shard": np.array(["s"] * n, object), "doc_row": np.array([rows[d] for d in docs]),
-             "query_text": np.array(qs, object), "doc_image": np.array([data[d] for d in docs], object),
-             "doc_image_uri": np.array([None] * n, object), "doc_caption": np.array([None] * n, object),
-             SHARD: np.array(["k"] * n, object), ROW: np.arange(n), SOURCE: np.array(["s"] * n, object),
-             ERR_TYPE: np.array([""] * n, object), ERR_MSG: np.array([""] * n, object)}
+    batch = _docs(n, doc_id=docs, doc_row=[rows[d] for d in docs], query_text=qs, doc_image=[data[d] for d in docs])
+    assert batch.num_rows == 3  # one row per distinct doc, its image bytes once
     calls: list[bytes] = []
     real = ops.R.decode_image
 
@@ -173,16 +176,21 @@ def test_each_doc_of_a_batch_is_decoded_once(sample: SampleInfo, monkeypatch: py
 
     monkeypatch.setattr(ops.R, "decode_image", counting)
     op = RerankPairs(reranker_spec(cfg.rerank, cfg), torch_threads=1)
+    if not in_actor:
+        batch = ops.DecodeDocs(True, op.max_pixels, op.allowed_formats)(batch)
+        assert "doc_image" not in batch.column_names
     out = op(batch)
     assert sorted(calls) == sorted([img1, img2, b"not an image"])  # 3 distinct docs, 6 pairs
+    assert int(np.sum(out[ops.DECODED])) == 3 and int(np.sum(out[ops.DOC_FIRST])) == 3
+    err, msg, score = _by_pair(out, ERR_TYPE), _by_pair(out, ERR_MSG), np.array(_by_pair(out, "rerank_score"))
     bad = [i for i, d in enumerate(docs) if d == "bad"]
-    assert all(out[ERR_TYPE][i] for i in bad) and len({out[ERR_MSG][i] for i in bad}) == 1
+    assert all(err[i] for i in bad) and len({msg[i] for i in bad}) == 1
     ok = [i for i in range(n) if i not in bad]
-    assert not any(out[ERR_TYPE][i] for i in ok)
+    assert not any(err[i] for i in ok)
     # Reference: the backend called once per pair, each with its own decode.
     backend = create(reranker_spec(cfg.rerank, cfg), "cpu", "fp32")
     want = [backend.score([qs[i]], [real(data[docs[i]], op.max_pixels, op.allowed_formats)], [None])[0] for i in ok]
-    np.testing.assert_allclose(out["rerank_score"][ok], want, atol=1e-5)
+    np.testing.assert_allclose(score[ok], want, atol=1e-5)
 
 
 def _hf_model(backend: str, dest: Path) -> str:
@@ -233,11 +241,21 @@ def _candidates_part(tmp_path: Path, q: str, rows: list[int]) -> str:
     return cand
 
 
-def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None:
-    """PairsSource blocks hold exactly block_rows pairs across corpus row groups (the actor then gets full
-    batches), only the last is short; every candidate comes out once with its own doc's content, and a row the
-    shard lacks is a reject."""
-    from operators.rerank_ops import CONTENT_MISSING, _pairs_for_shards, bucket_candidates
+def _pairs_of(blocks: list[pa.Table]) -> list[tuple[str, int, Any, Any, str]]:
+    """(query, doc_row, image, caption, error type) per pair of some doc blocks."""
+    out = []
+    for b in blocks:
+        for d, q in enumerate(b.column("p_query_id").to_pylist()):
+            out += [(qq, b.column("doc_row")[d].as_py(), b.column("doc_image")[d].as_py(),
+                     b.column("doc_caption")[d].as_py(), b.column(ERR_TYPE)[d].as_py()) for qq in q]
+    return out
+
+
+def test_doc_blocks_hold_whole_docs_across_row_groups(tmp_path: Path) -> None:
+    """PairsSource blocks hold whole docs (each distinct candidate doc once, with its content once and all its
+    pairs) and at least block_rows pairs each, only the last fewer, across corpus row groups; every candidate
+    comes out once with its own doc's content, and a row the shard lacks is a reject."""
+    from operators.rerank_ops import CONTENT_MISSING, _docs_for_shards, bucket_candidates
     from operators.storage import Storage, join
 
     storage = Storage()
@@ -256,18 +274,18 @@ def test_pair_blocks_are_whole_batches_across_row_groups(tmp_path: Path) -> None
         cand = _candidates_part(tmp_path, q, rows)
         bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries])
     files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
-    blocks = list(_pairs_for_shards([(corpus, "image", files, None, None)], None, 8))
-    ok = [b for b in blocks if not any(b.column(ERR_TYPE).to_pylist())]
-    bad = [b for b in blocks if any(b.column(ERR_TYPE).to_pylist())]
-    assert [b.num_rows for b in ok[:-1]] == [8] * (len(ok) - 1) and 0 < ok[-1].num_rows <= 8
-    got = [(q, r) for b in blocks for q, r in zip(b.column(ID).to_pylist(), b.column("doc_row").to_pylist(),
-                                                   strict=True)]
-    assert sorted(got) == sorted(want)
-    for b in ok:
-        assert b.column("doc_image").to_pylist() == [f"img{r}".encode() for r in b.column("doc_row").to_pylist()]
-        assert b.column("doc_caption").to_pylist() == [f"cap{r}" for r in b.column("doc_row").to_pylist()]
-    assert [r for b in bad for r in b.column("doc_row").to_pylist()] == [n_docs + 5] * 2
-    assert {t for b in bad for t in b.column(ERR_TYPE).to_pylist()} == {CONTENT_MISSING}
+    blocks = list(_docs_for_shards([(corpus, "image", files, None, None, None)], None, 8))
+    sizes = [int(pair_counts(b).sum()) for b in blocks]
+    assert all(n >= 8 for n in sizes[:-1]) and sizes[-1] > 0 and sum(sizes) == len(want)
+    doc_rows = [r for b in blocks for r in b.column("doc_row").to_pylist()]
+    assert len(doc_rows) == len(set(doc_rows)) == len({r for _, r in want})  # each doc once in all
+    got = _pairs_of(blocks)
+    assert sorted((q, r) for q, r, *_ in got) == sorted(want)
+    for _, r, img, cap, err in got:
+        if r < n_docs:
+            assert (img, cap, err) == (f"img{r}".encode(), f"cap{r}", "")
+        else:
+            assert (img, err) == (None, CONTENT_MISSING)
 
 
 def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) -> None:
@@ -275,7 +293,7 @@ def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) 
     short block in all, not one per shard); each shard is still read once, and a shard with enough pairs
     for its own task gets one."""
     from operators.pair_source import PairsSource
-    from operators.rerank_ops import _pairs_for_shards, bucket_candidates
+    from operators.rerank_ops import _docs_for_shards, bucket_candidates
     from operators.storage import Storage, join
 
     storage = Storage()
@@ -295,17 +313,17 @@ def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) 
             "doc_shard": [key] * n_pairs, "doc_row": pa.array(rows, pa.int64())}))
         bucket_candidates(cand, f"part-{key}", str(tmp_path / "run" / "_pairs"), [queries])
         shards.append((corpus, "image", storage.ls(join(str(tmp_path / "run" / "_pairs"), key), "*.parquet")))
-    blocks = list(_pairs_for_shards([(*shard, None, None) for shard in shards], None, 8))
-    assert [b.num_rows for b in blocks] == [8, 8, 8]  # per shard it would be 8, 5, 8, 3
+    blocks = list(_docs_for_shards([(*shard, None, None, None) for shard in shards], None, 8))
+    assert [int(pair_counts(b).sum()) for b in blocks] == [8, 8, 8]  # per shard it would be 8, 5, 8, 3
     got = [(d, img) for b in blocks for d, img in zip(b.column("doc_id").to_pylist(),
                                                      b.column("doc_image").to_pylist(), strict=True)]
     assert got == [(f"{k}{r}", f"{k}img{r}".encode()) for k, n in (("a", 13), ("b", 11)) for r in range(0, 2 * n, 2)]
     starts = list(range(0, 32, 4)) + [30]
-    src = {k: (*shard, starts, np.bincount(np.arange(0, 2 * n, 2) // 4, minlength=8))
+    src = {k: (*shard, starts, np.bincount(np.arange(0, 2 * n, 2) // 4, minlength=8), None)
            for k, shard, n in zip("ab", shards, (13, 11), strict=True)}
     assert PairsSource(src, None, 8).groups() == [[("a", 0, 8), ("b", 0, 8)]]
-    assert [t.metadata.num_rows for t in PairsSource(src, None, 8).get_read_tasks(1)] == [24]
-    big = {k: (*v[:4], v[4] * 16) for k, v in src.items()}
+    assert len(PairsSource(src, None, 8).get_read_tasks(1)) == 1
+    big = {k: (*v[:4], v[4] * 16, None) for k, v in src.items()}
     assert PairsSource(big, None, 8).groups() == [[("a", 0, 8)], [("b", 0, 8)]]
 
 
@@ -337,10 +355,9 @@ def test_pairs_of_a_shard_split_between_row_groups_for_several_actors(tmp_path: 
     # Rows 40 and 41 lie past the shard's end: counted in its last row group.
     assert per_group.tolist() == [3, 3, 3, 0, 3, 2, 1, 4]
     files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
-    src = PairsSource({"k": (corpus, "image", files, starts, per_group)}, None, 4, task_rows=5)
+    src = PairsSource({"k": (corpus, "image", files, starts, per_group, None)}, None, 4, task_rows=5)
     assert src.groups() == [[("k", 0, 2)], [("k", 2, 5)], [("k", 5, 8)]]
     tasks = src.get_read_tasks(1)
-    assert [t.metadata.num_rows for t in tasks] == [7, 6, 6]  # biggest first
     read_groups: list[int] = []
     real = pq.ParquetFile.read_row_group
 
@@ -350,20 +367,17 @@ def test_pairs_of_a_shard_split_between_row_groups_for_several_actors(tmp_path: 
 
     got, rejects = [], []
     with mock.patch.object(pq.ParquetFile, "read_row_group", spy):
-        for t, n in zip(tasks, (7, 6, 6), strict=True):
+        for t, n in zip(tasks, (7, 6, 6), strict=True):  # biggest first
             blocks = list(t())
-            assert sum(b.num_rows for b in blocks) == n
-            for b in blocks:
-                for q, r, img, err in zip(b.column(ID).to_pylist(), b.column("doc_row").to_pylist(),
-                                          b.column("doc_image").to_pylist(), b.column(ERR_TYPE).to_pylist(),
-                                          strict=True):
-                    (rejects if err else got).append((q, r))
-                    assert err == CONTENT_MISSING or img == f"img{r}".encode()
+            assert sum(int(pair_counts(b).sum()) for b in blocks) == n
+            for q, r, img, _, err in _pairs_of(blocks):
+                (rejects if err else got).append((q, r))
+                assert err == CONTENT_MISSING or img == f"img{r}".encode()
     assert sorted(read_groups) == [0, 1, 2, 4, 5, 6, 7]  # each group with pairs, once
     assert sorted(got + rejects) == sorted(want)
     assert sorted(rejects) == [("q1", 41), ("q2", 40)]
     # One actor: no cut inside the shard.
-    assert PairsSource({"k": (corpus, "image", files, starts, per_group)}, None, 4).groups() == [[("k", 0, 8)]]
+    assert PairsSource({"k": (corpus, "image", files, starts, per_group, None)}, None, 4).groups() == [[("k", 0, 8)]]
 
 
 def test_read_source_keeps_whole_blocks_so_the_actor_gets_whole_batches() -> None:

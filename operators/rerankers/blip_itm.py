@@ -2,7 +2,8 @@
 
 ``spec.model`` is a ``BlipForImageTextRetrieval`` checkpoint with its processor (for example
 ``Salesforce/blip-itm-base-coco``). The score of a pair is ``softmax(itm_score)[:, 1]`` from the ITM
-head (``use_itm_head=True``), in [0, 1]. The query is the text side; captions are ignored. Every pair
+head (``use_itm_head=True``), in [0, 1]. The query is the text side; captions are ignored. The vision
+encoder runs once per distinct image of a call (pairs of one doc share it). Every pair
 needs an image: a pair without one raises ``ValueError``.
 """
 
@@ -50,12 +51,26 @@ class BlipItmReranker(Reranker):
                 raise ValueError(f"blip_itm: pair {i} has no query text")
         if not queries:
             return np.zeros(0, dtype=np.float32)
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        enc = self.processor(images=rgb, text=list(queries), padding=True, truncation=True,
+        # The image side once per distinct image: pairs of one doc share its decoded image object, so BLIP's
+        # vision encoder runs once per doc and only the text encoder (cross-attending to it) runs per pair.
+        pos_of: dict[int, int] = {}
+        uniq: list[Image.Image] = []
+        for im in images:
+            if id(im) not in pos_of:
+                pos_of[id(im)] = len(uniq)
+                uniq.append(im if im.mode == "RGB" else im.convert("RGB"))
+        enc = self.processor(images=uniq, text=list(queries), padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         pixel_values = enc["pixel_values"].to(self.device, dtype=self.dtype)
+        which = torch.tensor([pos_of[id(im)] for im in images], device=self.device)
         with torch.inference_mode():
-            out = self.model(input_ids=enc["input_ids"].to(self.device), pixel_values=pixel_values,
-                             attention_mask=enc["attention_mask"].to(self.device), use_itm_head=True)
-            s = torch.softmax(out.itm_score.float(), dim=-1)[:, 1]
+            # BlipForImageTextRetrieval.forward(use_itm_head=True), with the vision output indexed per pair.
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state[which]
+            image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+            question = self.model.text_encoder(input_ids=enc["input_ids"].to(self.device),
+                                               attention_mask=enc["attention_mask"].to(self.device),
+                                               encoder_hidden_states=image_embeds,
+                                               encoder_attention_mask=image_atts).last_hidden_state
+            itm = self.model.itm_head(question[:, 0, :])
+            s = torch.softmax(itm.float(), dim=-1)[:, 1]
         return s.cpu().numpy().astype(np.float32)

@@ -89,7 +89,7 @@ class Docs:
 
     def vector(self, doc_id: str) -> np.ndarray | None:
         """The doc's own embedding from the run's corpus embeddings cache (exact, whatever the index type)."""
-        from pipelines.embed import part_uris, read_vectors
+        from operators.embedding_cache import part_uris, read_vectors
 
         loc = self._loc(doc_id)
         if loc is None:
