@@ -507,8 +507,8 @@ def _save_vlm(ctx: Ctx, dest: Path) -> Path:
 
 
 def _pairs_batch(ctx: Ctx, n: int, offset: int) -> dict[str, Any]:
-    """A batch as ``PairsSource`` + Ray Data hand it to ``RerankPairs``: n pairs of distinct docs, each with
-    its own query text (another doc's caption), image bytes and caption."""
+    """n pairs of distinct docs, each with its own query text (another doc's caption), image bytes and caption
+    (the raw loop's input; :func:`_doc_block` turns it into what ``PairsSource`` hands ``RerankPairs``)."""
     import numpy as np
 
     from operators.shards import ID
@@ -525,6 +525,29 @@ def _pairs_batch(ctx: Ctx, n: int, offset: int) -> dict[str, Any]:
         "doc_image_uri": np.array([None] * n, dtype=object),
         "doc_caption": np.array([ctx.captions[d] for d in docs], dtype=object),
     }
+
+
+def _doc_block(pairs: dict[str, Any]) -> Any:
+    """The pairs as the block of candidate docs the reranker actor takes."""
+    import pyarrow as pa
+
+    from operators.rerank_ops import docs_from_pairs
+    from operators.shards import ID
+
+    cols = ("doc_id", "rank", "retrieval_score", "doc_shard", "doc_row", "query_text", "doc_image",
+            "doc_image_uri", "doc_caption")
+    return docs_from_pairs(pa.table({"query_id": list(pairs[ID]), **{c: list(pairs[c]) for c in cols}}))
+
+
+def _udf(rr: Any, block: Any) -> dict[str, Any]:
+    """``RerankPairs`` on a doc block, its output back in the pairs' order (it comes out doc by doc)."""
+    import numpy as np
+
+    from operators.shards import ROW
+
+    out = rr(block)
+    order = np.argsort(np.asarray(out[ROW]))
+    return {k: np.asarray(v)[order] for k, v in out.items()}
 
 
 def _raw_scorer(backend: str, rr: Any, device: str) -> Callable[[dict[str, Any]], Any]:
@@ -593,14 +616,15 @@ def check_reranker(ctx: Ctx, backend: str) -> list[Row]:
             setup = f"tiny {backend}"
     made_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rr = RerankPairs(spec, device=ctx.device, precision=ctx.requested)
+    bs = ctx.profile.rerank_batch[backend]
+    rr = RerankPairs(spec, device=ctx.device, precision=ctx.requested, batch_size=bs)
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in rr.backend.model.parameters())
-    bs = ctx.profile.rerank_batch[backend]
     batches = [_pairs_batch(ctx, bs, k * bs) for k in range(2)]
+    blocks = [_doc_block(b) for b in batches]
     raw = _raw_scorer(backend, rr, ctx.device)
-    u, r, peak = _rates(ctx, bs, lambda b: rr(batches[b % 2]), lambda b: raw(batches[b % 2]))
-    out = rr(batches[0])
+    u, r, peak = _rates(ctx, bs, lambda b: rr(blocks[b % 2]), lambda b: raw(batches[b % 2]))
+    out = _udf(rr, blocks[0])
     if any(out[ERR_TYPE]):
         raise RuntimeError(f"{backend}: pairs rejected: {sorted(set(out[ERR_TYPE]) - {''})}")
     scores = np.asarray(out["rerank_score"], np.float32)
@@ -608,9 +632,9 @@ def check_reranker(ctx: Ctx, backend: str) -> list[Row]:
               "pairs/s", udf_vs_raw=float(np.abs(scores - raw(batches[0])).max()), peak_mib=peak)
     row.notes.append(f"model made {made_s:.1f}s, loaded {load_s:.1f}s; scores {scores.min():.3f}..{scores.max():.3f}")
     if ctx.lowp:
-        low_scores = np.concatenate([rr(b)["rerank_score"] for b in batches])
-        ref = RerankPairs(spec, device=ctx.device, precision="fp32")
-        ref_scores = np.concatenate([ref(b)["rerank_score"] for b in batches])
+        low_scores = np.concatenate([_udf(rr, b)["rerank_score"] for b in blocks])
+        ref = RerankPairs(spec, device=ctx.device, precision="fp32", batch_size=bs)
+        ref_scores = np.concatenate([_udf(ref, b)["rerank_score"] for b in blocks])
         row.score_max_abs = float(np.abs(low_scores - ref_scores).max())
         row.score_rho = _spearman(low_scores, ref_scores)
     return [row]
