@@ -346,8 +346,9 @@ def _timed_operators(events: str) -> dict[str, Any]:
         def __call__(self, batch: Any) -> Any:
             t0 = time.time()
             out = super().__call__(batch)
+            # A block of candidate docs: count its pairs and their distinct queries.
             _event(events, {"ev": "score", "pid": os.getpid(), "t0": t0, "t1": time.time(),
-                            "rows": len(batch[ID]), "queries": len({str(q) for q in batch[ID]})})
+                            "rows": len(out[ID]), "queries": len({str(q) for q in out[ID]})})
             return out
 
     class TimedScoredSink(ScoredSink):
@@ -361,8 +362,10 @@ def _timed_operators(events: str) -> dict[str, Any]:
         def read() -> Any:
             t0 = time.time()
             rows = 0
+            from operators.rerank_ops import pair_counts
+
             for block in fn():
-                rows += block.num_rows
+                rows += int(pair_counts(block).sum())  # blocks are candidate docs with their pairs
                 yield block
             _event(events, {"ev": "read", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": rows})
 

@@ -195,6 +195,9 @@ def _vector_docs(storage: Any, cands: pa.Table, cache: str, key: str) -> pa.Tabl
 
     docs, _ = group_by_doc(cands)
     _, index_rows, vecs = read_vectors(storage, part_uris(storage, cache, key))
+    # A part holds its write call's blocks in arrival order: rows are not sorted within the shard's entry.
+    order = np.argsort(index_rows, kind="stable")
+    index_rows, vecs = index_rows[order], vecs[order]
     n_rows = int(shard_marker(storage, cache, key)["rows_in"])
     rejected = shard_rejects(storage, cache, key)
     rows = docs.column("doc_row").to_numpy()

@@ -161,3 +161,34 @@ def test_clip_encodes_the_corpus_once_then_reuses_the_cache(sample: SampleInfo, 
     s1, s2 = (sorted((r["query_id"], r["doc_id"], r["rerank_score"]) for r in _read(root / "runs" / n / "scored"))
               for n in ("n1", "n2"))
     assert s1 == s2 and len(s1) == first.pairs_scored
+
+
+def test_clip_vectors_are_found_whatever_the_row_order_of_the_cache(tmp_path: Path) -> None:
+    """A cache part holds its write call's blocks in arrival order (rows not sorted): every candidate still gets
+    its own row's vector, the rejected row its reason, and a row past the shard's end is missing content."""
+    from operators.rerank_ops import DOC_VEC, _vector_docs
+    from operators.schemas import embeddings_schema
+    from operators.storage import Storage, join
+
+    storage, cache = Storage(), str(tmp_path / "cache")
+    rows = np.array([4, 5, 0, 1, 2], np.int64)  # row 3 rejected; blocks [4, 5] and [0, 1, 2] out of order
+    vecs = np.eye(6, dtype=np.float32)[rows]
+    storage.write_table(join(cache, "k", "part-000000000000.parquet"), pa.Table.from_arrays(
+        [pa.array([f"d{r}" for r in rows]), pa.array(rows), pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 6)],
+        schema=embeddings_schema(6)))
+    storage.write_table(join(cache, "k", "rejects-000000000003.parquet"), pa.table({
+        "stage": ["embed"], "source": ["s"], "row_index": pa.array([3], pa.int64()), "id": ["d3"],
+        "error_type": [R.UNDECODABLE], "error_message": ["not an image"]}))
+    storage.write_json(join(cache, "k", "_SUCCESS.json"), {"rows_in": 6, "parts": ["part-000000000000.parquet"],
+                                                           "rejects": ["rejects-000000000003.parquet"]})
+    want = [5, 0, 3, 2, 9, 4, 1]
+    cands = pa.table({"query_id": [f"q{i}" for i in range(7)], "query_text": ["t"] * 7,
+                      "rank": pa.array([1] * 7, pa.int32()),
+                      "retrieval_score": pa.array([1.0] * 7, pa.float32()), "doc_id": [f"d{r}" for r in want],
+                      "doc_shard": ["k"] * 7, "doc_row": pa.array(want, pa.int64()), "_cand_key": ["c"] * 7,
+                      "_cand_row": pa.array(range(7), pa.int64())}).sort_by("doc_row")
+    docs = _vector_docs(storage, cands, cache, "k")
+    got = {r["doc_row"]: (r["_err_type"], r[DOC_VEC]) for r in docs.to_pylist()}
+    for r in (0, 1, 2, 4, 5):
+        assert got[r][0] == "" and int(np.argmax(got[r][1])) == r
+    assert got[3][0] == R.UNDECODABLE and got[9][0] == "doc_content_missing"
