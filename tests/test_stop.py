@@ -141,8 +141,9 @@ def test_sigterm_mid_stage_stops_cleanly_then_the_run_resumes(sample: SampleInfo
     d = _cfg_dict(str(root), sample.corpus, sample.queries)
     cfg_path = _write_yaml(tmp_path / "run.yaml", d)
     log_path = tmp_path / "terminated.log"
-    # Slow scoring batches keep the rerank stage running while the signal arrives.
-    proc = _start(cfg_path, log_path, tmp_path, "slow:rerank_batch:2")
+    # Slow scoring calls keep the rerank stage running while the signal arrives: a call is now a block of whole
+    # candidate docs (several model batches), so a small run makes only a few calls and 2 s each was too short.
+    proc = _start(cfg_path, log_path, tmp_path, "slow:rerank_batch:10")
     try:
         _wait_until(proc, lambda: _any(root, "runs/*/_STAGES/search.json")() and _any(root, "runs/*/_pairs/*")(),
                     "the rerank stage", log_path)
