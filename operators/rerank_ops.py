@@ -426,16 +426,19 @@ class RerankPairs:
             images, decoded = self.decoder.images(docs)
         counts = pair_counts(docs)
         doc_of = np.repeat(np.arange(docs.num_rows), counts)
+        out = explode(docs)  # the pairs' own columns; errors and scores are filled in below
         n = len(doc_of)
-        doc_err = docs.column(ERR_TYPE).to_pylist()
-        doc_msg = docs.column(ERR_MSG).to_pylist()
-        captions_doc = docs.column("doc_caption").to_pylist() if "doc_caption" in docs.column_names else [None] * len(doc_err)
+        captions_doc = docs.column("doc_caption").to_pylist() if "doc_caption" in docs.column_names else [None] * docs.num_rows
         queries = docs.column(P_TEXT).combine_chunks().flatten().to_pylist() if n else []
-        err_type = np.array([doc_err[d] or "" for d in doc_of], dtype=object)
-        err_msg = np.array([doc_msg[d] or "" for d in doc_of], dtype=object)
+        err_type, err_msg = out[ERR_TYPE], out[ERR_MSG]
+        qids = out[ID].tolist()
+        # clip: the doc vectors of this block as one matrix, taken once per call.
+        dvecs = None
+        if self.backend is None and n:
+            vecs = docs.column(DOC_VEC).combine_chunks()
+            dvecs = vecs.flatten().to_numpy().reshape(-1, vecs.type.list_size)
         pair_images: list[Any] = [None] * n
         captions: list[Any] = [None] * n
-        qids = docs.column(P_QUERY).combine_chunks().flatten().to_pylist() if n else []
         for i, d in enumerate(doc_of.tolist()):
             if err_type[i]:
                 continue
@@ -456,12 +459,12 @@ class RerankPairs:
         for a in range(0, len(idx), self.batch_size):
             chunk = idx[a:a + self.batch_size]
             try:
-                scores[chunk] = self._score(chunk, queries, qids, pair_images, captions, doc_of, docs)
+                scores[chunk] = self._score(chunk, queries, qids, pair_images, captions, doc_of, dvecs)
             except Exception as e:  # noqa: BLE001 - isolate the failing pair(s), keep the rest
                 log.warning("rerank batch failed (%s: %s); scoring pair by pair", type(e).__name__, e)
                 for i in chunk:
                     try:
-                        scores[i] = self._score([i], queries, qids, pair_images, captions, doc_of, docs)[0]
+                        scores[i] = self._score([i], queries, qids, pair_images, captions, doc_of, dvecs)[0]
                     except Exception as e1:  # noqa: BLE001
                         err_type[i], err_msg[i] = RERANK_ERROR, f"{type(e1).__name__}: {e1}"
         first, dec = np.zeros(n, np.int8), np.zeros(n, np.int8)
@@ -469,18 +472,15 @@ class RerankPairs:
         has = counts > 0
         first[starts[has]] = 1
         dec[starts[has]] = np.asarray(decoded, np.int8)[has]
-
-        out = explode(docs)
-        out.update({ERR_TYPE: err_type, ERR_MSG: err_msg, "rerank_score": scores, DECODED: dec, DOC_FIRST: first})
+        out.update({"rerank_score": scores, DECODED: dec, DOC_FIRST: first})
         beat("rerank")
         return out
 
     def _score(self, idx: list[int], queries: list[Any], qids: list[Any], images: list[Any], captions: list[Any],
-               doc_of: np.ndarray, docs: pa.Table) -> np.ndarray:
+               doc_of: np.ndarray, dvecs: np.ndarray | None) -> np.ndarray:
         maybe_fail_queries([queries[i] for i in idx])
         if self.backend is None:
-            vecs = docs.column(DOC_VEC).combine_chunks()
-            dv = vecs.flatten().to_numpy().reshape(-1, vecs.type.list_size)[doc_of[idx]]
+            dv = dvecs[doc_of[idx]]  # type: ignore[index]
             qv = self.query_vecs[[self.query_index[qids[i]] for i in idx]]  # type: ignore[index]
             s = np.einsum("ij,ij->i", dv, qv).astype(np.float32)
         else:
