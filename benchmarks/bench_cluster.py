@@ -45,9 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import LOG_FORMAT, REPO, fmt
 
 log = logging.getLogger("bench_cluster")
 
@@ -148,8 +146,7 @@ def machine_share(before: dict[str, int], after: dict[str, int], own_cpu_s: floa
 
 
 def config_dict(a: argparse.Namespace, root: str, corpus: str, queries: str, address: str, w: int) -> dict[str, Any]:
-    from pipelines.cli import _overrides
-    from pipelines.config import _set_dotted
+    from pipelines.config import apply_overrides
 
     d: dict[str, Any] = {
         "root": root, "corpus": corpus, "queries": queries,
@@ -163,9 +160,7 @@ def config_dict(a: argparse.Namespace, root: str, corpus: str, queries: str, add
         "rerank": {"backend": "clip", "clip_model": {"name": a.rerank_model, "pretrained": None, "seed": 1},
                    "num_actors": w, "actor_num_cpus": 0.5},
     }
-    for k, v in _overrides(a.set).items():  # the same parsing as `mmrerank run --set`
-        _set_dotted(d, k, v)
-    return d
+    return apply_overrides(d, a.set)  # the same parsing as `mmrerank run --set`
 
 
 def run_one(a: argparse.Namespace, w: int, out: Path) -> None:
@@ -326,10 +321,6 @@ def make_sample_once(a: argparse.Namespace) -> None:
     paths.write_text(json.dumps({"params": params, "corpus": info.corpus, "queries": info.queries}))
 
 
-def _fmt(v: Any, nd: int = 1) -> str:
-    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
-
-
 def table(runs: list[dict[str, Any]]) -> list[str]:
     ws = sorted({r["workers"] for r in runs})
     by_w = {w: [r for r in runs if r["workers"] == w] for w in ws}
@@ -347,14 +338,14 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
              ("cluster stop", lambda r: r.get("cluster_stop_s")), ("subprocess", lambda r: r.get("subprocess_wall_s"))]
     for name, f in rows:
         n = (runs[0].get("stages", {}).get(name) or {}).get("rows_in") if name in STAGES else None
-        line = f"{name:<14} {_fmt(n):>8}"
+        line = f"{name:<14} {fmt(n):>8}"
         for w in ws:
             v = med(w, f)
             rate = n / v if (n and v) else None
-            line += f" {_fmt(v, 2):>9} {_fmt(rate, 1):>8}"
+            line += f" {fmt(v, 2):>9} {fmt(rate, 1):>8}"
         if len(ws) > 1:
             lo, hi = med(ws[0], f), med(ws[-1], f)
-            line += f" {_fmt(lo / hi if lo and hi else None, 2):>16}"
+            line += f" {fmt(lo / hi if lo and hi else None, 2):>16}"
         lines.append(line)
     for r in runs:
         m = r.get("machine", {})
@@ -389,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     if a.one is not None:
         run_one(a, a.one, Path(a.out))

@@ -58,7 +58,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
@@ -66,64 +65,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import (
+    add_set_arg,
+    apply_sets,
+    cpus,
+    descendants,
+    event,
+    finish_pipeline_side,
+    fmt,
+    machine_cpu_ticks,
+    others_share,
+    parser,
+    proc_files,
+    read_events,
+    run_side,
+    side_logging,
+    stop_ray,
+    timed_actor,
+    torch_threads,
+    wait_idle,
+)
 
 MB = 1024 * 1024
-
-
-# --- shared helpers -----------------------------------------------------------------------------------
-
-
-def _event(path: str, rec: dict[str, Any]) -> None:
-    """Append one JSON line (small O_APPEND writes from several processes do not interleave)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _proc_start_time(pid: int | str = "self") -> float | None:
-    """Wall-clock (epoch) start time of a process, from /proc (None when unavailable)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])
-        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
-                     if ln.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
-        return None
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (what the pipeline's actor uses too)."""
-    return len(os.sched_getaffinity(0))
-
-
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    """``key=value`` overrides (dotted keys, YAML values: ``embed.torch_threads=1``, ``ray.num_cpus=2``)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = data
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
 
 
 # --- the plain loop -------------------------------------------------------------------------------------
@@ -140,7 +103,7 @@ def run_plain(a: argparse.Namespace) -> dict[str, Any]:
 
     sampler = ProcSampler(a.rss_interval)
     sampler.start()
-    threads = a.plain_threads or _cpus()
+    threads = a.plain_threads or cpus()
     torch.set_num_threads(threads)
     caps = EmbedConfig()  # the pipeline's default decode caps and formats
     shards = sorted(Path(a.corpus).glob("*.parquet"))
@@ -221,13 +184,6 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _machine_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of the whole machine since boot, from /proc/stat."""
-    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
-    return busy, busy + v[3] + v[4]  # + idle iowait
-
-
 def _role(pid: int, title: str) -> str:
     if pid == os.getpid():
         return "driver"
@@ -259,7 +215,7 @@ class ProcSampler(threading.Thread):
         self.series: list[tuple[float, float, float]] = []
         self._lock = threading.Lock()
         self._t0 = time.time()
-        self._m0 = _machine_cpu_ticks()
+        self._m0 = machine_cpu_ticks()
         self._t1, self._m1 = self._t0, self._m0
 
     def run(self) -> None:
@@ -273,25 +229,7 @@ class ProcSampler(threading.Thread):
         self._stop_ev.set()
         self.join()
         self.sample()
-        self._t1, self._m1 = time.time(), _machine_cpu_ticks()
-
-    @staticmethod
-    def _descendants(root: int) -> list[int]:
-        kids: dict[int, list[int]] = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-        out, todo = [], [root]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo.extend(kids.get(pid, []))
-        return out
+        self._t1, self._m1 = time.time(), machine_cpu_ticks()
 
     def sample(self) -> None:
         with self._lock:
@@ -300,13 +238,11 @@ class ProcSampler(threading.Thread):
     def _sample(self) -> None:
         total_rss = total_pss = 0
         with_pss = self.samples % self.pss_every == 0
-        for pid in self._descendants(os.getpid()):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+        for pid in descendants(os.getpid()):
+            files = proc_files(pid)
+            if files is None:
                 continue
+            status, stat, title = files
             f = {ln.split(":", 1)[0]: ln.split(":", 1)[1] for ln in status.splitlines() if ":" in ln}
 
             def kb(key: str, f: dict[str, str] = f) -> int:
@@ -361,25 +297,9 @@ class ProcSampler(threading.Thread):
 def _timed_embedder(events: str) -> type:
     from operators.embedders import EMBEDDING, ImageEmbedder
 
-    class TimedImageEmbedder(ImageEmbedder):
-        """The pipeline's ImageEmbedder, plus timestamps of its start-up and of every batch."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            t0 = time.time()
-            super().__init__(*args, **kwargs)
-            import torch
-
-            _event(events, {"ev": "actor_init", "pid": os.getpid(), "proc_start": _proc_start_time(),
-                            "t0": t0, "t1": time.time(), "torch_threads": torch.get_num_threads()})
-
-        def __call__(self, batch: Any) -> Any:
-            t0 = time.time()
-            out = super().__call__(batch)
-            _event(events, {"ev": "encode", "pid": os.getpid(), "t0": t0, "t1": time.time(),
-                            "rows": len(out[EMBEDDING])})
-            return out
-
-    return TimedImageEmbedder
+    # The pipeline's ImageEmbedder, plus timestamps of its start-up and of every batch.
+    return timed_actor(ImageEmbedder, events, "encode", init_rec=torch_threads,
+                       call_rec=lambda batch, out: {"rows": len(out[EMBEDDING])})
 
 
 def _timed_decode(events: str) -> type:
@@ -391,8 +311,8 @@ def _timed_decode(events: str) -> type:
         def __call__(self, batch: Any) -> Any:
             t0 = time.time()
             out = super().__call__(batch)
-            _event(events, {"ev": "decode", "pid": os.getpid(), "t0": t0, "t1": time.time(),
-                            "rows": batch.num_rows})
+            event(events, {"ev": "decode", "pid": os.getpid(), "t0": t0, "t1": time.time(),
+                           "rows": batch.num_rows})
             return out
 
     return TimedDecodeImages
@@ -408,9 +328,7 @@ def _pipeline_config(a: argparse.Namespace, root: str) -> Any:
         "embed": {"model": {"name": a.model, "pretrained": None, "seed": a.seed},
                   "device": "cpu", "precision": "fp32", "batch_size": a.batch_size},
     }
-    for k, v in _parse_sets(a.set).items():
-        _set_dotted(data, k, v)
-    return parse_config(data, "bench_embed")
+    return parse_config(apply_sets(data, a.set), "bench_embed")
 
 
 def _summarise_run(events: list[dict[str, Any]], t_start: float, t_run0: float, t_run1: float,
@@ -493,7 +411,7 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
                 result["config_embed"] = cfg.embed.model_dump(mode="json")
             res = pe.embed_kind(cfg, "corpus", force=True)
             t_end = time.time()
-            run = _summarise_run(_read_events(events), t_start, marks["run0"], marks["run1"], t_end,
+            run = _summarise_run(read_events(events), t_start, marks["run0"], marks["run1"], t_end,
                                  init_s, res.rows_ok)
             sampler.sample()  # the CPU used up to t_end
             t_ready = t_end - run["steady_s"]
@@ -503,16 +421,8 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
             runs.append(run)
     finally:
         sampler.stop()
-        t = time.time()
-        if ray.is_initialized():
-            ray.shutdown()
-        result["ray_shutdown_s"] = time.time() - t
-    result.update(runs[0])
-    result["runs"] = runs
-    result["rss"] = sampler.report()
-    result["driver_ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["peak_rss_mb"] = result["rss"]["sum_of_process_peaks_mb"]
-    result["peak_pss_mb"] = result["rss"]["peak_total_pss_mb"]
+        stop_ray(result)
+    finish_pipeline_side(result, runs, sampler)
     return result
 
 
@@ -532,28 +442,6 @@ def _ensure_sample(workdir: Path, images: int, shards: int, image_size: int, see
     return info.corpus
 
 
-def _wait_idle(max_wait: float, threshold: float = 0.15, quiet_s: int = 3) -> float:
-    """Wait (up to ``max_wait`` s) until the machine has been < ``threshold`` busy for ``quiet_s`` seconds.
-
-    The machine may be shared; a side measured while something else burns CPU is not worth much.
-    Returns the busy fraction of the last second.
-    """
-    deadline = time.time() + max_wait
-    quiet, frac, said = 0, 1.0, False
-    while True:
-        b0, t0 = _machine_cpu_ticks()
-        time.sleep(1.0)
-        b1, t1 = _machine_cpu_ticks()
-        frac = (b1 - b0) / max(1, t1 - t0)
-        quiet = quiet + 1 if frac < threshold else 0
-        if quiet >= quiet_s or time.time() >= deadline:
-            return frac
-        if not said:
-            print(f"[bench] machine is {100 * frac:.0f}% busy; waiting up to {max_wait:.0f} s for it to be idle",
-                  flush=True)
-            said = True
-
-
 def _run_side(side: str, a: argparse.Namespace, corpus: str, workdir: Path, rep: int) -> dict[str, Any]:
     result = workdir / f"result-{side}-{rep}.json"
     result.unlink(missing_ok=True)
@@ -567,18 +455,11 @@ def _run_side(side: str, a: argparse.Namespace, corpus: str, workdir: Path, rep:
     for s in a.set:
         cmd += ["--set", s]
     if a.wait_idle > 0:
-        _wait_idle(a.wait_idle)
+        wait_idle(a.wait_idle)
     print(f"[bench] running the {side} side (log: {log}) ...", flush=True)
-    t = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=None if a.verbose else f, stderr=subprocess.STDOUT if not a.verbose
-                              else None, cwd=REPO, check=False)
-    if proc.returncode != 0 or not result.exists():
-        if not a.verbose:
-            print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
-        raise SystemExit(f"[bench] {side} side failed (exit {proc.returncode}); see {log}")
+    wall = run_side(cmd, log, f"{side} side", result=result, verbose=a.verbose)
     r = json.loads(result.read_text())
-    r["subprocess_wall_s"] = time.time() - t
+    r["subprocess_wall_s"] = wall
     return r
 
 
@@ -602,23 +483,15 @@ def _compare_embeddings(workdir: Path, cache: str) -> dict[str, Any]:
             "max_abs_diff": diff}
 
 
-def _fmt(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
 def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str, Any] | None,
             check: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {"model": a.model, "weights": "random (seeded)", "images": a.images,
                            "batch_size": a.batch_size, "image_size": a.image_size, "shards": a.shards,
-                           "cpus": _cpus(), "overrides": a.set, "plain": plain, "pipeline": pipe,
+                           "cpus": cpus(), "overrides": a.set, "plain": plain, "pipeline": pipe,
                            "embedding_check": check}
     print()
     print(f"embed benchmark: model={a.model} (random weights) images={a.images} batch={a.batch_size} "
-          f"image_size={a.image_size} shards={a.shards} cpus={_cpus()}"
+          f"image_size={a.image_size} shards={a.shards} cpus={cpus()}"
           + (f" overrides={a.set}" if a.set else ""))
     rows = [
         ("start-up (s)", "startup_s", 2), ("steady wall (s)", "steady_s", 2),
@@ -635,7 +508,7 @@ def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str,
             side["steady_cpu_ms_per_img"] = 1000 * side["steady_cpu_s"] / side["images"]
     print(f"  {'':32} {'plain loop':>12} {'ray pipeline':>13}")
     for label, key, nd in rows:
-        print(f"  {label:32} {_fmt((plain or {}).get(key), nd):>12} {_fmt((pipe or {}).get(key), nd):>13}")
+        print(f"  {label:32} {fmt((plain or {}).get(key), nd):>12} {fmt((pipe or {}).get(key), nd):>13}")
     if plain and pipe:
         ratio = pipe["steady_img_s"] / plain["steady_img_s"]
         ratio_e2e = pipe["e2e_img_s"] / plain["e2e_img_s"]
@@ -654,15 +527,15 @@ def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str,
               "sample; shared pages are split among the processes mapping them, so it is the fair total")
     if pipe:
         b = pipe["startup_breakdown_s"]
-        print(f"  pipeline start-up = ray.init {_fmt(b['ray_init'], 2)} s + resolve model & plan shards "
-              f"(driver, open_clip import included) {_fmt(b['resolve_and_plan'], 2)} s + Ray Data start & actor process/imports until its "
-              f"constructor {_fmt(b['to_actor_constructor'], 2)} s + model load {_fmt(b['actor_model_load'], 2)} s")
+        print(f"  pipeline start-up = ray.init {fmt(b['ray_init'], 2)} s + resolve model & plan shards "
+              f"(driver, open_clip import included) {fmt(b['resolve_and_plan'], 2)} s + Ray Data start & actor process/imports until its "
+              f"constructor {fmt(b['to_actor_constructor'], 2)} s + model load {fmt(b['actor_model_load'], 2)} s")
         print("    (from the start until the embedder actor is ready; decode tasks already run meanwhile)")
         print(f"  pipeline steady: actor busy {pipe['encode_busy_s']:.2f} s in {pipe['encode_batches']} batches "
-              f"({_fmt(pipe.get('actor_rate_img_s'), 2)} img/s while encoding), idle in its window "
-              f"{_fmt(pipe.get('actor_idle_in_window_s'), 2)} s, first batch "
-              f"{_fmt(pipe.get('first_encode_after_actor_ready_s'), 2)} s after ready, tail after last "
-              f"batch {_fmt(pipe.get('tail_after_last_encode_s'), 2)} s; decode {pipe['decode_busy_s']:.2f} s "
+              f"({fmt(pipe.get('actor_rate_img_s'), 2)} img/s while encoding), idle in its window "
+              f"{fmt(pipe.get('actor_idle_in_window_s'), 2)} s, first batch "
+              f"{fmt(pipe.get('first_encode_after_actor_ready_s'), 2)} s after ready, tail after last "
+              f"batch {fmt(pipe.get('tail_after_last_encode_s'), 2)} s; decode {pipe['decode_busy_s']:.2f} s "
               f"in {pipe['decode_batches']} batches over {pipe['decode_pids']} worker(s); actor torch threads "
               f"{pipe['actor_torch_threads']}; ray.shutdown {pipe['ray_shutdown_s']:.1f} s (not counted)")
         if pipe.get("steady_cpu_s") is not None:
@@ -678,26 +551,25 @@ def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str,
             print(f"    {line}")
         for k, run in enumerate(pipe["runs"][1:], start=2):
             print(f"  warm run {k} (same Ray session, pooled workers): e2e {run['e2e_s']:.2f} s, start-up "
-                  f"{run['startup_s']:.2f} s, steady {_fmt(run['steady_img_s'], 2)} img/s, "
+                  f"{run['startup_s']:.2f} s, steady {fmt(run['steady_img_s'], 2)} img/s, "
                   f"e2e {run['e2e_img_s']:.2f} img/s")
     for name, side in (("plain", plain), ("pipeline", pipe)):
         if not side:
             continue
         c = side["rss"]["cpu_s"]
-        share = c["others"] / max(1e-9, c["wall"] * c["cores"])
-        warn = "   <-- WARNING: the machine was not quiet; timings are suspect" if share > 0.05 else ""
+        share, warn = others_share(c)
         print(f"  cpu {name}: ours {c['ours']:.1f} s (driver {c['driver']:.1f} of which /proc sampler "
               f"{side['rss']['sampler_cpu_s']:.1f}, Ray workers {c['ray_workers']:.1f}, Ray system "
               f"{c['ray_system']:.1f}); other processes on the machine "
               f"{c['others']:.1f} s = {100 * share:.0f}% of {c['wall']:.0f} s x {c['cores']} cores{warn}")
     if check:
         print(f"  embeddings: {check['rows_pipeline']}/{check['rows_plain']} rows match by id, max |diff| "
-              f"{_fmt(check['max_abs_diff'], 7) if check['max_abs_diff'] is not None else '-'}")
+              f"{fmt(check['max_abs_diff'], 7) if check['max_abs_diff'] is not None else '-'}")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name (random weights): ViT-B-32, mmr-tiny")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -706,8 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="where the sample and the outputs go (default: a new temp dir)")
     ap.add_argument("--json", help="write the full results here")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="pipeline config override, e.g. embed.torch_threads=1 (repeatable)")
+    add_set_arg(ap, "embed.torch_threads=1")
     ap.add_argument("--sides", default="plain,pipeline", help="which sides to run (comma separated)")
     ap.add_argument("--plain-threads", type=int, default=0, help="torch threads of the plain loop (0: all CPUs)")
     ap.add_argument("--repeat", type=int, default=1,
@@ -726,9 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     if a.side:
-        import logging
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        side_logging()
         r = run_plain(a) if a.side == "plain" else run_pipeline(a)
         Path(a.result).write_text(json.dumps(r, indent=2))
         return

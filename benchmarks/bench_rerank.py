@@ -63,105 +63,37 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-for _p in (str(REPO), str(Path(__file__).resolve().parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _common import (  # this script's directory is on sys.path; _common adds the repo root
+    add_quiet_args,
+    add_set_arg,
+    apply_sets,
+    cpus,
+    event,
+    finish_pipeline_side,
+    fmt,
+    others_share,
+    parser,
+    read_events,
+    run_side,
+    side_env,
+    side_logging,
+    stop_ray,
+    timed_actor,
+    torch_threads,
+    wait_quiet,
+)
 
 RUN_ID = "bench-candidates"
 BACKENDS = ("clip", "vlm_yesno")
 
 
-# --- helpers (the ones used inside Ray workers must live in this file: they are pickled by value) ----------
-
-
-def _event(path: str, rec: dict[str, Any]) -> None:
-    """Append one JSON line (small O_APPEND writes from several processes do not interleave)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _proc_start_time() -> float | None:
-    """Wall-clock (epoch) start time of this process, from /proc (None when unavailable)."""
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])
-        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
-                     if ln.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
-        return None
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = data
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
-
-
-def _fmt(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def wait_quiet(max_wait: float, max_load: float = 1.0, poll_s: float = 5.0) -> dict[str, Any]:
-    """Wait (up to ``max_wait`` s) until the 1-minute load average is below ``max_load``.
-
-    Returns what was seen: the load average when asked, when done, how long it waited, and whether the
-    machine was quiet at the end (False: it gave up waiting; the figures that follow are suspect).
-    """
-    t0 = time.time()
-    first = os.getloadavg()
-    said = False
-    while True:
-        load = os.getloadavg()
-        if load[0] < max_load or time.time() - t0 >= max_wait:
-            break
-        if not said:
-            print(f"[bench] 1-min load average {load[0]:.2f} >= {max_load}; waiting up to {max_wait:.0f} s "
-                  "for a quiet machine", flush=True)
-            said = True
-        time.sleep(poll_s)
-    quiet = load[0] < max_load
-    if said:
-        print(f"[bench] load average {load[0]:.2f} after {time.time() - t0:.0f} s"
-              + ("" if quiet else " (gave up waiting: NOT QUIET, figures are suspect)"), flush=True)
-    return {"load_when_asked": list(first), "load_at_start": list(load), "waited_s": time.time() - t0,
-            "quiet": quiet, "max_load": max_load}
+# --- helpers -----------------------------------------------------------------------------------------------
 
 
 def _config(a: argparse.Namespace, backend: str, setup: dict[str, Any]) -> Any:
@@ -182,9 +114,7 @@ def _config(a: argparse.Namespace, backend: str, setup: dict[str, Any]) -> Any:
         "search": {"k": a.k},
         "rerank": rerank,
     }
-    for k, v in _parse_sets(a.set).items():
-        _set_dotted(data, k, v)
-    return parse_config(data, "bench_rerank")
+    return parse_config(apply_sets(data, a.set), "bench_rerank")
 
 
 def _setup(a: argparse.Namespace) -> dict[str, Any]:
@@ -247,13 +177,13 @@ def run_plain(a: argparse.Namespace) -> dict[str, Any]:
 
     from operators import decode as R
     from operators.rerankers.base import create
-    from pipelines.rerank import reranker_spec
+    from pipelines.context import reranker_spec
 
     sampler = ProcSampler(a.rss_interval)
     sampler.start()
     load0 = os.getloadavg()
     setup, prep = _setup(a), _prepared(a)
-    threads = a.plain_threads or _cpus()
+    threads = a.plain_threads or cpus()
     torch.set_num_threads(threads)
     cfg = _config(a, a.backend, setup)
     rc, caps = cfg.rerank, cfg.embed
@@ -334,28 +264,16 @@ def _timed_operators(events: str) -> dict[str, Any]:
     from operators.rerank_ops import RerankPairs, ScoredSink, bucket_candidates, select_bucket
     from operators.shards import ID
 
-    class TimedRerankPairs(RerankPairs):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            t0 = time.time()
-            super().__init__(*args, **kwargs)
-            import torch
-
-            _event(events, {"ev": "actor_init", "pid": os.getpid(), "proc_start": _proc_start_time(),
-                            "t0": t0, "t1": time.time(), "torch_threads": torch.get_num_threads()})
-
-        def __call__(self, batch: Any) -> Any:
-            t0 = time.time()
-            out = super().__call__(batch)
-            # A block of candidate docs: count its pairs and their distinct queries.
-            _event(events, {"ev": "score", "pid": os.getpid(), "t0": t0, "t1": time.time(),
-                            "rows": len(out[ID]), "queries": len({str(q) for q in out[ID]})})
-            return out
+    # A block of candidate docs: count its pairs and their distinct queries.
+    TimedRerankPairs = timed_actor(  # noqa: N806 - a class
+        RerankPairs, events, "score", init_rec=torch_threads,
+        call_rec=lambda batch, out: {"rows": len(out[ID]), "queries": len({str(q) for q in out[ID]})})
 
     class TimedScoredSink(ScoredSink):
         def write_batch(self, batch: Any) -> Any:
             t0 = time.time()
             out = super().write_batch(batch)
-            _event(events, {"ev": "write", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": len(batch[ID])})
+            event(events, {"ev": "write", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": len(batch[ID])})
             return out
 
     def timed_read(fn: Any) -> Any:
@@ -367,7 +285,7 @@ def _timed_operators(events: str) -> dict[str, Any]:
             for block in fn():
                 rows += int(pair_counts(block).sum())  # blocks are candidate docs with their pairs
                 yield block
-            _event(events, {"ev": "read", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": rows})
+            event(events, {"ev": "read", "pid": os.getpid(), "t0": t0, "t1": time.time(), "rows": rows})
 
         return read
 
@@ -380,13 +298,13 @@ def _timed_operators(events: str) -> dict[str, Any]:
     def timed_bucket(*args: Any, **kwargs: Any) -> Any:
         t0 = time.time()
         out = bucket_candidates(*args, **kwargs)
-        _event(events, {"ev": "bucket", "pid": os.getpid(), "t0": t0, "t1": time.time()})
+        event(events, {"ev": "bucket", "pid": os.getpid(), "t0": t0, "t1": time.time()})
         return out
 
     def timed_select(*args: Any, **kwargs: Any) -> Any:
         t0 = time.time()
         out = select_bucket(*args, **kwargs)
-        _event(events, {"ev": "select", "pid": os.getpid(), "t0": t0, "t1": time.time()})
+        event(events, {"ev": "select", "pid": os.getpid(), "t0": t0, "t1": time.time()})
         return out
 
     return {"RerankPairs": TimedRerankPairs, "ScoredSink": TimedScoredSink, "PairsSource": TimedPairsSource,
@@ -478,22 +396,14 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
             t_rr0 = time.time()
             res = pr.run_rerank(cfg, run_id)
             t_rr1 = time.time()
-            run = _summarise(_read_events(events), t_start, t_rr0, t_rr1, init_s, res.pairs_in)
+            run = _summarise(read_events(events), t_start, t_rr0, t_rr1, init_s, res.pairs_in)
             run.update(warm=k > 0, run_id=run_id, pairs_scored=res.pairs_scored, pairs_rejected=res.pairs_rejected,
                        rerank_s=res.rerank_s, results=res.results)
             runs.append(run)
     finally:
         sampler.stop()
-        t = time.time()
-        if ray.is_initialized():
-            ray.shutdown()
-        result["ray_shutdown_s"] = time.time() - t
-    result.update(runs[0])
-    result["runs"] = runs
-    result["rss"] = sampler.report()
-    result["driver_ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["peak_rss_mb"] = result["rss"]["sum_of_process_peaks_mb"]
-    result["peak_pss_mb"] = result["rss"]["peak_total_pss_mb"]
+        stop_ray(result)
+    finish_pipeline_side(result, runs, sampler)
     result["loadavg_start"], result["loadavg_end"] = list(load0), list(os.getloadavg())
     return result
 
@@ -519,20 +429,10 @@ def _run_side(a: argparse.Namespace, side: str, backend: str, tag: str, quiet: b
     log = wd / f"{side}-{tag}.log"
     seen = wait_quiet(a.wait_idle, a.max_load) if quiet and a.wait_idle > 0 else None
     print(f"[bench] {side} side ({backend}; log {log}) ...", flush=True)
-    env = dict(os.environ)
-    env.setdefault("RAY_AUTH_MODE", "disabled")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    t = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(_side_cmd(a, side, backend, result), stdout=None if a.verbose else f,
-                              stderr=None if a.verbose else subprocess.STDOUT, cwd=REPO, env=env, check=False)
-    if proc.returncode != 0 or not result.exists():
-        if not a.verbose:
-            print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
-        raise SystemExit(f"[bench] {side} side failed (exit {proc.returncode}); see {log}")
+    wall = run_side(_side_cmd(a, side, backend, result), log, f"{side} side", result=result, verbose=a.verbose,
+                    env=side_env())
     r = json.loads(result.read_text())
-    r["subprocess_wall_s"] = time.time() - t
+    r["subprocess_wall_s"] = wall
     r["quiet_wait"] = seen
     return r
 
@@ -574,7 +474,7 @@ def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] |
                     pipe: dict[str, Any] | None, check: dict[str, Any] | None) -> dict[str, Any]:
     label = f"clip:{a.clip_model} (random weights)" if backend == "clip" else "vlm_yesno: tiny random Qwen2-VL"
     side = plain or pipe or {}
-    print(f"\n=== rerank benchmark: {label}; {side.get('pairs')} pairs, batch {a.batch_size}, cpus {_cpus()}"
+    print(f"\n=== rerank benchmark: {label}; {side.get('pairs')} pairs, batch {a.batch_size}, cpus {cpus()}"
           + (f", overrides {a.set}" if a.set else ""))
     rows = [("start-up (s)", "startup_s", 2), ("steady wall (s)", "steady_s", 2),
             ("steady throughput (pairs/s)", "steady_pairs_s", 1), ("end-to-end wall (s)", "e2e_s", 2),
@@ -582,7 +482,7 @@ def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] |
             ("peak PSS, sampled (MB)", "peak_pss_mb", 0)]
     print(f"  {'':34} {'raw loop':>10} {'ray stage':>10}")
     for name, key, nd in rows:
-        print(f"  {name:34} {_fmt((plain or {}).get(key), nd):>10} {_fmt((pipe or {}).get(key), nd):>10}")
+        print(f"  {name:34} {fmt((plain or {}).get(key), nd):>10} {fmt((pipe or {}).get(key), nd):>10}")
     out: dict[str, Any] = {"backend": backend, "label": label, "plain": plain, "pipeline": pipe, "score_check": check}
     if plain and pipe:
         out["ratio_steady"] = pipe["steady_pairs_s"] / plain["steady_pairs_s"]
@@ -596,24 +496,24 @@ def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] |
         print(f"  raw: start-up = build the backend; steady = read {plain['read_s']:.2f} s + decode "
               f"{plain['decode_s']:.2f} s + score {plain['score_s']:.2f} s in {plain['batches']} batches "
               f"({plain['queries_per_batch']:.1f} distinct queries per batch, order {plain['order']}, "
-              f"torch threads {plain['torch_threads']}); first batch {_fmt(plain['first_batch_s'], 2)} s, median "
-              f"{_fmt(plain['median_batch_s'], 3)} s")
+              f"torch threads {plain['torch_threads']}); first batch {fmt(plain['first_batch_s'], 2)} s, median "
+              f"{fmt(plain['median_batch_s'], 3)} s")
     if pipe:
         b = pipe["startup_breakdown_s"]
-        print(f"  ray start-up = ray.init {_fmt(b['ray_init'], 2)} + driver planning {_fmt(b['driver_plan'], 2)} + "
-              f"bucket_candidates tasks {_fmt(b['bucket_tasks'], 2)} + Ray Data start & actor process/imports "
-              f"{_fmt(b['to_actor_constructor'], 2)} + model load {_fmt(b['actor_model_load'], 2)} s; first scored "
-              f"batch {_fmt(pipe['time_to_first_scored_batch_s'], 2)} s after the start")
+        print(f"  ray start-up = ray.init {fmt(b['ray_init'], 2)} + driver planning {fmt(b['driver_plan'], 2)} + "
+              f"bucket_candidates tasks {fmt(b['bucket_tasks'], 2)} + Ray Data start & actor process/imports "
+              f"{fmt(b['to_actor_constructor'], 2)} + model load {fmt(b['actor_model_load'], 2)} s; first scored "
+              f"batch {fmt(pipe['time_to_first_scored_batch_s'], 2)} s after the start")
         print(f"  ray steady: actor busy {pipe['score_busy_s']:.2f} s in {pipe['score_batches']} batches "
               f"(sizes {pipe['batch_sizes']}, {pipe['queries_per_batch']:.1f} distinct queries per batch, "
-              f"{_fmt(pipe['actor_rate_pairs_s'], 1)} pairs/s while busy; first batch {_fmt(pipe['first_batch_s'], 2)} s,"
-              f" median {_fmt(pipe['median_batch_s'], 3)} s), idle in its window "
-              f"{_fmt(pipe['actor_idle_in_window_s'], 2)} s, first batch {_fmt(pipe['first_batch_after_ready_s'], 2)} s "
-              f"after ready, last write {_fmt(pipe['write_after_last_score_s'], 2)} s after the last batch; "
+              f"{fmt(pipe['actor_rate_pairs_s'], 1)} pairs/s while busy; first batch {fmt(pipe['first_batch_s'], 2)} s,"
+              f" median {fmt(pipe['median_batch_s'], 3)} s), idle in its window "
+              f"{fmt(pipe['actor_idle_in_window_s'], 2)} s, first batch {fmt(pipe['first_batch_after_ready_s'], 2)} s "
+              f"after ready, last write {fmt(pipe['write_after_last_score_s'], 2)} s after the last batch; "
               f"{pipe['read_tasks']} read tasks ({pipe['read_busy_s']:.2f} s), {pipe['writes']} writes "
               f"({pipe['write_busy_s']:.2f} s); actor torch threads {pipe['actor_torch_threads']}")
         print(f"  ray tail {pipe['tail_s']:.2f} s: {pipe['select_tasks']} select tasks in "
-              f"{_fmt(pipe['select_window_s'], 2)} s, starting {_fmt(pipe['select_start_after_last_write_s'], 2)} s "
+              f"{fmt(pipe['select_window_s'], 2)} s, starting {fmt(pipe['select_start_after_last_write_s'], 2)} s "
               f"after the last write; run_rerank {pipe['stage_s']:.2f} s (Ray already up); ray.shutdown "
               f"{pipe['ray_shutdown_s']:.1f} s (not counted)")
         rss = pipe["rss"]
@@ -623,14 +523,13 @@ def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] |
               f"{rss['peak_total_rss_mb']:.0f} MB, PSS {rss['peak_total_pss_mb']:.0f} MB")
         for k, run in enumerate(pipe["runs"][1:], start=2):
             print(f"  warm run {k} (same Ray session): run_rerank {run['stage_s']:.2f} s, start-up "
-                  f"{run['startup_s']:.2f} s (model load {_fmt(run['startup_breakdown_s']['actor_model_load'], 2)}),"
-                  f" steady {_fmt(run['steady_pairs_s'], 1)} pairs/s, whole stage {run['stage_pairs_s']:.1f} pairs/s")
+                  f"{run['startup_s']:.2f} s (model load {fmt(run['startup_breakdown_s']['actor_model_load'], 2)}),"
+                  f" steady {fmt(run['steady_pairs_s'], 1)} pairs/s, whole stage {run['stage_pairs_s']:.1f} pairs/s")
     for name, s in (("raw", plain), ("ray", pipe)):
         if not s:
             continue
         c = s["rss"]["cpu_s"]
-        share = c["others"] / max(1e-9, c["wall"] * c["cores"])
-        warn = "   <-- WARNING: the machine was not quiet; timings are suspect" if share > 0.05 else ""
+        share, warn = others_share(c)
         q = s.get("quiet_wait") or {}
         print(f"  {name}: load average 1/5/15 min at start {'/'.join(f'{x:.2f}' for x in s['loadavg_start'])}, "
               f"at end {'/'.join(f'{x:.2f}' for x in s['loadavg_end'])}"
@@ -639,12 +538,12 @@ def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] |
               f"{c['cores']} cores{warn}")
     if check:
         print(f"  scores: {check['matched']}/{check['pairs_plain']} pairs matched by (query, doc), max |diff| "
-              f"{_fmt(check['max_abs_diff'], 7) if check['max_abs_diff'] is not None else '-'}")
+              f"{fmt(check['max_abs_diff'], 7) if check['max_abs_diff'] is not None else '-'}")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--backends", default="clip,vlm_yesno", help="comma separated: clip, vlm_yesno")
     ap.add_argument("--clip-model", default="ViT-B-32", help="open_clip name for the clip backend (random weights)")
     ap.add_argument("--embed-model", default="mmr-tiny", help="embedder that produces the candidates (setup only)")
@@ -658,15 +557,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plain-order", choices=["pipeline", "query"], default="pipeline",
                     help="order of the pairs in the raw loop (see the module docstring)")
     ap.add_argument("--plain-threads", type=int, default=0, help="torch threads of the raw loop (0: all CPUs)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="pipeline config override, e.g. rerank.torch_threads=1 (repeatable)")
+    add_set_arg(ap, "rerank.torch_threads=1")
     ap.add_argument("--sides", default="plain,pipeline")
     ap.add_argument("--repeat", type=int, default=1, help="run the sides alternately; report each side's best")
     ap.add_argument("--pipeline-runs", type=int, default=1, help="run_rerank runs in one Ray session (first = headline)")
     ap.add_argument("--rss-interval", type=float, default=1.0)
-    ap.add_argument("--wait-idle", type=float, default=600.0,
-                    help="before each timed side wait up to this many seconds for a quiet machine (0: don't)")
-    ap.add_argument("--max-load", type=float, default=1.0, help="quiet = 1-minute load average below this")
+    add_quiet_args(ap)
     ap.add_argument("--workdir", help="sample, setup and outputs (default: a new temp dir); reused when kept")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--verbose", action="store_true")
@@ -676,9 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     if a.side:
-        import logging
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        side_logging()
         fn = {"prepare": run_prepare, "plain": run_plain, "pipeline": run_pipeline}[a.side]
         Path(a.result).write_text(json.dumps(fn(a), indent=2))
         return
@@ -705,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
           f"x k={prep['k']}) from {a.embed_model} ({time.time() - t:.1f} s, not timed)", flush=True)
 
     sides = [s.strip() for s in a.sides.split(",") if s.strip() in ("plain", "pipeline")]
-    report: dict[str, Any] = {"cpus": _cpus(), "docs": a.docs, "queries": a.queries, "k": a.k,
+    report: dict[str, Any] = {"cpus": cpus(), "docs": a.docs, "queries": a.queries, "k": a.k,
                               "image_size": a.image_size, "batch_size": a.batch_size, "workdir": a.workdir,
                               "pairs": prep["candidates"], "loadavg_rule": f"1-min load average < {a.max_load}",
                               "backends": {}}

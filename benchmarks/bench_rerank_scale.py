@@ -160,8 +160,8 @@ def side_raw(a: argparse.Namespace) -> dict[str, Any]:
     from operators import decode as R
     from operators.rerankers.base import create
     from pipelines.config import parse_config
+    from pipelines.context import reranker_spec
     from pipelines.embed import embed_kind
-    from pipelines.rerank import reranker_spec
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     work = Path(a.workdir)

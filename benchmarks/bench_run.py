@@ -56,84 +56,38 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-for _p in (str(REPO), str(Path(__file__).resolve().parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _common import (  # this script's directory is on sys.path; _common adds the repo root
+    add_quiet_args,
+    add_set_arg,
+    apply_sets,
+    cpus,
+    event,
+    fmt,
+    others_share,
+    parser,
+    proc_start_time,
+    read_events,
+    run_side,
+    side_env,
+    side_logging,
+    timed_actor,
+    wait_quiet,
+)
 
 RUN_ID = "bench"
 STAGES = ("embed_corpus", "index", "embed_queries", "search", "rerank", "rejects")
 
 
-# --- helpers (those used inside Ray workers must live in this file: they are pickled by value) -------------
-
-
-def _event(path: str, rec: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _proc_start_time(pid: int | str = "self") -> float | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])
-        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
-                     if ln.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
-        return None
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def _fmt(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def wait_quiet(max_wait: float, max_load: float = 1.0, poll_s: float = 5.0) -> dict[str, Any]:
-    """Wait (up to ``max_wait`` s) until the 1-minute load average is below ``max_load``; report what was seen."""
-    t0 = time.time()
-    first = os.getloadavg()
-    said = False
-    while True:
-        load = os.getloadavg()
-        if load[0] < max_load or time.time() - t0 >= max_wait:
-            break
-        if not said:
-            print(f"[bench] 1-min load average {load[0]:.2f} >= {max_load}; waiting up to {max_wait:.0f} s "
-                  "for a quiet machine", flush=True)
-            said = True
-        time.sleep(poll_s)
-    quiet = load[0] < max_load
-    if said:
-        print(f"[bench] load average {load[0]:.2f} after {time.time() - t0:.0f} s"
-              + ("" if quiet else " (gave up waiting: NOT QUIET, figures are suspect)"), flush=True)
-    return {"load_when_asked": list(first), "load_at_start": list(load), "waited_s": time.time() - t0,
-            "quiet": quiet, "max_load": max_load}
+# --- helpers -----------------------------------------------------------------------------------------------
 
 
 def _config_dict(a: argparse.Namespace, corpus: str, queries: str, root: str) -> dict[str, Any]:
-    import yaml
-
     data: dict[str, Any] = {
         "root": root, "corpus": corpus, "queries": queries,
         "ray": {"progress_bars": False},
@@ -142,16 +96,7 @@ def _config_dict(a: argparse.Namespace, corpus: str, queries: str, root: str) ->
         "search": {"k": a.k},
         "rerank": {"backend": "clip", "clip_model": {"name": a.rerank_model, "pretrained": None, "seed": 1}},
     }
-    for item in a.set:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        cur = data
-        parts = k.strip().split(".")
-        for part in parts[:-1]:
-            cur = cur.setdefault(part, {})
-        cur[parts[-1]] = yaml.safe_load(v)
-    return data
+    return apply_sets(data, a.set)
 
 
 # --- the raw loops -----------------------------------------------------------------------------------------
@@ -173,13 +118,13 @@ def run_raw(a: argparse.Namespace) -> dict[str, Any]:
     from operators.shards import list_shards
     from operators.storage import Storage
     from pipelines.config import load_config
-    from pipelines.rerank import reranker_spec
+    from pipelines.context import reranker_spec
 
     sampler = ProcSampler(a.rss_interval)
     sampler.start()
     load0 = os.getloadavg()
     t_imports = time.time()
-    threads = a.raw_threads or _cpus()
+    threads = a.raw_threads or cpus()
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     cfg = load_config(a.config)
@@ -309,7 +254,7 @@ def run_raw(a: argparse.Namespace) -> dict[str, Any]:
         {qids[qi]: [ids[int(j)] for j in nn[qi] if j >= 0] for qi in range(len(qids))}))
     return {"side": "raw", "torch_threads": threads, "stages": stages,
             "sum_s": sum(s["wall_s"] for s in stages.values()),
-            "imports_s": t_imports - (_proc_start_time() or t_imports),
+            "imports_s": t_imports - (proc_start_time() or t_imports),
             "rerank_order": a.raw_rerank_order,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_pss_mb": sampler.peak_total_pss_kb / 1024, "rss": sampler.report(),
@@ -328,29 +273,15 @@ def _install_tracing(events: str) -> None:
     import pipelines.search as ps
 
     def actor(base: type, label: str) -> type:
-        class Timed(base):  # type: ignore[misc, valid-type]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                t0 = time.time()
-                super().__init__(*args, **kwargs)
-                _event(events, {"ev": "actor_init", "cls": label, "pid": os.getpid(),
-                                "proc_start": _proc_start_time(), "t0": t0, "t1": time.time()})
-
-            def __call__(self, batch: Any) -> Any:
-                t0 = time.time()
-                out = super().__call__(batch)
-                _event(events, {"ev": "batch", "cls": label, "pid": os.getpid(), "t0": t0, "t1": time.time()})
-                return out
-
-        Timed.__name__ = Timed.__qualname__ = base.__name__
-        return Timed
+        return timed_actor(base, events, "batch", name=base.__name__, tags={"cls": label})
 
     def searcher(base: type) -> type:
         class TimedSearcher(base):  # type: ignore[misc, valid-type]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 t0 = time.time()
                 super().__init__(*args, **kwargs)
-                _event(events, {"ev": "actor_init", "cls": "ShardSearcher", "pid": os.getpid(),
-                                "proc_start": _proc_start_time(), "t0": t0, "t1": time.time()})
+                event(events, {"ev": "actor_init", "cls": "ShardSearcher", "pid": os.getpid(),
+                               "proc_start": proc_start_time(), "t0": t0, "t1": time.time()})
 
         TimedSearcher.__name__ = TimedSearcher.__qualname__ = base.__name__
         return TimedSearcher
@@ -360,7 +291,7 @@ def _install_tracing(events: str) -> None:
             def __call__(self, batch: Any) -> Any:
                 t0 = time.time()
                 out = super().__call__(batch)
-                _event(events, {"ev": "batch", "cls": "DecodeImages", "pid": os.getpid(), "t0": t0, "t1": time.time()})
+                event(events, {"ev": "batch", "cls": "DecodeImages", "pid": os.getpid(), "t0": t0, "t1": time.time()})
                 return out
 
         return TimedDecode
@@ -369,7 +300,7 @@ def _install_tracing(events: str) -> None:
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.time()
             out = fn(*args, **kwargs)
-            _event(events, {"ev": "task", "cls": label, "pid": os.getpid(), "t0": t0, "t1": time.time()})
+            event(events, {"ev": "task", "cls": label, "pid": os.getpid(), "t0": t0, "t1": time.time()})
             return out
 
         timed.__name__ = fn.__name__
@@ -382,7 +313,7 @@ def _install_tracing(events: str) -> None:
             try:
                 return fn(*args, **kwargs)
             finally:
-                _event(events, {"ev": "span", "cls": name, "t0": t0, "t1": time.time()})
+                event(events, {"ev": "span", "cls": name, "t0": t0, "t1": time.time()})
 
         return timed
 
@@ -394,7 +325,7 @@ def _install_tracing(events: str) -> None:
             t0 = time.time()
             out = fn(*args, **kwargs)
             if fresh:
-                _event(events, {"ev": "span", "cls": "ray_init", "t0": t0, "t1": time.time()})
+                event(events, {"ev": "span", "cls": "ray_init", "t0": t0, "t1": time.time()})
             return out
 
         return timed
@@ -407,7 +338,7 @@ def _install_tracing(events: str) -> None:
     pr.RerankPairs = actor(pr.RerankPairs, "RerankPairs")
     pr.bucket_candidates = task(pr.bucket_candidates, "bucket_candidates")
     pr.select_bucket = task(pr.select_bucket, "select_bucket")
-    pi._build_task = task(pi._build_task, "index_build")
+    pi.build_shard = task(pi.build_shard, "index_build")
     for mod in (pe, pi, pr, ps, prun):
         mod.ensure_ray = ray_init(mod.ensure_ray)
     for name in ("preflight", "embed_kind", "build_index", "run_search", "run_rerank", "_collect_embed_rejects",
@@ -437,7 +368,7 @@ def run_pipeline_traced(a: argparse.Namespace) -> None:
     t_shut = time.time()
     sampler.stop()
     Path(a.result).write_text(json.dumps({
-        "rc": rc, "proc_start": _proc_start_time(), "t_main": t_main, "t_cli": t_cli, "t_done": t_done,
+        "rc": rc, "proc_start": proc_start_time(), "t_main": t_main, "t_cli": t_cli, "t_done": t_done,
         "t_shutdown": t_shut, "rss": sampler.report(),
         "driver_ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, indent=2))
     sys.exit(rc)
@@ -488,14 +419,6 @@ def _stage_breakdown(events: list[dict[str, Any]], stats: dict[str, Any]) -> dic
 # --- orchestration -----------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("RAY_AUTH_MODE", "disabled")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return env
-
-
 def _run_raw(a: argparse.Namespace, cfg_path: Path) -> dict[str, Any]:
     wd = Path(a.workdir)
     result, log = wd / "result-raw.json", wd / "raw.log"
@@ -505,13 +428,7 @@ def _run_raw(a: argparse.Namespace, cfg_path: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "raw", "--config", str(cfg_path),
            "--workdir", a.workdir, "--result", str(result), "--raw-threads", str(a.raw_threads),
            "--raw-rerank-order", a.raw_rerank_order, "--rss-interval", str(a.rss_interval)]
-    t = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_env(), check=False)
-    wall = time.time() - t
-    if proc.returncode != 0 or not result.exists():
-        print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
-        raise SystemExit(f"[bench] raw side failed (exit {proc.returncode}); see {log}")
+    wall = run_side(cmd, log, "raw side", result=result, env=side_env())
     r = json.loads(result.read_text())
     r.update(process_wall_s=wall, quiet_wait=seen)
     return r
@@ -537,14 +454,11 @@ def _run_pipeline(a: argparse.Namespace, cfg_path: Path, root: Path) -> dict[str
     if sampler:
         sampler.start()
     t = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_env(), check=False)
-    wall = time.time() - t
-    if sampler:
-        sampler.stop()
-    if proc.returncode != 0:
-        print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
-        raise SystemExit(f"[bench] pipeline failed (exit {proc.returncode}); see {log}")
+    try:
+        wall = run_side(cmd, log, "pipeline", env=side_env())
+    finally:
+        if sampler:
+            sampler.stop()
     stats = json.loads((root / "runs" / RUN_ID / "stats.json").read_text())
     r: dict[str, Any] = {"side": "pipeline", "process_wall_s": wall, "run_wall_s": stats["wall_s"],
                          "stages": {k: stats["stages"][k] for k in STAGES if k in stats["stages"]},
@@ -555,7 +469,7 @@ def _run_pipeline(a: argparse.Namespace, cfg_path: Path, root: Path) -> dict[str
     else:
         child = json.loads(result.read_text())
         r["rss"] = child["rss"]
-        events = _read_events(wd / "pipeline-events.jsonl")
+        events = read_events(wd / "pipeline-events.jsonl")
         r["breakdown"] = _stage_breakdown(events, stats)
         start = child["proc_start"] or t
         spans = {e["cls"]: e["t1"] - e["t0"] for e in events if e["ev"] == "span" and e["cls"] in ("preflight", "ray_init")}
@@ -606,7 +520,7 @@ def _report(a: argparse.Namespace, raw: dict[str, Any], pipe: dict[str, Any], ch
     }
     bd = pipe.get("breakdown") or {}
     print(f"\nwhole-run benchmark: {n['docs']} docs ({n['image_size']} px), {n['queries']} queries, k={a.k}, "
-          f"embed {a.embed_model} + rerank clip:{a.rerank_model} (random weights), index Flat, cpus {_cpus()}"
+          f"embed {a.embed_model} + rerank clip:{a.rerank_model} (random weights), index Flat, cpus {cpus()}"
           + (f", overrides {a.set}" if a.set else ""))
     print(f"  {'stage':<14} {'raw s':>7} {'ray s':>7} {'ray-raw':>8} {'ray.init':>8} {'to ready':>8} "
           f"{'load':>6} {'busy':>7} {'tail':>6}   raw detail")
@@ -622,11 +536,11 @@ def _report(a: argparse.Namespace, raw: dict[str, Any], pipe: dict[str, Any], ch
                       f"{rr['compute_s']:.1f} + select {rs['select']['wall_s']:.2f} ({rr['rows']} pairs, "
                       f"{raw['rerank_order']} order)")
         pw = ps.get(st, {}).get("wall_s")
-        print(f"  {st:<14} {raw_stage[st]:>7.2f} {_fmt(pw, 2):>7} "
-              f"{_fmt(pw - raw_stage[st] if pw is not None else None, 2):>8} "
-              f"{_fmt(b.get('ray_init_s') or None, 2):>8} {_fmt(b.get('actor_ready_after_start_s'), 2):>8} "
-              f"{_fmt(b.get('model_or_index_load_s'), 2):>6} {_fmt(b.get('busy_s') or None, 2):>7} "
-              f"{_fmt(b.get('after_last_batch_s'), 2):>6}   {detail}")
+        print(f"  {st:<14} {raw_stage[st]:>7.2f} {fmt(pw, 2):>7} "
+              f"{fmt(pw - raw_stage[st] if pw is not None else None, 2):>8} "
+              f"{fmt(b.get('ray_init_s') or None, 2):>8} {fmt(b.get('actor_ready_after_start_s'), 2):>8} "
+              f"{fmt(b.get('model_or_index_load_s'), 2):>6} {fmt(b.get('busy_s') or None, 2):>7} "
+              f"{fmt(b.get('after_last_batch_s'), 2):>6}   {detail}")
     stage_sum = sum(s.get("wall_s", 0.0) for s in ps.values())
     print(f"  {'sum of stages':<14} {raw['sum_s']:>7.2f} {stage_sum:>7.2f}")
     print(f"  {'run() wall':<14} {'':>7} {pipe['run_wall_s']:>7.2f}   (stages + preflight, stage markers, manifest, "
@@ -658,8 +572,7 @@ def _report(a: argparse.Namespace, raw: dict[str, Any], pipe: dict[str, Any], ch
             print("  tasks: " + "; ".join(extra) + (f"; embed_corpus decode tasks {dec:.2f} s" if dec else ""))
     for name, s in (("raw", raw), ("pipeline", pipe)):
         c = s["rss"]["cpu_s"]
-        share = c["others"] / max(1e-9, c["wall"] * c["cores"])
-        warn = "   <-- WARNING: the machine was not quiet; timings are suspect" if share > 0.05 else ""
+        share, warn = others_share(c)
         q = s.get("quiet_wait") or {}
         print(f"  {name}: peak RSS {s['peak_rss_mb']:.0f} MB, sampled peak PSS {s['peak_pss_mb']:.0f} MB; load average "
               f"at start {'/'.join(f'{x:.2f}' for x in s['loadavg_start'])}, at end "
@@ -667,14 +580,14 @@ def _report(a: argparse.Namespace, raw: dict[str, Any], pipe: dict[str, Any], ch
               + f"; other processes took {c['others']:.1f} CPU-s = {100 * share:.0f}% of {c['wall']:.0f} s x "
               f"{c['cores']} cores{warn}")
     if check:
-        print(f"  check: candidates overlap {_fmt(check['candidate_overlap_mean'], 3)}, {check['queries_same_results']}/"
+        print(f"  check: candidates overlap {fmt(check['candidate_overlap_mean'], 3)}, {check['queries_same_results']}/"
               f"{check['queries']} queries with identical results, rerank score max |diff| "
-              f"{_fmt(check['rerank_max_abs_diff'], 7)}")
+              f"{fmt(check['rerank_max_abs_diff'], 7)}")
     return {**out, "raw_stage_s": raw_stage}
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     # ~9 min on 2 cores. The pipeline's fixed start-up (Ray, one actor process + imports + model per model
     # stage: ~35 s here) does not grow with the data; at 500 docs it is a third of the job.
     ap.add_argument("--docs", type=int, default=2000)
@@ -685,15 +598,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--embed-model", default="ViT-B-32")
     ap.add_argument("--rerank-model", default="ViT-B-32", help="clip reranker model (random weights), e.g. mmr-tiny")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    add_set_arg(ap, "rerank.batch_size=32")
     ap.add_argument("--raw-threads", type=int, default=0, help="torch/faiss threads of the raw loops (0: all CPUs)")
     ap.add_argument("--raw-rerank-order", choices=["query", "shard"], default="query")
     ap.add_argument("--sides", default="raw,pipeline")
     ap.add_argument("--no-trace", action="store_true", help="run the mmrerank console script itself")
     ap.add_argument("--rss-interval", type=float, default=1.0)
-    ap.add_argument("--wait-idle", type=float, default=600.0,
-                    help="before each side wait up to this many seconds for a quiet machine (0: don't)")
-    ap.add_argument("--max-load", type=float, default=1.0, help="quiet = 1-minute load average below this")
+    add_quiet_args(ap)
     ap.add_argument("--workdir")
     ap.add_argument("--json")
     ap.add_argument("--side", choices=["raw", "pipeline"], help=argparse.SUPPRESS)
@@ -702,10 +613,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     if a.side:
-        import logging
-
         if a.side == "raw":
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            side_logging()
             Path(a.result).write_text(json.dumps(run_raw(a), indent=2))
         else:
             run_pipeline_traced(a)
@@ -732,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = _run_pipeline(a, cfg_path, root) if "pipeline" in sides else None
     n = {"docs": a.docs, "queries": a.queries, "image_size": a.image_size}
     report: dict[str, Any] = {"params": {**n, "k": a.k, "shards": a.shards, "embed_model": a.embed_model,
-                                         "rerank_model": a.rerank_model, "set": a.set, "cpus": _cpus()},
+                                         "rerank_model": a.rerank_model, "set": a.set, "cpus": cpus()},
                               "config": yaml.safe_load(cfg_path.read_text()), "raw": raw, "pipeline": pipe}
     if raw and pipe:
         check = _compare(a, root)

@@ -71,9 +71,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import add_set_arg, apply_sets, descendants, event, proc_files, read_events
 
 MB = 1024 * 1024
 
@@ -83,39 +81,6 @@ MB = 1024 * 1024
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
-
-
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    """``key=value`` config overrides (dotted keys, YAML values: ``search.batch_size=512``)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = data
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
-
-
-def _event(path: str, rec: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _read_events(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
 
 
 def _settings(a: argparse.Namespace) -> list[dict[str, int]]:
@@ -351,34 +316,15 @@ class ProcSampler(threading.Thread):
         self._stop_ev.set()
         self.join()
 
-    @staticmethod
-    def _tree(root: int) -> list[int]:
-        kids: dict[int, list[int]] = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                kids.setdefault(ppid, []).append(int(d))
-        out, todo = [], [root]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo.extend(kids.get(pid, []))
-        return out
-
     def sample(self) -> None:
         tck = os.sysconf("SC_CLK_TCK")
         total = 0
         seen: dict[int, dict[str, Any]] = {}
-        for pid in self._tree(os.getpid()):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+        for pid in descendants(os.getpid()):
+            files = proc_files(pid)
+            if files is None:
                 continue
+            status, stat, title = files
             f = {ln.split(":", 1)[0]: ln.split(":", 1)[1].split() for ln in status.splitlines() if ":" in ln}
             rss = int(f["VmRSS"][0]) if "VmRSS" in f else 0
             hwm = int(f["VmHWM"][0]) if "VmHWM" in f else 0
@@ -476,14 +422,14 @@ def _traced_classes(events: str) -> tuple[type, type]:
                 return out
 
             F.search = timed
-            _event(events, {"ev": "searcher_init", "pid": os.getpid(), "t0": t0, "t1": time.time(),
-                            "ntotal": int(self.index.ntotal)})
+            event(events, {"ev": "searcher_init", "pid": os.getpid(), "t0": t0, "t1": time.time(),
+                           "ntotal": int(self.index.ntotal)})
 
         def search(self, queries: Any, k: int) -> Any:
             t0 = time.time()
             out = super().search(queries, k)
-            _event(events, {"ev": "search", "pid": os.getpid(), "t0": t0, "t1": time.time(),
-                            "faiss_s": self._faiss_s, "method_s": time.time() - t0, "n": len(queries)})
+            event(events, {"ev": "search", "pid": os.getpid(), "t0": t0, "t1": time.time(),
+                           "faiss_s": self._faiss_s, "method_s": time.time() - t0, "n": len(queries)})
             return out
 
     class TracedSearchRouter(SearchRouter):
@@ -491,18 +437,18 @@ def _traced_classes(events: str) -> tuple[type, type]:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            _event(events, {"ev": "router_init", "pid": os.getpid(), "t1": time.time()})
+            event(events, {"ev": "router_init", "pid": os.getpid(), "t1": time.time()})
 
         def _search_all(self, q: Any) -> Any:
             t0 = time.time()
             out = super()._search_all(q)
-            _event(events, {"ev": "fanout", "t0": t0, "t1": time.time(), "n": len(q)})
+            event(events, {"ev": "fanout", "t0": t0, "t1": time.time(), "n": len(q)})
             return out
 
         def __call__(self, batch: Any) -> Any:
             t0 = time.time()
             out = super().__call__(batch)
-            _event(events, {"ev": "batch", "t0": t0, "t1": time.time(), "n": len(batch["id"])})
+            event(events, {"ev": "batch", "t0": t0, "t1": time.time(), "n": len(batch["id"])})
             return out
 
     return TracedShardSearcher, TracedSearchRouter
@@ -518,9 +464,7 @@ def _config(a: argparse.Namespace, root: str, shards: int, queries: str, setting
         "index": {"factory": a.factory, "shards": shards},
         "search": {"k": a.k, "query_embeddings": queries, **setting},
     }
-    for k, v in _parse_sets(a.set).items():
-        _set_dotted(data, k, v)
-    return parse_config(data, "bench_search")
+    return parse_config(apply_sets(data, a.set), "bench_search")
 
 
 def _read_candidates(out: str, nq: int, k: int) -> Any:
@@ -652,7 +596,7 @@ def run_ray(a: argparse.Namespace, root: str, corpus: Any, queries: str, index_b
                     D, I = _read_candidates(res.out, a.queries, a.k)  # noqa: E741
                     if not a.keep:
                         storage.rm(res.out, recursive=True)
-                    summ = _summarise(_read_events(events), timing["t_ready"], t_end) if a.trace else {}
+                    summ = _summarise(read_events(events), timing["t_ready"], t_end) if a.trace else {}
                     # run_search starts its clock after start_searchers: search_s is the steady part
                     steady = res.search_s
                     e2e = timing["startup_s"] + steady
@@ -812,8 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-threads", type=_ints, default=[],
                     help="faiss thread counts in-process, e.g. 2,1 (default: all cores); the first is the "
                          "reference of 'ratio', the fastest that of 'ratio_best'")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. search.batch_size=1024, search.searcher_threads=2")
+    add_set_arg(ap, "search.batch_size=1024, search.searcher_threads=2")
     ap.add_argument("--root", help="work directory (kept; data and indexes are reused); default: a temp dir")
     ap.add_argument("--keep", action="store_true", help="keep the candidates of every run")
     ap.add_argument("--no-trace", dest="trace", action="store_false",

@@ -53,7 +53,7 @@ for _p in (REPO, REPO / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench_run import _fmt  # noqa: E402
+from _common import fmt  # noqa: E402
 from bench_search import make_vectors  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -119,15 +119,15 @@ class Row:
         if self.cos_min is not None:
             lowp = f"cos min {self.cos_min:.5f} / mean {self.cos_mean:.5f}"
         elif self.score_max_abs is not None:
-            lowp = f"max abs {self.score_max_abs:.2e}, rho {_fmt(self.score_rho, 4)}"
+            lowp = f"max abs {self.score_max_abs:.2e}, rho {fmt(self.score_rho, 4)}"
         elif self.recall is not None:
             lowp = f"recall@k {self.recall:.4f}"
         else:
             lowp = ""
         notes = "; ".join(self.notes + ([f"ERROR {self.error}"] if self.error else []))
-        return [self.check, self.setup, _fmt(self.batch), self.precision, _fmt(self.udf_rate), _fmt(self.raw_rate),
-                self.unit, _fmt(self.ratio, 3), "" if self.udf_vs_raw is None else f"{self.udf_vs_raw:.1e}", lowp,
-                _fmt(self.peak_mib, 0), _fmt(self.seconds), notes]
+        return [self.check, self.setup, fmt(self.batch), self.precision, fmt(self.udf_rate), fmt(self.raw_rate),
+                self.unit, fmt(self.ratio, 3), "" if self.udf_vs_raw is None else f"{self.udf_vs_raw:.1e}", lowp,
+                fmt(self.peak_mib, 0), fmt(self.seconds), notes]
 
 
 # --- shared helpers ---------------------------------------------------------------------------------------

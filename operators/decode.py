@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -38,6 +39,16 @@ class RejectError(Exception):
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+
+
+class DecodeLimits(NamedTuple):
+    """What an image must satisfy to be decoded (``embed.max_image_pixels``, ``allowed_formats``,
+    ``max_image_bytes``): one value, built from the config in one place (``EmbedConfig.decode_limits``) and
+    used by every decode of a run: embed, rerank, training, the live path, thumbnails."""
+
+    max_pixels: int
+    allowed_formats: tuple[str, ...]
+    max_bytes: int | None = None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -113,6 +113,13 @@ class _Embedder(ABC):
     def _encode(self, items: Any) -> np.ndarray:
         """Encode a list of prepared inputs into normalised embeddings (one row each)."""
 
+    def encode(self, items: list[Any]) -> np.ndarray:
+        """:meth:`_encode` outside a batch (the live path: one request's texts), failures raised."""
+        import torch
+
+        with torch.inference_mode():
+            return self._encode(items)
+
     def _run(self, batch: dict[str, np.ndarray], items: list[Any]) -> dict[str, np.ndarray]:
         import torch
 

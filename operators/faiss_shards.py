@@ -20,6 +20,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+class IndexMismatchError(ValueError):
+    """Embeddings and index (or queries and index) come from different models or dimensions."""
+
+
 class IndexIntegrityError(RuntimeError):
     """An index file does not match its manifest (size or sha256), or the manifest is unusable."""
 

@@ -141,6 +141,12 @@ def _doc_table(docs: pa.Table, content: pa.Table | None, errors: list[tuple[str,
     return out
 
 
+def pair_docs(cands: pa.Table) -> pa.Table:
+    """Candidate pairs of one corpus shard, sorted by ``doc_row`` -> its docs without content (a backend that
+    needs none)."""
+    return _doc_table(group_by_doc(cands)[0], None)
+
+
 def _missing(docs: pa.Table) -> list[tuple[str, str]]:
     return [(CONTENT_MISSING, f"row {r} not in the corpus shard") for r in docs.column("doc_row").to_pylist()]
 
@@ -167,58 +173,87 @@ def _shard_doc_tables(corpus_uri: str, payload: str, bucket_files: list[str], ro
     storage = cached_storage(storage_options)
     cands = _shard_pairs(storage, bucket_files, rows_from, rows_to)
     if vectors is not None:
-        yield _vector_docs(storage, cands, *vectors)
+        yield ShardVectors.load(storage, *vectors).docs(cands)
         return
-    rows = cands.column("doc_row").to_numpy()
-    pf = storage.parquet_file(corpus_uri)
+    yield from shard_docs(storage.parquet_file(corpus_uri), payload, cands)
+
+
+def read_rows(pf: pq.ParquetFile, payload: str, rows: np.ndarray,
+              starts: list[int] | None = None) -> Iterator[tuple[int, int, pa.Table]]:
+    """Content (payload column, and ``text`` when the shard has it) of sorted corpus ``rows``: per row group
+    holding any of them, ``(lo, hi, table of rows[lo:hi])``. Only those row groups are read, each once (a row
+    group is the smallest unit a parquet reader fetches); rows past the shard's end are never yielded."""
     cols = [payload] + (["text"] if "text" in pf.schema_arrow.names else [])
-    starts = row_group_starts(pf)
-    found = np.zeros(len(rows), dtype=bool)
+    starts = starts if starts is not None else row_group_starts(pf)
     for g in range(pf.metadata.num_row_groups):
-        lo, hi = np.searchsorted(rows, [starts[g], starts[g + 1]])
-        if lo == hi:
-            continue  # only the row groups that hold wanted rows are read
-        docs, first = group_by_doc(cands.slice(lo, hi - lo))
-        content = pf.read_row_group(g, columns=cols).take(pa.array(rows[lo:hi][first] - starts[g]))
+        lo, hi = (int(x) for x in np.searchsorted(rows, [starts[g], starts[g + 1]]))
+        if lo < hi:
+            yield lo, hi, pf.read_row_group(g, columns=cols).take(pa.array(rows[lo:hi] - starts[g]))
+
+
+def shard_docs(pf: pq.ParquetFile, payload: str, cands: pa.Table,
+               starts: list[int] | None = None) -> Iterator[pa.Table]:
+    """Candidate pairs of one corpus shard, sorted by ``doc_row`` -> its docs with their content and pairs, one
+    table per row group read, then the docs whose row the shard lacks as rejects. The batch source and the live
+    path both read candidates' content here."""
+    docs, _ = group_by_doc(cands)
+    rows = docs.column("doc_row").to_numpy()
+    found = np.zeros(len(rows), dtype=bool)
+    for lo, hi, content in read_rows(pf, payload, rows, starts):
         found[lo:hi] = True
         beat("read candidate docs")
-        yield _doc_table(docs, content)
+        yield _doc_table(docs.slice(lo, hi - lo), content)
         del content
     missing = np.nonzero(~found)[0]
     if len(missing):
-        docs, _ = group_by_doc(cands.take(pa.array(missing)))
-        yield _doc_table(docs, None, _missing(docs))
+        lost = docs.take(pa.array(missing))
+        yield _doc_table(lost, None, _missing(lost))
 
 
-def _vector_docs(storage: Any, cands: pa.Table, cache: str, key: str) -> pa.Table:
-    from operators.embedding_cache import part_uris, read_vectors, shard_marker, shard_rejects
+@dataclass(frozen=True)
+class ShardVectors:
+    """One corpus shard's entry of the clip reranker's embedding cache: vectors sorted by corpus row, the
+    shard's row count and the rows the cache rejected (with their reasons). Loaded once per read task (batch)
+    or per served run (live)."""
 
-    docs, _ = group_by_doc(cands)
-    _, index_rows, vecs = read_vectors(storage, part_uris(storage, cache, key))
-    # A part holds its write call's blocks in arrival order: rows are not sorted within the shard's entry.
-    order = np.argsort(index_rows, kind="stable")
-    index_rows, vecs = index_rows[order], vecs[order]
-    n_rows = int(shard_marker(storage, cache, key)["rows_in"])
-    rejected = shard_rejects(storage, cache, key)
-    rows = docs.column("doc_row").to_numpy()
-    pos = np.searchsorted(index_rows, rows)
-    hit = (pos < len(index_rows)) & (index_rows[np.minimum(pos, max(len(index_rows) - 1, 0))] == rows) \
-        if len(index_rows) else np.zeros(len(rows), bool)
-    dim = vecs.shape[1] if vecs.ndim == 2 and vecs.shape[1] else 1
-    out = np.zeros((len(rows), dim), np.float32)
-    out[hit] = vecs[pos[hit]]
-    errors = []
-    for r, ok in zip(rows.tolist(), hit.tolist(), strict=True):
-        if ok:
-            errors.append(("", ""))
-        elif r in rejected:  # the reranker model's embedding rejected the image: same reason as a decode
-            errors.append(rejected[r])
-        elif r >= n_rows:
-            errors.append((CONTENT_MISSING, f"row {r} not in the corpus shard"))
-        else:
-            errors.append((CONTENT_MISSING, f"row {r} has no vector in the reranker's embedding cache"))
-    beat("read candidate docs")
-    return _doc_table(docs, None, errors, out)
+    rows: np.ndarray
+    vecs: np.ndarray
+    n_rows: int
+    rejected: dict[int, tuple[str, str]]
+
+    @classmethod
+    def load(cls, storage: Any, cache: str, key: str) -> ShardVectors:
+        from operators.embedding_cache import part_uris, read_vectors, shard_marker, shard_rejects
+
+        _, rows, vecs = read_vectors(storage, part_uris(storage, cache, key))
+        # A part holds its write call's blocks in arrival order: rows are not sorted within the shard's entry.
+        order = np.argsort(rows, kind="stable")
+        return cls(rows[order], vecs[order], int(shard_marker(storage, cache, key)["rows_in"]),
+                   shard_rejects(storage, cache, key))
+
+    def docs(self, cands: pa.Table) -> pa.Table:
+        """Candidate pairs of this shard -> its docs, each with its cached vector or the reason it has none."""
+        docs, _ = group_by_doc(cands)
+        index_rows, vecs = self.rows, self.vecs
+        rows = docs.column("doc_row").to_numpy()
+        pos = np.searchsorted(index_rows, rows)
+        hit = (pos < len(index_rows)) & (index_rows[np.minimum(pos, max(len(index_rows) - 1, 0))] == rows) \
+            if len(index_rows) else np.zeros(len(rows), bool)
+        dim = vecs.shape[1] if vecs.ndim == 2 and vecs.shape[1] else 1
+        out = np.zeros((len(rows), dim), np.float32)
+        out[hit] = vecs[pos[hit]]
+        errors = []
+        for r, ok in zip(rows.tolist(), hit.tolist(), strict=True):
+            if ok:
+                errors.append(("", ""))
+            elif r in self.rejected:  # the reranker model's embedding rejected the image: same reason as a decode
+                errors.append(self.rejected[r])
+            elif r >= self.n_rows:
+                errors.append((CONTENT_MISSING, f"row {r} not in the corpus shard"))
+            else:
+                errors.append((CONTENT_MISSING, f"row {r} has no vector in the reranker's embedding cache"))
+        beat("read candidate docs")
+        return _doc_table(docs, None, errors, out)
 
 
 def row_group_starts(pf: pq.ParquetFile) -> list[int]:
@@ -317,6 +352,7 @@ class DecodeDocs:
     max_pixels: int
     allowed_formats: tuple[str, ...]
     storage_options: StorageOptions | None = None
+    max_bytes: int | None = None
 
     def images(self, docs: pa.Table) -> tuple[list[Any], np.ndarray]:
         """Per doc: a PIL image, a :class:`RejectError`, or None (not needed / doc already rejected)."""
@@ -347,7 +383,7 @@ class DecodeDocs:
                 data = cached_storage(self.storage_options).read_bytes(uri)
             except Exception as e:  # noqa: BLE001
                 raise R.RejectError(R.URI_UNREADABLE, f"cannot read {uri}: {type(e).__name__}: {e}") from None
-        return R.decode_image(data, self.max_pixels, self.allowed_formats)
+        return R.decode_image(data, self.max_pixels, self.allowed_formats, self.max_bytes)
 
     def __call__(self, docs: pa.Table) -> pa.Table:
         images, decoded = self.images(docs)
@@ -390,7 +426,7 @@ class RerankPairs:
                  torch_threads: int | None = None, max_pixels: int = 89_478_485,
                  allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
                  storage_options: StorageOptions | None = None, batch_size: int = 16,
-                 query_vectors: Any = None) -> None:
+                 query_vectors: Any = None, max_bytes: int | None = None) -> None:
         import torch
 
         t0 = time.perf_counter()
@@ -398,6 +434,7 @@ class RerankPairs:
             torch.set_num_threads(torch_threads or max(1, len(os.sched_getaffinity(0))))
         self.spec, self.batch_size = spec, batch_size
         self.query_index: dict[str, int] | None = None
+        self.query_vecs: np.ndarray | None = None
         if query_vectors is not None:
             if not isinstance(query_vectors, tuple):  # a Ray object ref: the matrix is shared, not copied
                 import ray
@@ -414,12 +451,18 @@ class RerankPairs:
             needs_image, needs_caption = self.backend.needs_image, self.backend.needs_caption
             label = f"{device}/{precision}"
         self.needs_caption = needs_caption
-        self.decoder = DecodeDocs(needs_image, max_pixels, allowed_formats, storage_options)
+        self.decoder = DecodeDocs(needs_image, max_pixels, allowed_formats, storage_options, max_bytes)
         self.max_pixels, self.allowed_formats = max_pixels, allowed_formats
         log.info("reranker %s ready in %.1fs on %s", spec.backend, time.perf_counter() - t0, label)
 
-    def __call__(self, docs: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, docs: pa.Table, query_vectors: tuple[list[str], np.ndarray] | None = None,
+                 ) -> dict[str, np.ndarray]:
+        """Score a block of docs. ``query_vectors`` (clip through the cache): this call's ``(ids, matrix)``
+        instead of the ones given at construction (the live path brings each request's query vector)."""
         maybe_fail("rerank_batch")
+        qindex, qvecs = self.query_index, self.query_vecs
+        if query_vectors is not None:
+            qindex, qvecs = {q: i for i, q in enumerate(query_vectors[0])}, query_vectors[1]
         if DOC_RGB in docs.column_names:  # decoded by DecodeDocs tasks
             images, decoded = _rgb_images(docs), docs.column(DECODED).to_numpy()
         else:
@@ -446,7 +489,7 @@ class RerankPairs:
             captions[i] = cap
             if queries[i] is None:
                 err_type[i], err_msg[i] = QUERY_MISSING, f"no text for query {qids[i]!r}"
-            elif self.query_index is not None and qids[i] not in self.query_index:
+            elif qindex is not None and qids[i] not in qindex:
                 err_type[i], err_msg[i] = QUERY_MISSING, f"no embedding for query {qids[i]!r} in the reranker's cache"
             elif self.needs_caption and cap is None:
                 err_type[i], err_msg[i] = CONTENT_MISSING, "candidate has no caption and the reranker needs one"
@@ -459,12 +502,13 @@ class RerankPairs:
         for a in range(0, len(idx), self.batch_size):
             chunk = idx[a:a + self.batch_size]
             try:
-                scores[chunk] = self._score(chunk, queries, qids, pair_images, captions, doc_of, dvecs)
+                scores[chunk] = self._score(chunk, queries, qids, pair_images, captions, doc_of, dvecs, qindex, qvecs)
             except Exception as e:  # noqa: BLE001 - isolate the failing pair(s), keep the rest
                 log.warning("rerank batch failed (%s: %s); scoring pair by pair", type(e).__name__, e)
                 for i in chunk:
                     try:
-                        scores[i] = self._score([i], queries, qids, pair_images, captions, doc_of, dvecs)[0]
+                        scores[i] = self._score([i], queries, qids, pair_images, captions, doc_of, dvecs, qindex,
+                                                qvecs)[0]
                     except Exception as e1:  # noqa: BLE001
                         err_type[i], err_msg[i] = RERANK_ERROR, f"{type(e1).__name__}: {e1}"
         first, dec = np.zeros(n, np.int8), np.zeros(n, np.int8)
@@ -477,11 +521,12 @@ class RerankPairs:
         return out
 
     def _score(self, idx: list[int], queries: list[Any], qids: list[Any], images: list[Any], captions: list[Any],
-               doc_of: np.ndarray, dvecs: np.ndarray | None) -> np.ndarray:
+               doc_of: np.ndarray, dvecs: np.ndarray | None, qindex: dict[str, int] | None = None,
+               qvecs: np.ndarray | None = None) -> np.ndarray:
         maybe_fail_queries([queries[i] for i in idx])
         if self.backend is None:
             dv = dvecs[doc_of[idx]]  # type: ignore[index]
-            qv = self.query_vecs[[self.query_index[qids[i]] for i in idx]]  # type: ignore[index]
+            qv = qvecs[[qindex[qids[i]] for i in idx]]  # type: ignore[index]
             s = np.einsum("ij,ij->i", dv, qv).astype(np.float32)
         else:
             s = np.asarray(self.backend.score([queries[i] for i in idx], [images[i] for i in idx],

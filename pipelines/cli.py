@@ -73,7 +73,7 @@ _REDACT = _Redact()
 
 def _load(args: argparse.Namespace) -> Config:
     """The command's config; its explicit credentials are scrubbed from the CLI's output from now on."""
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = load_config(args.config, args.set)  # --set items, parsed by config.parse_override
     _REDACT.options = cfg.storage.options()
     return cfg
 
@@ -95,16 +95,6 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(ours).setLevel(level)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
-
-
-def _overrides(pairs: Sequence[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ConfigError(f"--set expects key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -8,13 +8,17 @@ except through ``storage``, whose secret fields are excluded from every dump.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from operators.decode import DecodeLimits
 from operators.models import ModelSpec
+from operators.rerankers import backends as reranker_backends
 from operators.storage import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_READ_TIMEOUT_S,
@@ -119,6 +123,11 @@ class EmbedConfig(_Strict):
     max_image_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
 
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        """The image limits of this run, as every decode of it applies them."""
+        return DecodeLimits(self.max_image_pixels, tuple(self.allowed_formats), self.max_image_bytes)
+
     @field_validator("allowed_formats")
     @classmethod
     def _formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -188,10 +197,19 @@ class SelectionConfig(_Strict):
         return self
 
 
+# rerank.backend: the pipeline's no-rerank value, or a backend name of operators.rerankers' registry.
+NO_RERANK = "none"
+
+
+def rerank_backend_names() -> tuple[str, ...]:
+    """The valid ``rerank.backend`` values: :data:`NO_RERANK` and every registered backend."""
+    return (NO_RERANK, *sorted(reranker_backends()))
+
+
 class RerankConfig(_Strict):
     """The reranking stage: one backend by explicit name, batched on an actor pool."""
 
-    backend: Literal["none", "clip", "blip_itm", "vlm_yesno", "cross_encoder"] = "clip"
+    backend: str = "clip"  # one of rerank_backend_names(), checked by _backend
     clip_model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="mmr-tiny", seed=1))
     model: str | None = Field(default=None, description="HF backends: local dir, s3:// dir, or hub id")
     revision: str | None = None
@@ -219,12 +237,23 @@ class RerankConfig(_Strict):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, v: Any) -> Any:
+        names = rerank_backend_names()
+        if v not in names:
+            # The same error (type and text) as a Literal of the names, listed from the registry.
+            listed = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": listed})
+        return v
+
     @model_validator(mode="after")
     def _model(self) -> RerankConfig:
-        if self.backend in ("blip_itm", "vlm_yesno", "cross_encoder") and not self.model:
+        backend = reranker_backends().get(self.backend)  # None for NO_RERANK
+        if backend is not None and backend.needs_model and not self.model:
             raise ValueError(f"model is required for backend {self.backend!r}")
-        if self.backend == "cross_encoder" and not self.use_caption:
-            raise ValueError("the cross_encoder backend scores (query, caption): use_caption must stay true")
+        if backend is not None and backend.needs_caption and not self.use_caption:
+            raise ValueError(f"the {self.backend} backend scores (query, caption): use_caption must stay true")
         if self.trust_remote_code and not self.revision:
             raise ValueError("trust_remote_code needs a pinned revision (a commit hash)")
         if self.prompt is not None and "{query}" not in self.prompt:
@@ -373,8 +402,11 @@ def parse_config(data: dict[str, Any], source: str = "<dict>", base: Path | None
         raise ConfigError(_format_error(e, source)) from None
 
 
-def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate a YAML config file; ``overrides`` are merged on top (dotted keys allowed)."""
+def load_config(path: str | os.PathLike[str],
+                overrides: Mapping[str, Any] | Iterable[str] | None = None) -> Config:
+    """Read and validate a YAML config file; ``overrides`` are merged on top (see :func:`apply_overrides`)."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        overrides = dict(map(parse_override, overrides))  # a malformed --set item fails before any file read
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -386,14 +418,34 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
         raise ConfigError(f"invalid config {p}: not valid YAML{where}: {what or type(e).__name__}") from None
-    for k, v in (overrides or {}).items():
-        _set_dotted(data, k, v)
+    apply_overrides(data, overrides or {})
     return parse_config(data, str(p), base=p.parent.resolve())
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = data
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
+def parse_override(item: str) -> tuple[str, Any]:
+    """One ``--set`` item ``key=value`` -> ``(dotted key, value)``; the value is read as YAML.
+
+    ``"embed.batch_size=32"`` -> ``("embed.batch_size", 32)``; ``"rerank.model=null"`` -> ``(..., None)``.
+    Raises :class:`ConfigError` when there is no ``=``.
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, value = item.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """Merge overrides into the raw config mapping ``data`` (in place; returned for chaining), before validation.
+
+    ``overrides`` is either ``{dotted key: value}`` or ``--set`` items (``["a.b=1", ...]``, parsed by
+    :func:`parse_override`). A dotted key creates the nested mappings it goes through: ``embed.model.seed=3``
+    sets ``data["embed"]["model"]["seed"]``. This is how ``mmrerank --set`` and the benchmarks apply ``--set``.
+    """
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for key, value in pairs:
+        *parents, leaf = key.split(".")
+        cur = data
+        for part in parents:
+            cur = cur.setdefault(part, {})
+        cur[leaf] = value
+    return data

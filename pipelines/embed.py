@@ -30,6 +30,7 @@ from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config
 from pipelines.ray_env import actor_pool, ensure_ray
+from pipelines.stage import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class ShardStats:
 
 
 @dataclass
-class EmbedResult:
+class EmbedResult(StageResult):
     """What one kind's embedding produced: where, how many, and what was reused."""
 
     kind: str
@@ -76,6 +77,17 @@ class EmbedResult:
     @property
     def rows_embedded_now(self) -> int:
         return sum(s.rows_in for s in self.shards if not s.reused)
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.rows_in, self.rows_ok, self.rows_rejected
+
+    def note(self) -> str:
+        reused = sum(s.reused for s in self.shards)
+        return f"{reused}/{len(self.shards)} shards reused" if reused else f"{len(self.shards)} shards embedded"
+
+    def extra(self) -> dict[str, Any]:
+        return {"rows_embedded": self.rows_embedded_now, "shards": len(self.shards),
+                "shards_reused": sum(s.reused for s in self.shards)}
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,7 +120,8 @@ def embed_kind(cfg: Config, kind: str, rm: ResolvedModel | None = None, storage:
     if plans is None:
         plans = plan_shards(list_shards(src, storage), ik, storage)  # schema errors surface here
     cache = cache_dir(cfg.root, rm.fingerprint, kind)
-    compute_id = f"{e.device}|{e.precision}|{e.dtype}|{e.max_image_pixels}|{e.max_image_bytes}|{e.allowed_formats}"
+    lim = e.decode_limits
+    compute_id = f"{e.device}|{e.precision}|{e.dtype}|{lim.max_pixels}|{lim.max_bytes}|{lim.allowed_formats}"
     keyed = [(p, p.key(f"{rm.fingerprint}|{compute_id}")) for p in plans]
 
     stats: dict[str, ShardStats] = {}
@@ -173,7 +186,7 @@ def _run_pipeline(cfg: Config, kind: str, rm: ResolvedModel, todo: list[tuple[Sh
                               "out_dtype": e.dtype, "storage_options": opts}
     batch_format = "numpy"
     if kind == "corpus":
-        decoder = DecodeImages(rm.preprocess, e.max_image_pixels, e.allowed_formats, e.max_image_bytes, opts)
+        decoder = DecodeImages(rm.preprocess, *e.decode_limits, opts)
         if e.decode_in_actor is True or (e.decode_in_actor == "auto" and device == "cpu"):
             kwargs["decoder"], batch_format = decoder, "pyarrow"
         else:

@@ -18,23 +18,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from operators import faiss_shards as F
-from operators.embedding_cache import part_uris, read_vectors, shard_marker
-from operators.storage import Storage, StorageOptions, join
+from operators.embedding_cache import shard_marker
+from operators.faiss_shards import IndexMismatchError
+from operators.index_ops import build_shard, train_index
+from operators.storage import Storage, join
 from pipelines.config import Config
 from pipelines.embed import EmbedResult, embed_kind
 from pipelines.ray_env import ensure_ray
+from pipelines.stage import StageResult
 
 log = logging.getLogger(__name__)
 
-class IndexMismatchError(ValueError):
-    """Embeddings and index (or queries and index) come from different models or dimensions."""
-
-
 @dataclass
-class IndexResult:
+class IndexResult(StageResult):
     uri: str
     fingerprint: str
     manifest: dict[str, Any]
@@ -44,6 +42,15 @@ class IndexResult:
     @property
     def ntotal(self) -> int:
         return sum(s["ntotal"] for s in self.manifest["shards"])
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.ntotal, self.ntotal, 0  # every embedded corpus row is indexed (build_index checks it)
+
+    def note(self) -> str:
+        return f"{self.manifest['factory']} x{len(self.manifest['shards'])}{' (reused)' if self.reused else ''}"
+
+    def extra(self) -> dict[str, Any]:
+        return {"reused": self.reused, "uri": self.uri}
 
 
 def index_fingerprint(cfg: Config, corpus: EmbedResult) -> str:
@@ -61,58 +68,6 @@ def _check_embeddings(storage: Storage, corpus: EmbedResult) -> None:
             raise IndexMismatchError(
                 f"{s.source}: embeddings are from model {m['model_fingerprint'][:12]} dim {m['dim']}, "
                 f"the index is for model {corpus.model_fingerprint[:12]} dim {corpus.dim}")
-
-
-def _training_sample(storage: Storage, corpus: EmbedResult, n: int, seed: int) -> np.ndarray:
-    """A seeded uniform sample of ``n`` corpus vectors (all of them when there are fewer)."""
-    counts = [s.rows_ok for s in corpus.shards]
-    total = sum(counts)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(total, size=min(n, total), replace=False)) if total else np.zeros(0, np.int64)
-    out, start = [], 0
-    for s, c in zip(corpus.shards, counts, strict=True):
-        local = pick[(pick >= start) & (pick < start + c)] - start
-        if len(local):
-            _, _, vecs = read_vectors(storage, part_uris(storage, corpus.cache, s.key))
-            out.append(vecs[local])
-        start += c
-    return np.concatenate(out) if out else np.zeros((0, corpus.dim), np.float32)
-
-
-def _train_task(factory: str, dim: int, cache: str, corpus: EmbedResult, n: int, seed: int, threads: int,
-                options: StorageOptions | None) -> bytes:
-    sample = _training_sample(Storage(options), corpus, n, seed)
-    return F.train(factory, dim, sample, seed, threads)
-
-
-def _build_task(trained: bytes, dim: int, cache: str, keys: list[str], out_dir: str, shard_no: int,
-                threads: int, options: StorageOptions | None) -> dict[str, Any]:
-    storage = Storage(options)
-    ids: list[str] = []
-    srcs: list[str] = []
-    rows, vecs = [], []
-    for key in keys:
-        i, r, v = read_vectors(storage, part_uris(storage, cache, key))
-        ids += i
-        srcs += [key] * len(i)
-        rows.append(r)
-        vecs.append(v)
-    vecs = [v for v in vecs if len(v)]  # a shard whose rows were all rejected has no parts
-    vectors = np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)
-    data = F.build_shard(trained, vectors, threads)
-    name = f"shard-{shard_no:05d}"
-    ids_table = pa.table({"doc_id": pa.array(ids, pa.string()), "shard": pa.array(srcs, pa.string()),
-                          "row_index": pa.array(np.concatenate(rows) if rows else np.zeros(0, np.int64))})
-    sink = pa.BufferOutputStream()
-    import pyarrow.parquet as pq
-
-    pq.write_table(ids_table, sink, compression="zstd")
-    ids_bytes = sink.getvalue().to_pybytes()
-    storage.write_bytes(join(out_dir, f"{name}.faiss"), data)
-    storage.write_bytes(join(out_dir, f"{name}.ids.parquet"), ids_bytes)
-    return {"shard": shard_no, "file": f"{name}.faiss", "size": len(data), "sha256": F.sha256_bytes(data),
-            "ids_file": f"{name}.ids.parquet", "ids_size": len(ids_bytes), "ids_sha256": F.sha256_bytes(ids_bytes),
-            "ntotal": len(ids), "corpus_shards": keys}
 
 
 def _manifest_ok(storage: Storage, uri: str) -> dict[str, Any] | None:
@@ -160,13 +115,14 @@ def build_index(cfg: Config, corpus: EmbedResult | None = None, storage: Storage
     if F.needs_training(ic.factory, corpus.dim):
         log.info("index: training %s on up to %d of %d vectors (seed %d)", ic.factory, ic.train_sample, total,
                  ic.seed)
-        trained = ray.get(ray.remote(_train_task).options(num_cpus=ic.build_num_cpus).remote(
-            ic.factory, corpus.dim, corpus.cache, corpus, ic.train_sample, ic.seed, threads, opts))
+        shards = [(s.key, s.rows_ok) for s in corpus.shards]
+        trained = ray.get(ray.remote(train_index).options(num_cpus=ic.build_num_cpus).remote(
+            ic.factory, corpus.dim, corpus.cache, shards, ic.train_sample, ic.seed, threads, opts))
     else:
         trained = F.train(ic.factory, corpus.dim, np.zeros((0, corpus.dim), np.float32), ic.seed)
     assignment = F.assign_shards([s.rows_ok for s in corpus.shards], ic.shards)
     trained_ref = ray.put(trained)
-    build = ray.remote(_build_task).options(num_cpus=ic.build_num_cpus)
+    build = ray.remote(build_shard).options(num_cpus=ic.build_num_cpus)
     refs = [build.remote(trained_ref, corpus.dim, corpus.cache, [corpus.shards[j].key for j in js], uri, i, threads, opts)
             for i, js in enumerate(assignment)]
     entries = sorted(ray.get(refs), key=lambda e: e["shard"])

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from operators.embedding_cache import part_uris, read_vectors
-from operators.models import resolve_model
+from operators.faiss_shards import IndexMismatchError
 from operators.pair_source import PairsSource
 from operators.parts import make_datasink
 from operators.rerank_ops import (
@@ -35,22 +35,23 @@ from operators.rerank_ops import (
     row_group_starts,
     select_bucket,
 )
-from operators.rerankers.base import RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, REGISTRY, RerankerSpec
+from operators.rerankers.base import REGISTRY, RerankerSpec
 from operators.schemas import CANDIDATE_ROWS, CORPUS, check_shard_schema
 from operators.shard_source import ShardSource
 from operators.shards import ERR_MSG, ERR_TYPE, list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config, RerankConfig
+from pipelines.context import reranker_label, reranker_spec
 from pipelines.embed import EmbedResult, embed_kind
-from pipelines.index import IndexMismatchError
 from pipelines.ray_env import actor_pool, ensure_ray
+from pipelines.stage import StageResult
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RerankResult:
+class RerankResult(StageResult):
     run_id: str
     out: str
     reranker: str
@@ -66,33 +67,30 @@ class RerankResult:
     docs_in: int = 0  # distinct candidate docs
     docs_decoded: int = 0  # image decodes done by the stage (at most one per doc)
     clip_images_embedded: int = 0  # clip backend: corpus rows its embedding cache encoded in this run
+    # clip backend: per corpus shard key, the (cache dir, entry key) its vectors came from (the live path's too)
+    clip_vectors: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def queries_without_results(self) -> int:
         """Queries whose every candidate was dropped (threshold selection) or rejected."""
         return self.queries_in - self.queries_with_results
 
+    def counts(self) -> tuple[int, int, int]:
+        return self.pairs_in, self.pairs_scored, self.pairs_rejected
+
+    def note(self) -> str:
+        return f"{self.reranker}; {self.results} results, {self.queries_without_results} queries empty"
+
+    def extra(self) -> dict[str, Any]:
+        return {"queries_with_results": self.queries_with_results,
+                "queries_without_results": self.queries_without_results, "results": self.results,
+                "reject_types": self.reject_types, "clip_vectors": self.clip_vectors}
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["queries_without_results"] = self.queries_without_results
         d["pairs_per_s"] = self.pairs_in / self.rerank_s if self.rerank_s else None
         return d
-
-
-def reranker_spec(rc: RerankConfig, cfg: Config) -> RerankerSpec:
-    clip = resolve_model(rc.clip_model, cfg.storage.options()) if rc.backend == "clip" else None
-    return RerankerSpec(
-        backend=rc.backend, model=rc.model, revision=rc.revision, trust_remote_code=rc.trust_remote_code,
-        lora_adapter=rc.lora_adapter, clip_model=clip,
-        prompt=rc.prompt or RAGVL_PROMPT_CAPTION, prompt_no_caption=rc.prompt_no_caption or RAGVL_PROMPT,
-        positive_token=rc.positive_token, negative_token=rc.negative_token, use_caption=rc.use_caption,
-        max_length=rc.max_length, extra=dict(rc.options))
-
-
-def reranker_label(rc: RerankConfig) -> str:
-    if rc.backend == "clip":
-        return f"clip:{rc.clip_model.name}"
-    return rc.backend if rc.backend == "none" else f"{rc.backend}:{rc.model}"
 
 
 def _corpus_shards(storage: Storage, corpus: EmbedResult) -> dict[str, tuple[str, str, list[int]]]:
@@ -105,7 +103,7 @@ def _corpus_shards(storage: Storage, corpus: EmbedResult) -> dict[str, tuple[str
 
 
 def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
-               corpus: EmbedResult | None = None) -> RerankResult:
+               corpus: EmbedResult | None = None, spec: RerankerSpec | None = None) -> RerankResult:
     """Rerank the candidates of ``run_id`` and write its results."""
     import ray
     import ray.data
@@ -116,7 +114,7 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     opts = cfg.storage.options()
     rc = cfg.rerank
     out = join(cfg.root, "runs", run_id)
-    spec = reranker_spec(rc, cfg)  # resolves the clip model: a bad spec fails before any work
+    spec = spec or reranker_spec(rc, cfg, opts)  # resolves the clip model: a bad spec fails before any work
     cand_uris = storage.ls(join(out, "candidates"), "*.parquet")
     if not cand_uris:
         raise FileNotFoundError(f"{out}/candidates: no candidates; run `mmrerank search` first")
@@ -129,6 +127,7 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     t1 = time.perf_counter()
     buckets = rc.select_buckets
     clip_embedded = 0
+    vectors: dict[str, tuple[str, str]] = {}  # clip: per corpus shard key, its entry in the reranker's cache
     if rc.backend == "none":
         plans = plan_shards(cand_uris, CANDIDATE_ROWS, storage)
         pairs_in = sum(p.num_rows for p in plans)
@@ -140,7 +139,6 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
         query_uris = list_shards(cfg.queries, storage) if cfg.queries else []
         pairs_dir = join(out, "_pairs")
         corpus_map = _corpus_shards(storage, corpus)
-        vectors: dict[str, tuple[str, str]] = {}
         query_vectors = None
         if rc.backend == "clip":
             vectors, query_vectors, clip_embedded = _clip_vectors(cfg, spec, storage, corpus)
@@ -172,13 +170,12 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
         backend_cls = REGISTRY[rc.backend]
         if query_vectors is None and backend_cls.needs_image and not _decode_in_actor(rc, device):
             # GPU actors only run the model: each doc's image is decoded once in parallel CPU tasks.
-            scored = scored.map_batches(DecodeDocs(True, cfg.embed.max_image_pixels, cfg.embed.allowed_formats, opts),
+            scored = scored.map_batches(DecodeDocs(True, **cfg.embed.decode_limits._asdict(), storage_options=opts),
                                         batch_format="pyarrow", batch_size=None, num_cpus=rc.decode_num_cpus)
         scored = scored.map_batches(
             RerankPairs,
             fn_constructor_kwargs={"spec": spec, "device": device, "precision": rc.precision,
-                                   "torch_threads": threads, "max_pixels": cfg.embed.max_image_pixels,
-                                   "allowed_formats": cfg.embed.allowed_formats, "storage_options": opts,
+                                   "torch_threads": threads, **cfg.embed.decode_limits._asdict(), "storage_options": opts,
                                    "batch_size": rc.batch_size, "query_vectors": query_vectors},
             # Two calls in flight: the next block is assembled while the model scores this one.
             # Several actors take one task at a time (Ray Data's default queues 4 on the first actor ready).
@@ -218,7 +215,7 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     queries_in = len({q for u in cand_uris for q in storage.read_table(u, ["query_id"]).column(0).to_pylist()})
     result = RerankResult(run_id, out, label, pairs_in, scored_n, rejected, queries_in,
                           sum(c["queries"] for c in counts2), sum(c["rows"] for c in counts2), types, 0.0, rerank_s,
-                          docs_in, docs_decoded, clip_embedded)
+                          docs_in, docs_decoded, clip_embedded, {k: list(v) for k, v in vectors.items()})
     result.wall_s = time.perf_counter() - t0
     storage.write_json(join(out, "rerank_stats.json"), result.to_json())
     log.info("rerank (%s): %d pairs over %d docs (%d decoded) -> %d scored, %d rejected; %d/%d queries kept "

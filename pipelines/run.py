@@ -21,15 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators.models import resolve_model
 from operators.shards import list_shards, plan_shards
 from operators.storage import Storage, join
 from pipelines.config import Config
+from pipelines.context import RunContext
 from pipelines.embed import KINDS, embed_kind
 from pipelines.index import build_index
 from pipelines.publish import MANIFEST, TMP, advance_latest, list_files, read_latest, write_manifest
 from pipelines.ray_env import ensure_ray
-from pipelines.rerank import reranker_spec, run_rerank
+from pipelines.rerank import run_rerank
 from pipelines.search import new_run_id, run_search
 
 log = logging.getLogger(__name__)
@@ -70,23 +70,23 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def preflight(cfg: Config, storage: Storage) -> None:
+def preflight(cfg: Config, storage: Storage, ctx: RunContext | None = None) -> None:
     """Everything that can fail without doing work: storage reachable, inputs there and well-formed,
     models and reranker resolvable. Raises with a message naming the problem (never a secret)."""
+    ctx = ctx or RunContext(cfg)
     storage.check_reachable(cfg.root)
     for kind, src in (("corpus", cfg.corpus), ("queries", cfg.queries)):
         if src is None:
             raise ValueError(f"{kind}: `mmrerank run` needs both corpus and queries")
         storage.check_reachable(src)
         plan_shards(list_shards(src, storage), KINDS[kind], storage)
-    resolve_model(cfg.embed.model, cfg.storage.options())
-    reranker_spec(cfg.rerank, cfg)
+    _ = ctx.embed_model, ctx.reranker  # resolved once here, reused by the stages
     from operators.faiss_shards import check_factory
 
     check_factory(cfg.index.factory, 8 if "PQ" not in cfg.index.factory else 64)
 
 
-def start(cfg: Config, storage: Storage) -> dict[str, float]:
+def start(cfg: Config, storage: Storage, ctx: RunContext | None = None) -> dict[str, float]:
     """Preflight and Ray's start at once; returns the cluster's resources.
 
     The checks are mostly the driver importing open_clip on one core while a local Ray's processes start
@@ -94,7 +94,7 @@ def start(cfg: Config, storage: Storage) -> dict[str, float]:
     once Ray is up (also when Ray itself failed to start); nothing has been written by then.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="preflight") as ex:
-        checked = ex.submit(preflight, cfg, storage)
+        checked = ex.submit(preflight, cfg, storage, ctx)
         try:
             res = ensure_ray(cfg.ray)  # on the main thread: ray.init installs its SIGTERM handler only there
         finally:
@@ -122,8 +122,9 @@ def find_unfinished(storage: Storage, cfg: Config) -> str | None:
 def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publish: bool = True) -> RunReport:
     """The nightly job. Safe to re-run after a crash: it resumes the unfinished run of this config."""
     t0 = time.perf_counter()
-    storage = Storage(cfg.storage.options())
-    start(cfg, storage)
+    ctx = RunContext(cfg)
+    storage = ctx.storage
+    start(cfg, storage, ctx)
     resumed = False
     if resume:
         run_id, resumed = resume, True
@@ -172,40 +173,24 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
         storage.write_json(join(run_dir, "_STAGES", f"{stage}.json"), stats)
         log.info("stage %s done: %s", stage, {k: v for k, v in stats.items() if k != "shards"})
 
-    rm = resolve_model(cfg.embed.model, cfg.storage.options())
-    t = time.perf_counter()
+    rm = ctx.embed_model
     corpus = embed_kind(cfg, "corpus", rm, storage)
-    finish("embed_corpus", _embed_stats(corpus, time.perf_counter() - t))
-    t = time.perf_counter()
+    finish("embed_corpus", corpus.stats())
     index = build_index(cfg, corpus, storage)
-    finish("index", {"rows_in": corpus.rows_ok, "rows_ok": index.ntotal, "rows_rejected": 0,
-                     "wall_s": time.perf_counter() - t, "reused": index.reused, "uri": index.uri,
-                     "note": f"{index.manifest['factory']} x{len(index.manifest['shards'])}"
-                             f"{' (reused)' if index.reused else ''}"})
-    t = time.perf_counter()
+    finish("index", index.stats())
     queries = embed_kind(cfg, "queries", rm, storage)
-    finish("embed_queries", _embed_stats(queries, time.perf_counter() - t))
+    finish("embed_queries", queries.stats())
 
     prev = done("search")
     if prev is not None:
         report.stages["search"] = prev
     else:
-        t = time.perf_counter()
-        s = run_search(cfg, run_id=run_id, storage=storage, index=index)
-        finish("search", {"rows_in": s.queries_in, "rows_ok": s.queries_ok, "rows_rejected": s.queries_rejected,
-                          "candidates": s.candidates, "wall_s": time.perf_counter() - t,
-                          "note": f"k={s.k}, {s.candidates} candidates"})
+        finish("search", run_search(cfg, run_id=run_id, storage=storage, index=index, rm=rm).stats())
     prev = done("rerank")
     if prev is not None:
         report.stages["rerank"] = prev
     else:
-        t = time.perf_counter()
-        r = run_rerank(cfg, run_id, storage, corpus)
-        finish("rerank", {"rows_in": r.pairs_in, "rows_ok": r.pairs_scored, "rows_rejected": r.pairs_rejected,
-                          "queries_with_results": r.queries_with_results,
-                          "queries_without_results": r.queries_without_results, "results": r.results,
-                          "wall_s": time.perf_counter() - t, "reject_types": r.reject_types,
-                          "note": f"{r.reranker}; {r.results} results, {r.queries_without_results} queries empty"})
+        finish("rerank", run_rerank(cfg, run_id, storage, corpus, spec=ctx.reranker).stats())
     t = time.perf_counter()
     n = _collect_embed_rejects(storage, run_dir, corpus, queries)
     finish("rejects", {"rows_in": n, "rows_ok": n, "rows_rejected": 0, "wall_s": time.perf_counter() - t,
@@ -221,13 +206,6 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
         advance_latest(storage, cfg.root, run_id)
         report.published = True
     return report
-
-
-def _embed_stats(r: Any, wall: float) -> dict[str, Any]:
-    reused = sum(s.reused for s in r.shards)
-    return {"rows_in": r.rows_in, "rows_ok": r.rows_ok, "rows_rejected": r.rows_rejected, "wall_s": wall,
-            "rows_embedded": r.rows_embedded_now, "shards": len(r.shards), "shards_reused": reused,
-            "note": f"{reused}/{len(r.shards)} shards reused" if reused else f"{len(r.shards)} shards embedded"}
 
 
 def _collect_embed_rejects(storage: Storage, run_dir: str, *results: Any) -> int:

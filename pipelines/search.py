@@ -14,7 +14,8 @@ from typing import Any
 
 from operators import faiss_shards as F
 from operators.embedding_cache import part_uris
-from operators.models import resolve_model
+from operators.faiss_shards import IndexMismatchError
+from operators.models import ResolvedModel, resolve_model
 from operators.parts import make_datasink
 from operators.schemas import CACHED_VECTORS, QUERY_VECTORS
 from operators.search_ops import CandidatesSink, SearchRouter, ShardSearcher
@@ -24,14 +25,15 @@ from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config
 from pipelines.embed import embed_kind
-from pipelines.index import IndexMismatchError, IndexResult, build_index
+from pipelines.index import IndexResult, build_index
 from pipelines.ray_env import ensure_ray
+from pipelines.stage import StageResult
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SearchResult:
+class SearchResult(StageResult):
     run_id: str
     out: str
     index_uri: str
@@ -46,6 +48,15 @@ class SearchResult:
     @property
     def queries_ok(self) -> int:
         return self.queries_in - self.queries_rejected
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.queries_in, self.queries_ok, self.queries_rejected
+
+    def note(self) -> str:
+        return f"k={self.k}, {self.candidates} candidates"
+
+    def extra(self) -> dict[str, Any]:
+        return {"candidates": self.candidates}
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,7 +113,7 @@ def start_searchers(cfg: Config, index: IndexResult, res: dict[str, float]) -> l
 
 
 def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None = None,
-               index: IndexResult | None = None) -> SearchResult:
+               index: IndexResult | None = None, rm: ResolvedModel | None = None) -> SearchResult:
     """Search every query against the (built or reused) index; write candidates and rejects."""
     import ray
     import ray.data
@@ -113,7 +124,7 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
     sc = cfg.search
     run_id = run_id or new_run_id()
     out = join(cfg.root, "runs", run_id)
-    rm = resolve_model(cfg.embed.model, opts)
+    rm = rm or resolve_model(cfg.embed.model, opts)
     if index is None:
         index = build_index(cfg, embed_kind(cfg, "corpus", rm, storage), storage)
     dim = int(index.manifest["dim"])

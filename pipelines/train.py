@@ -90,7 +90,7 @@ def _checked(cfg: Config) -> tuple[Any, str, str]:
 
 def _base(cfg: Config, storage: Storage) -> tuple[dict[str, Any], dict[str, Any]]:
     """The loop's model inputs and the card's description of the base (checked before any work)."""
-    from pipelines.rerank import reranker_spec
+    from pipelines.context import reranker_spec
 
     tc = cfg.train
     assert tc is not None
@@ -144,12 +144,12 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
     ec = cfg.embed
     assert cfg.corpus and cfg.queries and cfg.qrels
     texts = read_queries(cfg.queries, storage)
-    docs, skipped = read_corpus(cfg.corpus, storage, ec.max_image_pixels, ec.allowed_formats, ec.max_image_bytes)
+    docs, skipped = read_corpus(cfg.corpus, storage, *ec.decode_limits)
     qrels = load_qrels(cfg.qrels, storage)
     run_dir, candidates = read_candidates(tc.candidates, storage) if tc.candidates else (None, None)
     ts = build_training_set(texts, docs, qrels, candidates, tc.heldout_fraction, tc.split_seed, tc.seed,
                             tc.negatives, tc.negatives_per_query, caption_pairs=tc.caption_pairs)
-    ts.max_pixels, ts.formats = ec.max_image_pixels, ec.allowed_formats
+    ts.limits = ec.decode_limits
     log.info("train %s: %s (skipped %d corpus rows that do not decode)", name,
              ", ".join(f"{k} {v}" for k, v in ts.counts.items()), skipped)
 

@@ -24,11 +24,12 @@ import ray
 
 from operators import faiss_shards as F
 from operators.embedding_cache import part_uris, read_vectors
+from operators.faiss_shards import IndexMismatchError
 from operators.search_ops import BAD_DIMENSION, NON_FINITE
 from operators.storage import Storage, join
 from pipelines.config import Config, parse_config
 from pipelines.embed import EmbedResult, embed_kind, run_embed
-from pipelines.index import IndexMismatchError, IndexResult, build_index, index_fingerprint
+from pipelines.index import IndexResult, build_index, index_fingerprint
 from pipelines.sample import SampleInfo, make_sample
 from pipelines.search import SearchResult, run_search
 

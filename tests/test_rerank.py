@@ -17,7 +17,8 @@ from operators.rerank_ops import RERANK_ERROR, RerankPairs, docs_from_pairs, pai
 from operators.rerankers.base import create
 from operators.shards import ERR_MSG, ERR_TYPE, ROW
 from pipelines.config import parse_config
-from pipelines.rerank import reranker_spec, run_rerank
+from pipelines.context import reranker_spec
+from pipelines.rerank import run_rerank
 from pipelines.sample import SampleInfo, make_sample
 from pipelines.search import run_search
 

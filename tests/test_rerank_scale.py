@@ -22,8 +22,9 @@ from operators import decode as R
 from operators.rerank_ops import select_per_query
 from operators.rerankers.base import create
 from pipelines.config import Config, parse_config
+from pipelines.context import reranker_spec
 from pipelines.embed import embed_kind
-from pipelines.rerank import RerankResult, reranker_spec, run_rerank
+from pipelines.rerank import RerankResult, run_rerank
 from pipelines.sample import SampleInfo, make_sample
 from pipelines.search import run_search
 
@@ -166,7 +167,7 @@ def test_clip_encodes_the_corpus_once_then_reuses_the_cache(sample: SampleInfo, 
 def test_clip_vectors_are_found_whatever_the_row_order_of_the_cache(tmp_path: Path) -> None:
     """A cache part holds its write call's blocks in arrival order (rows not sorted): every candidate still gets
     its own row's vector, the rejected row its reason, and a row past the shard's end is missing content."""
-    from operators.rerank_ops import DOC_VEC, _vector_docs
+    from operators.rerank_ops import DOC_VEC, ShardVectors
     from operators.schemas import embeddings_schema
     from operators.storage import Storage, join
 
@@ -187,7 +188,7 @@ def test_clip_vectors_are_found_whatever_the_row_order_of_the_cache(tmp_path: Pa
                       "retrieval_score": pa.array([1.0] * 7, pa.float32()), "doc_id": [f"d{r}" for r in want],
                       "doc_shard": ["k"] * 7, "doc_row": pa.array(want, pa.int64()), "_cand_key": ["c"] * 7,
                       "_cand_row": pa.array(range(7), pa.int64())}).sort_by("doc_row")
-    docs = _vector_docs(storage, cands, cache, "k")
+    docs = ShardVectors.load(storage, cache, "k").docs(cands)
     got = {r["doc_row"]: (r["_err_type"], r[DOC_VEC]) for r in docs.to_pylist()}
     for r in (0, 1, 2, 4, 5):
         assert got[r][0] == "" and int(np.argmax(got[r][1])) == r

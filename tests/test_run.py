@@ -45,7 +45,7 @@ from operators.storage import Storage, join, scheme_of, strip_scheme
 from pipelines import publish as P
 from pipelines import run as run_mod
 from pipelines.config import Config, parse_config
-from pipelines.rerank import reranker_label, reranker_spec
+from pipelines.context import reranker_label, reranker_spec
 from pipelines.run import STAGES, RunReport, run
 from pipelines.sample import SampleInfo, make_sample
 from tests.conftest import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server

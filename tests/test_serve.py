@@ -635,7 +635,7 @@ def test_live_content_fetch_reads_each_row_group_once(tmp_path: Path, monkeypatc
     with one row-group read per row group that holds any of them."""
     import pyarrow.parquet as pq
 
-    from pipelines.serve import _Live
+    from pipelines.serve.live import Live as _Live
 
     files = {}
     for shard, n in (("a", 23), ("b", 9)):

@@ -118,7 +118,7 @@ def _direct(cfg: Any, query: str, images: list[bytes | None], texts: list[str | 
     """The run's reranker built here, one pair per call (no batching), on what the server decodes."""
     from operators.decode import decode_image
     from operators.rerankers.base import create
-    from pipelines.rerank import reranker_spec
+    from pipelines.context import reranker_spec
 
     spec = reranker_spec(cfg.rerank, cfg)
     backend = create(spec, "cpu", "fp32")
@@ -135,8 +135,8 @@ def _direct(cfg: Any, query: str, images: list[bytes | None], texts: list[str | 
 def served(request: pytest.FixtureRequest, stack: Stack) -> Served:
     """Publish (once) and serve the backend's run; the app hot-reloads it. Tests are grouped per backend."""
     from operators.storage import Storage
+    from pipelines.context import reranker_label
     from pipelines.publish import advance_latest
-    from pipelines.rerank import reranker_label
     from pipelines.run import run
 
     backend = request.param

@@ -50,19 +50,46 @@ class RerankerLoadError(RuntimeError):
 
 
 class Reranker(ABC):
-    """Scores (query, document) pairs. Subclasses set ``name`` and what documents they need."""
+    """Scores (query, document) pairs. Subclasses set ``name`` and what documents they need.
+
+    :meth:`score` checks the batch against what the class declares (``needs_image``, ``needs_caption``) and
+    then calls :meth:`_score`, so a backend only implements its model call on valid, non-empty input.
+    """
 
     name: ClassVar[str]
     needs_image: ClassVar[bool] = True
     needs_caption: ClassVar[bool] = False
+    # Whether ``rerank.model`` (an HF checkpoint) is required; config validation reads it from the registry.
+    needs_model: ClassVar[bool] = False
 
     def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> None:
         self.spec, self.device, self.precision = spec, device, precision
 
-    @abstractmethod
     def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
               captions: Sequence[str | None]) -> np.ndarray:
-        """One float per pair, higher = more relevant; raises on failure (the caller isolates rows)."""
+        """One float per pair, higher = more relevant; raises on failure (the caller isolates rows).
+
+        Raises ``ValueError`` when the three sequences differ in length, or a pair lacks its query text or
+        a document part the backend needs. An empty batch scores to an empty array without a model call.
+        """
+        if not (len(queries) == len(images) == len(captions)):
+            raise ValueError(f"{self.name}: {len(queries)} queries, {len(images)} images, "
+                             f"{len(captions)} captions")
+        for i, (q, im, c) in enumerate(zip(queries, images, captions, strict=True)):
+            if self.needs_image and im is None:
+                raise ValueError(f"{self.name} reranker needs an image for every pair (pair {i} has none)")
+            if self.needs_caption and c is None:
+                raise ValueError(f"{self.name} needs a caption for every pair (pair {i} has none)")
+            if q is None:
+                raise ValueError(f"{self.name}: pair {i} has no query text")
+        if not queries:
+            return np.zeros(0, dtype=np.float32)
+        return self._score(queries, images, captions)
+
+    @abstractmethod
+    def _score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
+               captions: Sequence[str | None]) -> np.ndarray:
+        """The backend's scores for a checked, non-empty batch (same contract as :meth:`score`)."""
 
     def rank(self, query: str, images: Sequence[Image.Image | None],
              captions: Sequence[str | None]) -> list[tuple[int, float, int]]:
@@ -72,10 +99,26 @@ class Reranker(ABC):
         return [(i, float(s[i]), r + 1) for r, i in enumerate(order)]
 
 
+def distinct_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
+    """Each distinct image object once, and per pair its position in that list.
+
+    Pairs of one doc share its decoded image object, so a backend can run its vision side once per doc.
+    """
+    pos_of: dict[int, int] = {}
+    uniq: list[Image.Image] = []
+    for im in images:
+        if id(im) not in pos_of:
+            pos_of[id(im)] = len(uniq)
+            uniq.append(im)
+    return uniq, [pos_of[id(im)] for im in images]
+
+
 REGISTRY: dict[str, type[Reranker]] = {}
 
 
 def register(name: str) -> Callable[[type[Reranker]], type[Reranker]]:
+    """Class decorator: make a :class:`Reranker` subclass the backend ``name``."""
+
     def deco(cls: type[Reranker]) -> type[Reranker]:
         if name in REGISTRY and REGISTRY[name] is not cls:
             raise ValueError(f"reranker backend {name!r} registered twice")
@@ -86,13 +129,22 @@ def register(name: str) -> Callable[[type[Reranker]], type[Reranker]]:
     return deco
 
 
-def create(spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> Reranker:
+def backends() -> dict[str, type[Reranker]]:
+    """Every registered backend by name: the one list of valid ``rerank.backend`` values.
+
+    Cheap: the backend modules import torch/transformers only when a model is built or called.
+    """
     from operators import rerankers  # noqa: F401 - importing the package registers the backends
 
+    return dict(REGISTRY)
+
+
+def create(spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> Reranker:
+    known = backends()
     try:
-        cls = REGISTRY[spec.backend]
+        cls = known[spec.backend]
     except KeyError:
-        raise ValueError(f"rerank.backend: unknown backend {spec.backend!r}; known: {sorted(REGISTRY)}") from None
+        raise ValueError(f"rerank.backend: unknown backend {spec.backend!r}; known: {sorted(known)}") from None
     return cls(spec, device, precision)
 
 

@@ -15,13 +15,14 @@ import numpy as np
 from PIL import Image
 
 from operators.rerankers import hf
-from operators.rerankers.base import Reranker, RerankerLoadError, RerankerSpec, register
+from operators.rerankers.base import Reranker, RerankerLoadError, RerankerSpec, distinct_images, register
 
 
 @register("blip_itm")
 class BlipItmReranker(Reranker):
     needs_image = True
     needs_caption = False
+    needs_model = True
 
     def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> None:
         super().__init__(spec, device, precision)
@@ -38,31 +39,18 @@ class BlipItmReranker(Reranker):
         self.max_length = hf.text_max_length(spec.max_length, self.processor.tokenizer, text_config)
         self.dtype = next(self.model.parameters()).dtype
 
-    def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
-              captions: Sequence[str | None]) -> np.ndarray:
+    def _score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
+               captions: Sequence[str | None]) -> np.ndarray:
         import torch
 
-        if len(queries) != len(images):
-            raise ValueError(f"blip_itm: {len(queries)} queries but {len(images)} images")
-        for i, (q, im) in enumerate(zip(queries, images, strict=True)):
-            if im is None:
-                raise ValueError(f"blip_itm reranker needs an image for every pair (pair {i} has none)")
-            if q is None:
-                raise ValueError(f"blip_itm: pair {i} has no query text")
-        if not queries:
-            return np.zeros(0, dtype=np.float32)
         # The image side once per distinct image: pairs of one doc share its decoded image object, so BLIP's
         # vision encoder runs once per doc and only the text encoder (cross-attending to it) runs per pair.
-        pos_of: dict[int, int] = {}
-        uniq: list[Image.Image] = []
-        for im in images:
-            if id(im) not in pos_of:
-                pos_of[id(im)] = len(uniq)
-                uniq.append(im if im.mode == "RGB" else im.convert("RGB"))
+        uniq, img_pos = distinct_images(images)  # type: ignore[arg-type] - score() checked for None
+        uniq = [im if im.mode == "RGB" else im.convert("RGB") for im in uniq]
         enc = self.processor(images=uniq, text=list(queries), padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         pixel_values = enc["pixel_values"].to(self.device, dtype=self.dtype)
-        which = torch.tensor([pos_of[id(im)] for im in images], device=self.device)
+        which = torch.tensor(img_pos, device=self.device)
         with torch.inference_mode():
             # BlipForImageTextRetrieval.forward(use_itm_head=True), with the vision output indexed per pair.
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state[which]

@@ -8,12 +8,13 @@ import numpy as np
 from PIL import Image
 
 from operators.models import build_model, image_transform
-from operators.rerankers.base import Reranker, RerankerSpec, register
+from operators.rerankers.base import Reranker, RerankerSpec, distinct_images, register
 
 
 @register("clip")
 class ClipReranker(Reranker):
     needs_image = True
+    needs_model = False  # its model is rerank.clip_model (open_clip), not an HF rerank.model
 
     def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> None:
         super().__init__(spec, device, precision)
@@ -22,21 +23,13 @@ class ClipReranker(Reranker):
         self.model, self.tokenizer = build_model(spec.clip_model, device, precision)
         self.transform = image_transform(spec.clip_model.preprocess)
 
-    def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
-              captions: Sequence[str | None]) -> np.ndarray:
+    def _score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
+               captions: Sequence[str | None]) -> np.ndarray:
         import torch
         import torch.nn.functional as F
 
-        if any(im is None for im in images):
-            raise ValueError("clip reranker needs an image for every pair")
         # Encode each distinct image once (pairs of one doc share the decoded image object).
-        pos_of: dict[int, int] = {}
-        uniq_images: list[Image.Image] = []
-        for im in images:
-            if id(im) not in pos_of:
-                pos_of[id(im)] = len(uniq_images)
-                uniq_images.append(im)
-        img_pos = [pos_of[id(im)] for im in images]
+        uniq_images, img_pos = distinct_images(images)  # type: ignore[arg-type] - score() checked for None
         x = torch.stack([self.transform(im) for im in uniq_images]).to(self.device)
         if self.device == "cuda" and self.precision in ("fp16", "bf16"):
             x = x.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)

@@ -32,6 +32,7 @@ _ACTIVATIONS = ("sigmoid", "none")
 class CrossEncoderReranker(Reranker):
     needs_image = False
     needs_caption = True
+    needs_model = True
 
     def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> None:
         super().__init__(spec, device, precision)
@@ -52,19 +53,10 @@ class CrossEncoderReranker(Reranker):
         hf.check_tokenizer(self.tokenizer, self.model.config, spec.model)
         self.max_length = hf.text_max_length(spec.max_length, self.tokenizer, self.model.config)
 
-    def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
-              captions: Sequence[str | None]) -> np.ndarray:
+    def _score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
+               captions: Sequence[str | None]) -> np.ndarray:
         import torch
 
-        if len(queries) != len(captions):
-            raise ValueError(f"cross_encoder: {len(queries)} queries but {len(captions)} captions")
-        for i, (q, c) in enumerate(zip(queries, captions, strict=True)):
-            if c is None:
-                raise ValueError(f"cross_encoder needs a caption for every pair (pair {i} has none)")
-            if q is None:
-                raise ValueError(f"cross_encoder: pair {i} has no query text")
-        if not queries:
-            return np.zeros(0, dtype=np.float32)
         enc = self.tokenizer(list(queries), list(captions), padding=True, truncation="longest_first",
                              max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}

@@ -113,6 +113,7 @@ class VlmYesNoReranker(Reranker):
 
     needs_image = True
     needs_caption = False
+    needs_model = True
 
     def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32") -> None:
         super().__init__(spec, device, precision)
@@ -203,16 +204,10 @@ class VlmYesNoReranker(Reranker):
     # scoring
     # ------------------------------------------------------------------------------------------
 
-    def score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
-              captions: Sequence[str | None]) -> np.ndarray:
+    def _score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
+               captions: Sequence[str | None]) -> np.ndarray:
         import torch
 
-        if not (len(queries) == len(images) == len(captions)):
-            raise ValueError(f"vlm_yesno: {len(queries)} queries, {len(images)} images, {len(captions)} captions")
-        if not len(queries):
-            return np.zeros(0, dtype=np.float32)
-        if any(im is None for im in images):
-            raise ValueError("vlm_yesno reranker needs an image for every pair")
         texts = [self.build_text(self.build_prompt(q, c)) for q, c in zip(queries, captions, strict=True)]
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]  # type: ignore[union-attr]
         enc = self.processor(text=texts, images=rgb, padding=True, return_tensors="pt", **self.processor_kwargs)

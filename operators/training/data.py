@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from operators.decode import RejectError, decode_image
+from operators.decode import DecodeLimits, RejectError, decode_image
 from operators.shards import list_shards
 from operators.storage import Storage
 
@@ -118,12 +118,13 @@ class TrainingSet:
     val_docs: list[str] = field(default_factory=list)  # the clip validation pool
     caption_docs: list[str] = field(default_factory=list)  # clip: (caption, image) pairs also trained on
     counts: dict[str, Any] = field(default_factory=dict)
-    max_pixels: int = 89_478_485  # decode caps (embed.max_image_pixels / allowed_formats)
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+    limits: DecodeLimits | None = None  # the run's decode limits (EmbedConfig.decode_limits); set before use
 
     def image(self, doc_id: str) -> Any:
         """The doc's image decoded exactly as the pipeline decodes it (RGB, EXIF applied, alpha on white)."""
-        return decode_image(self.docs[doc_id][0], self.max_pixels, self.formats)
+        if self.limits is None:
+            raise ValueError("TrainingSet.limits is not set: the decode limits come from the run's config")
+        return decode_image(self.docs[doc_id][0], *self.limits)
 
 
 def build_training_set(texts: dict[str, str], docs: dict[str, tuple[bytes, str | None]],

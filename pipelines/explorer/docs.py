@@ -1,7 +1,7 @@
 """The explorer's doc side, run in the model replica next to the index and corpus it already holds.
 
 :class:`Docs` maps a doc id to its ``(corpus shard, row)`` through the index shards' id tables, reads
-content with the live path's own reader (``_Live.contents``), makes thumbnails with the run's decode
+content with the live path's own reader (``Live.contents``), makes thumbnails with the run's decode
 limits, and fetches a doc's own embedding from the embeddings cache for "more like this".
 """
 
@@ -25,7 +25,7 @@ JPEG_QUALITY = 85
 
 
 class Docs:
-    """Doc lookups of one loaded run (``live`` is the model replica's ``pipelines.serve._Live``)."""
+    """Doc lookups of one loaded run (``live`` is the model replica's :class:`pipelines.serve.live.Live`)."""
 
     def __init__(self, live: Any, index_uri: str) -> None:
         self.live = live
@@ -60,7 +60,7 @@ class Docs:
     def stored(self, doc_id: str) -> tuple[bytes | None, str | None] | None:
         """The doc's stored image bytes (or its image URI); None for an unknown id.
 
-        Call it on the replica's event loop, like every other reader of ``_Live``'s open Parquet files:
+        Call it on the replica's event loop, like every other reader of ``Live``'s open Parquet files:
         those handles are not safe to read from several threads at once (concurrent reads crashed the
         replica), so only :func:`thumbnail` runs in a worker thread.
         """
@@ -81,7 +81,7 @@ class Docs:
         emb = self.live.cfg.embed
         if data is None and uri is not None:
             data = self.live.storage.read_bytes(uri)
-        img = decode_image(data, emb.max_image_pixels, tuple(emb.allowed_formats), emb.max_image_bytes)
+        img = decode_image(data, *emb.decode_limits)
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=JPEG_QUALITY)

@@ -1,9 +1,9 @@
-"""``mmrerank serve``: a Ray Serve app answering from the published run, and live for unseen queries.
+"""The HTTP ingress of ``mmrerank serve``: answers from the published run, and live for unseen queries.
 
 * ``GET /v1/results/{query_id}``: the precomputed reranked list of the published run, held in memory
   in columnar form (:class:`ResultsStore`).
-* ``POST /v1/search``: live path: embed the text -> search every index shard -> fetch candidate
-  content by ``(shard, row)`` -> rerank -> the same fusion and selection as the batch job.
+* ``POST /v1/search``: the live path (:mod:`pipelines.serve.live`): the batch job's own operators embed the
+  text, search every index shard, read the candidates' content by ``(shard, row)``, rerank, fuse and select.
 * ``POST /v1/rerank`` (Cohere v1, Jina: text and image documents) and ``POST /v2/rerank`` (Cohere v2):
   the request and response shapes of those APIs, so their SDKs and integrations work unchanged.
 * ``GET /healthz``, ``GET /v1/runs/current``.
@@ -23,11 +23,8 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import numpy as np
-import pyarrow as pa
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,11 +33,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from operators import faiss_shards as F
-from operators.fusion import fuse, select
-from operators.storage import Storage, join, scheme_of
+from operators.storage import Storage, scheme_of
 from pipelines import explorer
 from pipelines.explorer.views import MAX_SUGGESTIONS, DocsRequest, Explorer, LikeRequest
+from pipelines.serve.live import LiveModels
+from pipelines.serve.store import ResultsStore, load_store
 
 log = logging.getLogger(__name__)
 
@@ -207,312 +204,6 @@ def _rerank_meta(version: str, served: str, req: RerankRequest | RerankV2Request
     return RerankMeta(api_version=ApiVersion(version=version), warnings=warnings or None)
 
 
-# --- the published run, in memory -------------------------------------------------------------------
-
-
-@dataclass
-class ResultsStore:
-    """One run's results as sorted columns: ~(24 + len(doc_id)) bytes per row plus the id index."""
-
-    run_id: str
-    created: str
-    run_dir: str
-    config: dict[str, Any]
-    index_uri: str | None
-    offsets: dict[str, tuple[int, int]]
-    doc_id: pa.Array
-    rank: np.ndarray
-    retrieval_score: np.ndarray
-    rerank_score: np.ndarray
-    final_score: np.ndarray
-    reranker: str
-
-    @property
-    def rows(self) -> int:
-        return len(self.rank)
-
-    def lookup(self, query_id: str, top_n: int | None) -> list[dict[str, Any]] | None:
-        span = self.offsets.get(query_id)
-        if span is None:
-            return None
-        a, b = span
-        if top_n is not None:
-            b = min(b, a + top_n)
-        docs = self.doc_id.slice(a, b - a).to_pylist()
-        return [{"rank": int(self.rank[i]), "doc_id": docs[i - a], "retrieval_score": float(self.retrieval_score[i]),
-                 "rerank_score": float(self.rerank_score[i]), "final_score": float(self.final_score[i])}
-                for i in range(a, b)]
-
-
-def load_store(storage: Storage, root: str) -> ResultsStore:
-    """Load and verify the run ``LATEST`` names; raises if it is incomplete or corrupt."""
-    from pipelines.publish import PublishError, latest_run
-
-    found = latest_run(storage, root)
-    if found is None:
-        raise PublishError(f"{root}: nothing published yet (no LATEST)")
-    run_dir, manifest = found
-    files = [join(run_dir, rel) for rel in manifest["files"] if rel.startswith("results/")]
-    tables = [storage.read_table(u) for u in files]
-    t = pa.concat_tables(tables) if tables else None
-    if t is None or t.num_rows == 0:
-        qid = pa.array([], pa.string())
-        t = pa.table({"query_id": qid, "rank": pa.array([], pa.int32()), "doc_id": qid,
-                      "retrieval_score": pa.array([], pa.float32()), "rerank_score": pa.array([], pa.float32()),
-                      "final_score": pa.array([], pa.float32()), "reranker": qid})
-    t = t.sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    q = t.column("query_id").to_numpy(zero_copy_only=False)
-    bounds = np.flatnonzero(np.r_[True, q[1:] != q[:-1], True]) if len(q) else np.array([0])
-    offsets = {str(q[a]): (int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
-    run_meta = storage.read_json(join(run_dir, "_RUN.json"))
-    stats = storage.read_json(join(run_dir, "stats.json"))
-    return ResultsStore(
-        run_id=manifest["run_id"], created=manifest["created"], run_dir=run_dir, config=run_meta["config"],
-        index_uri=stats["stages"].get("index", {}).get("uri"), offsets=offsets,
-        doc_id=t.column("doc_id").combine_chunks().dictionary_encode(),
-        rank=t.column("rank").to_numpy().astype(np.int32),
-        retrieval_score=t.column("retrieval_score").to_numpy().astype(np.float32),
-        rerank_score=t.column("rerank_score").to_numpy().astype(np.float32),
-        final_score=t.column("final_score").to_numpy().astype(np.float32),
-        reranker=t.column("reranker")[0].as_py() if t.num_rows else "")
-
-
-# --- model deployments -------------------------------------------------------------------------------
-
-
-def _device(setting: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
-
-
-class _Live:
-    """What the live path needs from one run: text embedder, index shards, corpus content, reranker."""
-
-    def __init__(self, config: dict[str, Any], index_uri: str, device: str) -> None:
-        import torch
-
-        from operators.models import build_model, resolve_model, resolve_precision
-        from operators.rerankers.base import create
-        from operators.search_ops import ShardSearcher
-        from pipelines.config import parse_config
-        from pipelines.rerank import reranker_label, reranker_spec
-
-        self.cfg = cfg = parse_config(config)
-        opts = cfg.storage.options()
-        self.storage = Storage(opts)
-        precision = resolve_precision(cfg.embed.precision, device)
-        rm = resolve_model(cfg.embed.model, opts)
-        self.model, self.tokenizer = build_model(rm, device, precision, opts)
-        self.device = device
-        manifest = F.read_manifest(self.storage, index_uri)
-        params = F.SearchParams(k=cfg.search.k, nprobe=cfg.search.nprobe, ef_search=cfg.search.ef_search)
-        self.searchers = [ShardSearcher(index_uri, e, params, device, torch.get_num_threads(), opts)
-                          for e in manifest["shards"]]
-        for s in self.searchers:
-            s.ntotal()  # raises IndexIntegrityError for a corrupt shard
-        self.ntotal = sum(s.ntotal() for s in self.searchers)
-        self.spec = reranker_spec(cfg.rerank, cfg)
-        self.label = reranker_label(cfg.rerank)
-        self.backend = None if cfg.rerank.backend == "none" else create(self.spec, device, precision)
-        self.corpus = _corpus_sources(self.storage, cfg.root, manifest["model_fingerprint"],
-                                      [k for e in manifest["shards"] for k in e["corpus_shards"]])
-        self._files: dict[str, tuple[Any, np.ndarray]] = {}  # corpus uri -> (ParquetFile, row group starts)
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            feats = self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
-            return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
-
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]:
-        parts = [s.search(q, k) for s in self.searchers]
-        D, I = F.merge([(p["D"], p["I"]) for p in parts])  # noqa: E741
-        return D, I, parts
-
-    def hits(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
-        """Merged top-k of one query vector: doc id, corpus shard and row, retrieval score, best first."""
-        D, I, parts = self.search(q, k)  # noqa: E741
-        lookup = {}
-        for p in parts:
-            docs = p["docs"].to_pydict()
-            for g, d, s, r in zip(p["I"].ravel(), docs["doc_id"], docs["doc_shard"], docs["doc_row"], strict=True):
-                if g >= 0:
-                    lookup[int(g)] = (d, s, int(r))
-        return [{"doc_id": d, "doc_shard": s, "doc_row": r, "retrieval_score": float(sc)}
-                for g, sc in zip(I[0], D[0], strict=True) if g >= 0 for d, s, r in [lookup[int(g)]]]
-
-    def contents(self, locs: list[tuple[str, int]]) -> list[tuple[bytes | None, str | None, str | None]]:
-        """(image bytes, image uri, caption) of each ``(corpus shard, row)``: one read per parquet row group
-        holding any of them (a row group is the smallest unit a parquet reader fetches)."""
-        wanted: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (shard, row group) -> [(position, row in it)]
-        for pos, (shard, row) in enumerate(locs):
-            starts = self._file(shard)[1]
-            g = int(np.searchsorted(starts, row, side="right") - 1)
-            wanted.setdefault((shard, g), []).append((pos, int(row - starts[g])))
-        out: list[tuple[bytes | None, str | None, str | None]] = [(None, None, None)] * len(locs)
-        for (shard, g), rows in wanted.items():
-            pf = self._file(shard)[0]
-            cols = [self.corpus[shard][1]] + (["text"] if "text" in pf.schema_arrow.names else [])
-            got = pf.read_row_group(g, columns=cols).take([r for _, r in rows]).to_pylist()
-            for (pos, _), r in zip(rows, got, strict=True):
-                out[pos] = (r.get("image"), r.get("image_uri"), r.get("text"))
-        return out
-
-    def _file(self, shard: str) -> tuple[Any, np.ndarray]:
-        """The shard's open parquet file and the first row of each of its row groups (opened once)."""
-        uri, _ = self.corpus[shard]
-        if uri not in self._files:
-            pf = self.storage.parquet_file(uri)
-            md = pf.metadata
-            self._files[uri] = (pf, np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)]))
-        return self._files[uri]
-
-    def image(self, data: bytes | None, uri: str | None) -> Any:
-        from operators.decode import decode_image
-
-        if data is None and uri is not None:
-            data = self.storage.read_bytes(uri)
-        return decode_image(data, self.cfg.embed.max_image_pixels, self.cfg.embed.allowed_formats)
-
-
-def _corpus_sources(storage: Storage, root: str, model_fp: str, keys: list[str]) -> dict[str, tuple[str, str]]:
-    from operators.schemas import CORPUS, check_shard_schema
-    from operators.shards import cache_dir
-
-    cache = cache_dir(root, model_fp, "corpus")
-    out = {}
-    for k in keys:
-        src = storage.read_json(join(cache, k, "_SUCCESS.json"))["source"]
-        out[k] = (src, check_shard_schema(storage.parquet_file(src).schema_arrow, CORPUS, src))
-    return out
-
-
-@serve.deployment(max_ongoing_requests=64, logging_config={"enable_access_log": False})
-class LiveModels:
-    """Text embedder + index shards (loaded once per replica) + reranker, with dynamic batching."""
-
-    def __init__(self, device: str = "auto") -> None:
-        self.device = _device(device)
-        self.live: _Live | None = None
-        self.key: tuple[str, str] | None = None
-        self._docs: Any = None  # the explorer's doc lookups of self.live, built on first use
-
-    def load(self, run_id: str, config: dict[str, Any], index_uri: str) -> str:
-        if self.key != (run_id, index_uri):
-            live = _Live(config, index_uri, self.device)  # built fully before the swap
-            self.live, self.key = live, (run_id, index_uri)
-        return run_id
-
-    def _need(self) -> _Live:
-        if self.live is None:
-            raise RuntimeError("no run loaded")
-        return self.live
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def embed(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self._need().embed(texts))
-
-    async def search(self, text: str, k: int) -> dict[str, Any]:
-        live = self._need()
-        t0 = time.perf_counter()
-        q = await self.embed(text)
-        t1 = time.perf_counter()
-        hits = live.hits(np.asarray(q, np.float32)[None, :], k)
-        t2 = time.perf_counter()
-        return {"hits": hits, "timing": {"embed_ms": 1000 * (t1 - t0), "search_ms": 1000 * (t2 - t1)}}
-
-    # -- the explorer's doc side (pipelines/explorer/docs.py) -----------------------------------------
-    def _explorer_docs(self) -> Any:
-        from pipelines.explorer.docs import Docs
-
-        live = self._need()
-        if self._docs is None or self._docs.live is not live:
-            self._docs = Docs(live, self.key[1] if self.key else "")
-        return self._docs
-
-    async def docs_meta(self, doc_ids: list[str]) -> list[dict[str, Any] | None]:
-        docs = await asyncio.to_thread(self._explorer_docs)  # the first call builds the id map
-        return docs.meta(doc_ids)  # on the loop: _Live's Parquet handles are read from one thread only
-
-    async def thumbnail(self, doc_id: str, size: int) -> dict[str, Any]:
-        """``{"data": JPEG bytes or None (unknown id)}``, or ``{"error": reject type}``. The row is read on the
-        event loop (as every _Live read), the decode and encode in a thread: a large image never stalls the
-        replica's batching."""
-        from operators.decode import RejectError
-
-        docs = await asyncio.to_thread(self._explorer_docs)
-        stored = docs.stored(doc_id)
-        if stored is None:
-            return {"data": None}
-        try:
-            return {"data": await asyncio.to_thread(docs.thumbnail, stored, size)}
-        except RejectError as e:
-            return {"error": e.error_type}
-
-    async def like(self, doc_id: str, k: int) -> dict[str, Any] | None:
-        """"More like this": the doc's own embedding through the live search; None for an unknown doc."""
-        t0 = time.perf_counter()
-        docs = await asyncio.to_thread(self._explorer_docs)
-        v = await asyncio.to_thread(docs.vector, doc_id)  # embeddings cache files: new handles, thread-safe
-        if v is None:
-            return None
-        (meta,) = docs.meta([doc_id])
-        t1 = time.perf_counter()
-        hits = self._need().hits(np.asarray(v, np.float32)[None, :], k)
-        return {"hits": hits, "caption": meta["caption"] if meta else None,
-                "timing": {"embed_ms": 1000 * (t1 - t0), "search_ms": 1000 * (time.perf_counter() - t1)}}
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _score(self, pairs: list[tuple[str, Any, str | None]]) -> list[float]:
-        live = self._need()
-        assert live.backend is not None
-        caps = [c if live.spec.use_caption else None for _, _, c in pairs]
-        s = live.backend.score([q for q, _, _ in pairs], [im for _, im, _ in pairs], caps)
-        return [float(x) for x in s]
-
-    async def rerank_hits(self, text: str, hits: list[dict[str, Any]], top_n: int | None) -> dict[str, Any]:
-        live = self._need()
-        t0 = time.perf_counter()
-        pairs = []
-        for data, uri, cap in live.contents([(h["doc_shard"], h["doc_row"]) for h in hits]):
-            image = live.image(data, uri) if live.backend is not None and live.backend.needs_image else None
-            pairs.append((text, image, cap))
-        t1 = time.perf_counter()
-        if live.backend is None:
-            scores = [h["retrieval_score"] for h in hits]
-        else:
-            scores = await asyncio.gather(*[self._score(p) for p in pairs])
-        t2 = time.perf_counter()
-        docs = [h["doc_id"] for h in hits]
-        ret = np.array([h["retrieval_score"] for h in hits], np.float32)
-        rr = np.array(scores, np.float32)
-        rc = live.cfg.rerank
-        final = fuse(ret, rr, docs, **rc.fusion.model_dump()) if hits else np.zeros(0)
-        sel = rc.selection.model_dump()
-        if top_n is not None:
-            sel = {**sel, "top_n": top_n, "k": top_n}
-        keep = select(final, docs, **sel) if hits else []
-        results = [{"rank": i + 1, "doc_id": docs[j], "retrieval_score": float(ret[j]), "rerank_score": float(rr[j]),
-                    "final_score": float(final[j])} for i, j in enumerate(keep)]
-        return {"results": results, "reranker": live.label,
-                "timing": {"fetch_ms": 1000 * (t1 - t0), "rerank_ms": 1000 * (t2 - t1)}}
-
-    async def rerank_docs(self, query: str, docs: list[tuple[Any, str | None]]) -> list[float]:
-        live = self._need()
-        if live.backend is None:
-            raise ValueError("the served run has rerank.backend: none")
-        return list(await asyncio.gather(*[self._score((query, im, cap)) for im, cap in docs]))
-
-    def needs(self) -> dict[str, Any]:
-        """What a rerank call's documents must carry, and the run's image limits (as in its batch job)."""
-        live = self._need()
-        b, e = live.backend, live.cfg.embed
-        return {"scores": b is not None, "image": bool(b and b.needs_image), "caption": bool(b and b.needs_caption),
-                "decode": (e.max_image_pixels, tuple(e.allowed_formats), e.max_image_bytes)}
-
-
 # --- the HTTP ingress ----------------------------------------------------------------------------------
 
 api = FastAPI(title="mmrerank", version="0.1.0",
@@ -621,7 +312,8 @@ class Api:
             store = load_store(self.storage, self.settings.root)
             if store.index_uri:
                 # Load the live models for the new run before switching anything.
-                self.models.load.remote(store.run_id, store.config, store.index_uri).result(timeout_s=600)
+                self.models.load.remote(store.run_id, store.config, store.index_uri,
+                                        store.clip_vectors).result(timeout_s=600)
         except Exception as e:  # noqa: BLE001 - keep serving the old run, say why in /healthz
             self.reload_error = f"refused run {current['run_id']}: {type(e).__name__}: {e}"
             log.warning("%s", self.reload_error)
