@@ -98,6 +98,7 @@ def run_plain(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from operators import decode as R
+    from operators.contracts import RejectError
     from operators.models import ModelSpec, build_model, image_transform, resolve_model
     from pipelines.config import EmbedConfig
 
@@ -141,7 +142,7 @@ def run_plain(a: argparse.Namespace) -> dict[str, Any]:
             for doc_id, data in zip(rb.column(0).to_pylist(), rb.column(1).to_pylist(), strict=True):
                 try:
                     img = R.decode_image(data, caps.max_image_pixels, caps.allowed_formats, caps.max_image_bytes)
-                except R.RejectError:
+                except RejectError:
                     rejected += 1
                     continue
                 buf_px.append(tf(img).numpy())

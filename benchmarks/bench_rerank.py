@@ -260,9 +260,9 @@ def _timed_operators(events: str) -> dict[str, Any]:
     """Subclasses / wrappers of the stage's operators that only add timestamps (swapped into pipelines.rerank)."""
     from ray.data.datasource import ReadTask
 
+    from operators.contracts import ID
     from operators.pair_source import PairsSource
     from operators.rerank_ops import RerankPairs, ScoredSink, bucket_candidates, select_bucket
-    from operators.shards import ID
 
     # A block of candidate docs: count its pairs and their distinct queries.
     TimedRerankPairs = timed_actor(  # noqa: N806 - a class

@@ -216,6 +216,7 @@ def block_bytes(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
 
+    from operators.contracts import CORPUS, check_shard_schema
     from operators.rerank_ops import (
         DecodeDocs,
         _docs_for_shards,
@@ -223,7 +224,6 @@ def block_bytes(a: argparse.Namespace) -> dict[str, Any]:
         pair_counts,
         row_group_starts,
     )
-    from operators.schemas import CORPUS, check_shard_schema
     from operators.storage import Storage, join
     from pipelines.config import parse_config
     from pipelines.embed import embed_kind

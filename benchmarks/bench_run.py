@@ -113,6 +113,7 @@ def run_raw(a: argparse.Namespace) -> dict[str, Any]:
 
     from operators import decode as R
     from operators import fusion
+    from operators.contracts import RejectError
     from operators.models import build_model, image_transform, resolve_model
     from operators.rerankers.base import create
     from operators.shards import list_shards
@@ -167,7 +168,7 @@ def run_raw(a: argparse.Namespace) -> dict[str, Any]:
                 seen.add(doc_id)
                 try:
                     img = R.decode_image(data, e.max_image_pixels, e.allowed_formats, e.max_image_bytes)
-                except R.RejectError:
+                except RejectError:
                     rejected += 1
                     continue
                 buf.append(tf(img).numpy())

@@ -137,7 +137,7 @@ def write_corpus(a: argparse.Namespace, root: str) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    from operators.schemas import embeddings_schema
+    from operators.contracts import embeddings_schema
     from operators.shards import cache_dir
     from operators.storage import Storage, join
     from pipelines.embed import EmbedResult, ShardStats

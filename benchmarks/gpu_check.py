@@ -181,10 +181,10 @@ class Ctx:
 
 
 def _meta(n: int, key: str = "s0", start: int = 0) -> dict[str, Any]:
-    """The bookkeeping columns every batch carries (``operators.shards``), all rows ok."""
+    """The bookkeeping columns every batch carries (``operators.contracts``), all rows ok."""
     import numpy as np
 
-    from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
+    from operators.contracts import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 
     return {ID: np.array([f"r{start + i}" for i in range(n)], dtype=object),
             ROW: np.arange(start, start + n, dtype=np.int64),
@@ -511,7 +511,7 @@ def _pairs_batch(ctx: Ctx, n: int, offset: int) -> dict[str, Any]:
     (the raw loop's input; :func:`_doc_block` turns it into what ``PairsSource`` hands ``RerankPairs``)."""
     import numpy as np
 
-    from operators.shards import ID
+    from operators.contracts import ID
 
     docs = _cycle(ctx, n, offset)
     queries = [ctx.captions[(7 * d + 3) % len(ctx.captions)] for d in docs]
@@ -531,8 +531,8 @@ def _doc_block(pairs: dict[str, Any]) -> Any:
     """The pairs as the block of candidate docs the reranker actor takes."""
     import pyarrow as pa
 
+    from operators.contracts import ID
     from operators.rerank_ops import docs_from_pairs
-    from operators.shards import ID
 
     cols = ("doc_id", "rank", "retrieval_score", "doc_shard", "doc_row", "query_text", "doc_image",
             "doc_image_uri", "doc_caption")
@@ -543,7 +543,7 @@ def _udf(rr: Any, block: Any) -> dict[str, Any]:
     """``RerankPairs`` on a doc block, its output back in the pairs' order (it comes out doc by doc)."""
     import numpy as np
 
-    from operators.shards import ROW
+    from operators.contracts import ROW
 
     out = rr(block)
     order = np.argsort(np.asarray(out[ROW]))
@@ -597,10 +597,10 @@ def _raw_scorer(backend: str, rr: Any, device: str) -> Callable[[dict[str, Any]]
 def check_reranker(ctx: Ctx, backend: str) -> list[Row]:
     import numpy as np
 
+    from operators.contracts import ERR_TYPE
     from operators.models import ModelSpec, resolve_model
     from operators.rerank_ops import RerankPairs
     from operators.rerankers.base import RerankerSpec
-    from operators.shards import ERR_TYPE
 
     t0 = time.perf_counter()
     if backend == "clip":

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from operators.contracts import ALLOWED_FORMATS, DEFAULT_MAX_IMAGE_PIXELS
 from operators.storage import Storage, join, scheme_of, strip_scheme
 from pipelines.evaluate import load_qrels, resolve_run
 
@@ -208,9 +209,9 @@ class CorpusImages:
         self.storage = run.storage
         self.thumbnail_px = thumbnail_px
         embed = run.config.get("embed", {})
-        self.max_pixels = int(embed.get("max_image_pixels") or 89_478_485)
+        self.max_pixels = int(embed.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
         self.max_bytes = embed.get("max_image_bytes")
-        self.allowed = tuple(embed.get("allowed_formats") or ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))
+        self.allowed = tuple(embed.get("allowed_formats") or ALLOWED_FORMATS)
         self._sources: dict[str, str | None] = {}
         self._by_id: dict[str, tuple[str, int]] | None = None
 
@@ -301,7 +302,8 @@ class CorpusImages:
 
     def image(self, rec: dict[str, Any] | str) -> Any:
         """A PIL thumbnail for a corpus row, or the reason there is none (str)."""
-        from operators.decode import RejectError, decode_image
+        from operators.contracts import RejectError
+        from operators.decode import decode_image
 
         if isinstance(rec, str):
             return rec

@@ -14,41 +14,19 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from operators import contracts as C
+
 # Truncated data must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-# Reject reasons: the error_type values written to the rejects table.
-EMPTY_IMAGE = "empty_image"
-UNDECODABLE = "undecodable"
-TRUNCATED = "truncated_image"
-BOMB = "decompression_bomb"
-UNSUPPORTED = "unsupported_format"
-TOO_LARGE = "file_too_large"
-URI_UNREADABLE = "uri_unreadable"
-NULL_ID = "null_id"
-DUPLICATE_ID = "duplicate_id"
-NULL_PAYLOAD = "null_payload"
-EMPTY_TEXT = "empty_text"
-MODEL_ERROR = "model_error"
-
-
-class RejectError(Exception):
-    """A row cannot be processed; ``error_type`` is one of the constants above."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
-
 
 class DecodeLimits(NamedTuple):
     """What an image must satisfy to be decoded (``embed.max_image_pixels``, ``allowed_formats``,
     ``max_image_bytes``): one value, built from the config in one place (``EmbedConfig.decode_limits``) and
     used by every decode of a run: embed, rerank, training, the live path, thumbnails."""
 
-    max_pixels: int
-    allowed_formats: tuple[str, ...]
-    max_bytes: int | None = None
+    max_pixels: int = C.DEFAULT_MAX_IMAGE_PIXELS
+    allowed_formats: tuple[str, ...] = C.ALLOWED_FORMATS
+    max_bytes: int | None = C.DEFAULT_MAX_IMAGE_BYTES
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -74,47 +52,47 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _oserror_kind(e: OSError) -> str:
     msg = str(e).lower()
-    return TRUNCATED if "truncated" in msg or "broken data stream" in msg else UNDECODABLE
+    return C.TRUNCATED if "truncated" in msg or "broken data stream" in msg else C.UNDECODABLE
 
 
 def decode_image(data: bytes | None, max_pixels: int, allowed_formats: tuple[str, ...],
                  max_bytes: int | None = None) -> Image.Image:
-    """Decode ``data`` into an 8-bit RGB PIL image or raise :class:`RejectError`."""
+    """Decode ``data`` into an 8-bit RGB PIL image or raise :class:`operators.contracts.RejectError`."""
     if data is None:
-        raise RejectError(NULL_PAYLOAD, "image is null")
+        raise C.RejectError(C.NULL_PAYLOAD, "image is null")
     if len(data) == 0:
-        raise RejectError(EMPTY_IMAGE, "image has zero bytes")
+        raise C.RejectError(C.EMPTY_IMAGE, "image has zero bytes")
     if max_bytes is not None and len(data) > max_bytes:
-        raise RejectError(TOO_LARGE, f"image is {len(data)} bytes, cap is {max_bytes}")
+        raise C.RejectError(C.TOO_LARGE, f"image is {len(data)} bytes, cap is {max_bytes}")
     with warnings.catch_warnings():
         # Our own header check below enforces the configured cap; PIL's warning is redundant.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))  # reads the header only
         except Image.DecompressionBombError as e:
-            raise RejectError(BOMB, f"decompression bomb: {e}") from None
+            raise C.RejectError(C.BOMB, f"decompression bomb: {e}") from None
         except UnidentifiedImageError:
-            raise RejectError(UNDECODABLE, f"not a recognised image ({len(data)} bytes)") from None
+            raise C.RejectError(C.UNDECODABLE, f"not a recognised image ({len(data)} bytes)") from None
         except OSError as e:  # e.g. a JPEG cut inside its header
-            raise RejectError(_oserror_kind(e), f"{type(e).__name__}: {e}") from None
+            raise C.RejectError(_oserror_kind(e), f"{type(e).__name__}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any header failure is an undecodable row
-            raise RejectError(UNDECODABLE, f"{type(e).__name__}: {e}") from None
+            raise C.RejectError(C.UNDECODABLE, f"{type(e).__name__}: {e}") from None
         fmt = (img.format or "").upper()
         if fmt not in allowed_formats:
-            raise RejectError(UNSUPPORTED, f"format {fmt or 'unknown'} is not one of {list(allowed_formats)}")
+            raise C.RejectError(C.UNSUPPORTED, f"format {fmt or 'unknown'} is not one of {list(allowed_formats)}")
         w, h = img.size
         if w <= 0 or h <= 0:
-            raise RejectError(UNDECODABLE, f"invalid size {w}x{h}")
+            raise C.RejectError(C.UNDECODABLE, f"invalid size {w}x{h}")
         if w * h > max_pixels:
-            raise RejectError(BOMB, f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels}")
+            raise C.RejectError(C.BOMB, f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels}")
         try:
             img.load()
         except Image.DecompressionBombError as e:
-            raise RejectError(BOMB, f"decompression bomb: {e}") from None
+            raise C.RejectError(C.BOMB, f"decompression bomb: {e}") from None
         except OSError as e:
-            raise RejectError(_oserror_kind(e), f"{type(e).__name__}: {e}") from None
+            raise C.RejectError(_oserror_kind(e), f"{type(e).__name__}: {e}") from None
         except Exception as e:  # noqa: BLE001
-            raise RejectError(UNDECODABLE, f"{type(e).__name__}: {e}") from None
+            raise C.RejectError(C.UNDECODABLE, f"{type(e).__name__}: {e}") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001,S110 - a broken EXIF block only loses the rotation

@@ -19,10 +19,21 @@ import numpy as np
 import pyarrow as pa
 
 from operators import decode as R
+from operators.contracts import (
+    ERR_MSG,
+    ERR_TYPE,
+    ID,
+    MODEL_ERROR,
+    ROW,
+    SHARD,
+    SOURCE,
+    UNDECODABLE,
+    URI_UNREADABLE,
+    RejectError,
+    embeddings_schema,
+)
 from operators.models import Preprocess, ResolvedModel, build_model, image_transform, resolve_precision
 from operators.parts import PartsSink, cached_storage, part_name
-from operators.schemas import embeddings_schema
-from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import StorageOptions, join
 from operators.watchdog import beat, maybe_fail
 
@@ -70,10 +81,10 @@ class DecodeImages:
                     data = self._fetch(data)
                 img = R.decode_image(data, self.max_pixels, self.allowed_formats, self.max_bytes)
                 pixels[i] = tf(img).numpy()
-            except R.RejectError as e:
+            except RejectError as e:
                 err_type[i], err_msg[i] = e.error_type, e.message
             except Exception as e:  # noqa: BLE001 - never lose a row to an unexpected error
-                err_type[i], err_msg[i] = R.UNDECODABLE, f"{type(e).__name__}: {e}"
+                err_type[i], err_msg[i] = UNDECODABLE, f"{type(e).__name__}: {e}"
         out = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in _PASS}
         out[ERR_TYPE] = np.array(err_type, dtype=object)
         out[ERR_MSG] = np.array(err_msg, dtype=object)
@@ -85,7 +96,7 @@ class DecodeImages:
         try:
             return cached_storage(self.storage_options).read_bytes(uri)
         except Exception as e:  # noqa: BLE001
-            raise R.RejectError(R.URI_UNREADABLE, f"cannot read {uri}: {type(e).__name__}: {e}") from None
+            raise RejectError(URI_UNREADABLE, f"cannot read {uri}: {type(e).__name__}: {e}") from None
 
 
 class _Embedder(ABC):
@@ -141,7 +152,7 @@ class _Embedder(ABC):
                         try:
                             emb[i] = self._encode([items[i]])[0]
                         except Exception as e1:  # noqa: BLE001
-                            err_type[i], err_msg[i] = R.MODEL_ERROR, f"{type(e1).__name__}: {e1}"
+                            err_type[i], err_msg[i] = MODEL_ERROR, f"{type(e1).__name__}: {e1}"
         out = {c: batch[c] for c in _PASS}
         out[ERR_TYPE], out[ERR_MSG], out[EMBEDDING] = err_type, err_msg, emb
         beat("embed")

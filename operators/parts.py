@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from operators.schemas import REJECTS
-from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
+from operators.contracts import ERR_MSG, ERR_TYPE, ID, REJECTS, ROW, SHARD, SOURCE
 from operators.storage import Storage, StorageOptions
 from operators.watchdog import beat
 

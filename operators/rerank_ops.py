@@ -30,34 +30,33 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators import decode as R
+from operators.contracts import (
+    ALLOWED_FORMATS,
+    CONTENT_MISSING,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ERR_MSG,
+    ERR_TYPE,
+    ID,
+    PAIR_KEY,
+    PAIR_ROW,
+    QUERY_MISSING,
+    RERANK_ERROR,
+    RESULTS,
+    ROW,
+    SCORED,
+    SHARD,
+    SOURCE,
+    URI_UNREADABLE,
+    RejectError,
+)
 from operators.fusion import fuse, select
 from operators.models import resolve_precision
 from operators.parts import PartsSink, cached_storage
 from operators.rerankers.base import RerankerSpec, create
-from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import StorageOptions, join
 from operators.watchdog import beat, maybe_fail, maybe_fail_queries
 
 log = logging.getLogger(__name__)
-
-CONTENT_MISSING = "doc_content_missing"
-QUERY_MISSING = "query_text_missing"
-RERANK_ERROR = "rerank_error"
-
-SCORED = pa.schema([
-    ("query_id", pa.string()), ("doc_id", pa.string()), ("retrieval_rank", pa.int32()),
-    ("retrieval_score", pa.float32()), ("rerank_score", pa.float32()),
-    ("doc_shard", pa.string()), ("doc_row", pa.int64()),
-])
-
-RESULTS = pa.schema([
-    ("query_id", pa.string()), ("rank", pa.int32()), ("doc_id", pa.string()),
-    ("retrieval_score", pa.float32()), ("rerank_score", pa.float32()), ("final_score", pa.float32()),
-    ("reranker", pa.string()), ("run_id", pa.string()),
-])
-
-
-PAIR_KEY, PAIR_ROW = "_cand_key", "_cand_row"
 
 
 def bucket_candidates(cand_uri: str, cand_key: str, out_dir: str, query_uris: list[str],
@@ -370,19 +369,19 @@ class DecodeDocs:
             decoded[i] = 1
             try:
                 out[i] = self._image(data[i], uris[i])
-            except R.RejectError as e:
+            except RejectError as e:
                 out[i] = e
         beat("decode candidate docs")
         return out, decoded
 
     def _image(self, data: Any, uri: Any) -> Any:
         if data is None and uri is None:
-            raise R.RejectError(CONTENT_MISSING, "candidate has no image content")
+            raise RejectError(CONTENT_MISSING, "candidate has no image content")
         if data is None:
             try:
                 data = cached_storage(self.storage_options).read_bytes(uri)
             except Exception as e:  # noqa: BLE001
-                raise R.RejectError(R.URI_UNREADABLE, f"cannot read {uri}: {type(e).__name__}: {e}") from None
+                raise RejectError(URI_UNREADABLE, f"cannot read {uri}: {type(e).__name__}: {e}") from None
         return R.decode_image(data, self.max_pixels, self.allowed_formats, self.max_bytes)
 
     def __call__(self, docs: pa.Table) -> pa.Table:
@@ -393,7 +392,7 @@ class DecodeDocs:
         h = np.zeros(len(images), np.int32)
         w = np.zeros(len(images), np.int32)
         for i, im in enumerate(images):
-            if isinstance(im, R.RejectError):
+            if isinstance(im, RejectError):
                 err_type[i], err_msg[i] = im.error_type, im.message
             elif im is not None:
                 rgb[i], (w[i], h[i]) = im.tobytes(), im.size
@@ -423,8 +422,8 @@ class RerankPairs:
     """
 
     def __init__(self, spec: RerankerSpec, device: str = "cpu", precision: str = "fp32",
-                 torch_threads: int | None = None, max_pixels: int = 89_478_485,
-                 allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+                 torch_threads: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 allowed_formats: tuple[str, ...] = ALLOWED_FORMATS,
                  storage_options: StorageOptions | None = None, batch_size: int = 16,
                  query_vectors: Any = None, max_bytes: int | None = None) -> None:
         import torch
@@ -493,7 +492,7 @@ class RerankPairs:
                 err_type[i], err_msg[i] = QUERY_MISSING, f"no embedding for query {qids[i]!r} in the reranker's cache"
             elif self.needs_caption and cap is None:
                 err_type[i], err_msg[i] = CONTENT_MISSING, "candidate has no caption and the reranker needs one"
-            elif isinstance(images[d], R.RejectError):
+            elif isinstance(images[d], RejectError):
                 err_type[i], err_msg[i] = images[d].error_type, images[d].message
             else:
                 pair_images[i] = images[d]  # the doc's one image object, shared by its pairs

@@ -21,25 +21,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators import faiss_shards as F
+from operators.contracts import (
+    BAD_DIMENSION,
+    CANDIDATES,
+    ERR_MSG,
+    ERR_TYPE,
+    ID,
+    NON_FINITE,
+    ROW,
+    SHARD,
+    SOURCE,
+)
 from operators.parts import PartsSink, cached_storage
-from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import Storage, StorageOptions, join
 from operators.watchdog import beat, maybe_fail
 
 log = logging.getLogger(__name__)
 
-BAD_DIMENSION = "bad_dimension"
-NON_FINITE = "non_finite_vector"
 NON_FINITE_MSG = "vector contains NaN or inf"
 
-CANDIDATES = pa.schema([
-    ("query_id", pa.string()),
-    ("rank", pa.int32()),
-    ("doc_id", pa.string()),
-    ("retrieval_score", pa.float32()),
-    ("doc_shard", pa.string()),  # embeddings-cache key of the corpus shard holding the doc
-    ("doc_row", pa.int64()),  # row of the doc in that corpus shard: content is fetched from here
-])
 # What a searcher returns per (query, rank), nulls where the shard had fewer than k vectors.
 DOCS = pa.schema([("doc_id", pa.string()), ("doc_shard", pa.string()), ("doc_row", pa.int64())])
 

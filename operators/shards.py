@@ -20,8 +20,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators import decode as R
-from operators.schemas import CORPUS, InputKind, SchemaError, check_shard_schema
+from operators import contracts as C
+from operators.contracts import (
+    CORPUS,
+    ERR_MSG,
+    ERR_TYPE,
+    ID,
+    ROW,
+    SHARD,
+    SOURCE,
+    InputKind,
+    SchemaError,
+    check_shard_schema,
+)
 from operators.storage import Storage, StorageOptions, join, scheme_of
 
 if TYPE_CHECKING:  # Ray only where a Dataset is built: the UDF modules import this one without Ray
@@ -29,10 +40,6 @@ if TYPE_CHECKING:  # Ray only where a Dataset is built: the UDF modules import t
     from ray.data.datasource import Datasource
 
 log = logging.getLogger(__name__)
-
-# Internal columns that travel with every row through the stages.
-ID, ROW, SHARD, SOURCE, ERR_TYPE, ERR_MSG = "id", "_row", "_shard", "_source", "_err_type", "_err_msg"
-
 
 class InputError(ValueError):
     """An input path is missing or holds no usable shards."""
@@ -105,11 +112,11 @@ def plan_shards(uris: list[str], kind: InputKind, storage: Storage) -> list[Shar
         bad: list[tuple[int, str]] = []
         for i, v in enumerate(ids.to_pylist()):
             if v is None:
-                bad.append((i, R.NULL_ID))
+                bad.append((i, C.NULL_ID))
             elif not kind.unique_ids:
                 continue
             elif v in seen:
-                bad.append((i, R.DUPLICATE_ID))
+                bad.append((i, C.DUPLICATE_ID))
             else:
                 seen.add(v)
         plans.append(
@@ -139,15 +146,15 @@ def _read_rows(plan: ShardPlan, shard_key: str, row_groups: list[int], first_row
             empty = (pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(payload, ""))).to_numpy() == 0) & ~nulls
         msgs: list[str] = []
         for i in range(n):
-            if err_type[i] == R.NULL_ID:
+            if err_type[i] == C.NULL_ID:
                 msgs.append(f"{id_column} is null")
-            elif err_type[i] == R.DUPLICATE_ID:
+            elif err_type[i] == C.DUPLICATE_ID:
                 msgs.append(f"{id_column} {rb.column(0)[i].as_py()!r} already used by an earlier row")
             elif nulls[i]:
-                err_type[i] = R.NULL_PAYLOAD
+                err_type[i] = C.NULL_PAYLOAD
                 msgs.append(f"{plan.payload} is null")
             elif empty[i]:
-                err_type[i] = R.EMPTY_TEXT
+                err_type[i] = C.EMPTY_TEXT
                 msgs.append("text is empty")
             else:
                 msgs.append("")

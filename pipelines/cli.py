@@ -15,9 +15,9 @@ from types import FrameType
 
 import yaml
 
+from operators.contracts import SchemaError
 from operators.faiss_shards import IndexConfigError, IndexIntegrityError
 from operators.models import ModelLoadError
-from operators.schemas import SchemaError
 from operators.shards import InputError
 from operators.storage import StorageError, StorageOptions, redact, storage_error_of
 from operators.watchdog import StallError

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from operators.contracts import ALLOWED_FORMATS, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from operators.decode import DecodeLimits
 from operators.models import ModelSpec
 from operators.rerankers import backends as reranker_backends
@@ -26,8 +27,6 @@ from operators.storage import (
     StorageOptions,
     normalize,
 )
-
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ConfigError(ValueError):
@@ -119,8 +118,8 @@ class EmbedConfig(_Strict):
     write_num_cpus: float = Field(default=0.25, gt=0)
     rows_per_read_task: int = Field(default=256, gt=0)
     write_batch_size: int = Field(default=4096, gt=0)
-    max_image_pixels: int = Field(default=89_478_485, gt=0)  # PIL's own default cap
-    max_image_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, gt=0)
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, gt=0)
     allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
 
     @property

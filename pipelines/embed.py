@@ -20,10 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from operators.contracts import CORPUS, QUERY, InputKind
 from operators.embedders import DecodeImages, EmbeddingsSink, ImageEmbedder, TextEmbedder
 from operators.models import ResolvedModel, resolve_model
 from operators.parts import make_datasink
-from operators.schemas import CORPUS, QUERY, InputKind
 from operators.shard_source import ShardSource
 from operators.shards import ShardPlan, cache_dir, list_shards, plan_shards, read_source
 from operators.storage import Storage, join

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from operators.contracts import CANDIDATE_ROWS, CORPUS, ERR_MSG, ERR_TYPE, check_shard_schema
 from operators.embedding_cache import part_uris, read_vectors
 from operators.faiss_shards import IndexMismatchError
 from operators.pair_source import PairsSource
@@ -36,9 +37,8 @@ from operators.rerank_ops import (
     select_bucket,
 )
 from operators.rerankers.base import REGISTRY, RerankerSpec
-from operators.schemas import CANDIDATE_ROWS, CORPUS, check_shard_schema
 from operators.shard_source import ShardSource
-from operators.shards import ERR_MSG, ERR_TYPE, list_shards, plan_shards, read_source
+from operators.shards import list_shards, plan_shards, read_source
 from operators.storage import Storage, join
 from operators.watchdog import watch
 from pipelines.config import Config, RerankConfig

@@ -94,7 +94,7 @@ def start(cfg: Config, storage: Storage, ctx: RunContext | None = None) -> dict[
     once Ray is up (also when Ray itself failed to start); nothing has been written by then.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="preflight") as ex:
-        checked = ex.submit(preflight, cfg, storage, ctx)
+        checked = ex.submit(preflight, cfg, storage, ctx) if ctx is not None else ex.submit(preflight, cfg, storage)
         try:
             res = ensure_ray(cfg.ray)  # on the main thread: ray.init installs its SIGTERM handler only there
         finally:

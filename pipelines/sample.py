@@ -1,7 +1,7 @@
 """Deterministic synthetic multimodal corpus (shapes on plain backgrounds) with queries, qrels and bad rows.
 
 Used by tests, benchmarks and the quickstart: ``make_sample(out)`` writes a small corpus that follows the
-data contracts in :mod:`operators.schemas`, with known relevance judgements and, on request, a documented
+data contracts in :mod:`operators.contracts`, with known relevance judgements and, on request, a documented
 mix of broken and odd rows. ``python -m pipelines.sample OUT`` does the same from a shell.
 """
 
@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from operators.schemas import CORPUS_IMAGE_BYTES, CORPUS_IMAGE_URI, QRELS, QUERIES
+from operators import contracts as C
+from operators.contracts import CORPUS_IMAGE_BYTES, CORPUS_IMAGE_URI, QRELS, QUERIES
 from operators.storage import Storage, join, scheme_of, strip_scheme
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 BOMB_SIZE = (20000, 20000)  # 400M pixels: over PIL's own 2 * MAX_IMAGE_PIXELS limit, so open() refuses it
 # The markup bad rows would set window.<XSS_FLAG> if a page ever ran them (the explorer tests check it does not).
 XSS_FLAG = "mmrXss"
@@ -392,24 +392,24 @@ def _bad_rows(seed: int, first_slot: int, image_size: int, shards: int, image_ur
     """The bad/odd rows as (shard, insert position among that shard's clean docs, row)."""
     size = (image_size, image_size)
     specs: list[tuple[str, str, str | None, str]] = [
-        ("empty_image", "reject", "empty_image", "zero-byte image"),
-        ("undecodable", "reject", "undecodable", "random bytes, no image signature"),
-        ("truncated_image", "reject", "truncated_image",
+        ("empty_image", "reject", C.EMPTY_IMAGE, "zero-byte image"),
+        ("undecodable", "reject", C.UNDECODABLE, "random bytes, no image signature"),
+        ("truncated_image", "reject", C.TRUNCATED,
          "JPEG cut halfway through its scan data: header opens, load() raises"),
-        ("decompression_bomb", "reject", "decompression_bomb",
+        ("decompression_bomb", "reject", C.BOMB,
          f"mode-1 PNG whose header declares {BOMB_SIZE[0]}x{BOMB_SIZE[1]} pixels (~50 KB file)"),
-        ("unsupported_format", "reject", "unsupported_format",
+        ("unsupported_format", "reject", C.UNSUPPORTED,
          "PPM image: PIL opens it but the format is not in the allowed set"),
-        ("null_id", "reject", "null_id", "doc_id is null (image is valid)"),
-        ("duplicate_id_same_shard", "reject", "duplicate_id",
+        ("null_id", "reject", C.NULL_ID, "doc_id is null (image is valid)"),
+        ("duplicate_id_same_shard", "reject", C.DUPLICATE_ID,
          "doc_id repeats an earlier row of the same shard (image is valid)"),
-        ("duplicate_id_cross_shard", "reject", "duplicate_id",
+        ("duplicate_id_cross_shard", "reject", C.DUPLICATE_ID,
          "doc_id repeats a row of an earlier shard (image is valid)"),
     ]
     if shards < 2:
         specs = [s for s in specs if s[0] != "duplicate_id_cross_shard"]
     if image_uri:
-        specs.append(("uri_unreadable", "reject", "uri_unreadable", "image_uri points at a missing file"))
+        specs.append(("uri_unreadable", "reject", C.URI_UNREADABLE, "image_uri points at a missing file"))
     specs += [
         ("cmyk_jpeg", "accept", None, "CMYK JPEG (mode CMYK); convert to RGB"),
         ("gray16_png", "accept", None, "16-bit grayscale PNG (mode I;16); scale to 8 bits"),

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from operators import faiss_shards as F
+from operators.contracts import CACHED_VECTORS, QUERY_VECTORS
 from operators.embedding_cache import part_uris
 from operators.faiss_shards import IndexMismatchError
 from operators.models import ResolvedModel, resolve_model
 from operators.parts import make_datasink
-from operators.schemas import CACHED_VECTORS, QUERY_VECTORS
 from operators.search_ops import CandidatesSink, SearchRouter, ShardSearcher
 from operators.shard_source import ShardSource
 from operators.shards import list_shards, plan_shards, read_source

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 import pipelines
+from operators.contracts import ALLOWED_FORMATS
 from pipelines.cli import main
-from pipelines.config import ALLOWED_FORMATS, Config, ConfigError, load_config, parse_config
+from pipelines.config import Config, ConfigError, load_config, parse_config
 
 # Sentinels: never valid anywhere, easy to grep for.
 ACCESS_KEY = "AKIA-cfg-test-MMR-7d2e"

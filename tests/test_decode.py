@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from operators import decode
-from operators.decode import RejectError, decode_image
+from operators import contracts
+from operators.contracts import RejectError
+from operators.decode import decode_image
 
 ALL = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 CAP = 10_000_000
@@ -85,11 +86,11 @@ def test_png_pixels_are_exact() -> None:
 
 
 def test_none_is_null_payload() -> None:
-    assert _reject(None).error_type == decode.NULL_PAYLOAD == "null_payload"
+    assert _reject(None).error_type == contracts.NULL_PAYLOAD == "null_payload"
 
 
 def test_zero_bytes_is_empty_image() -> None:
-    assert _reject(b"").error_type == decode.EMPTY_IMAGE == "empty_image"
+    assert _reject(b"").error_type == contracts.EMPTY_IMAGE == "empty_image"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

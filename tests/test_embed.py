@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from operators.contracts import SchemaError
 from operators.models import SHIPPED_CONFIGS
-from operators.schemas import SchemaError
 from operators.storage import Storage, join
 from pipelines.config import parse_config
 from pipelines.embed import EmbedResult, embed_kind, run_embed

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from operators import decode as R
+from operators import contracts as R
+from operators.contracts import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.embedders import EMBEDDING, PIXELS, DecodeImages, EmbeddingsSink, ImageEmbedder, TextEmbedder
 from operators.models import ModelSpec, build_model, image_transform, resolve_model
-from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 
 FORMATS = ("JPEG", "PNG")
 

@@ -20,15 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators import faiss_shards as F
+from operators.contracts import BAD_DIMENSION, ERR_MSG, ERR_TYPE, ID, NON_FINITE, ROW, SHARD, SOURCE
 from operators.search_ops import (
-    BAD_DIMENSION,
-    NON_FINITE,
     CandidatesSink,
     SearchRouter,
     ShardSearcher,
     check_vectors,
 )
-from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
 from operators.storage import Storage
 
 DIM = 32

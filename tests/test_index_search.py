@@ -23,9 +23,9 @@ import pytest
 import ray
 
 from operators import faiss_shards as F
+from operators.contracts import BAD_DIMENSION, NON_FINITE
 from operators.embedding_cache import part_uris, read_vectors
 from operators.faiss_shards import IndexMismatchError
-from operators.search_ops import BAD_DIMENSION, NON_FINITE
 from operators.storage import Storage, join
 from pipelines.config import Config, parse_config
 from pipelines.embed import EmbedResult, embed_kind, run_embed

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from operators import fusion
-from operators.rerank_ops import RERANK_ERROR, RerankPairs, docs_from_pairs, pair_counts
+from operators.contracts import ERR_MSG, ERR_TYPE, RERANK_ERROR, ROW
+from operators.rerank_ops import RerankPairs, docs_from_pairs, pair_counts
 from operators.rerankers.base import create
-from operators.shards import ERR_MSG, ERR_TYPE, ROW
 from pipelines.config import parse_config
 from pipelines.context import reranker_spec
 from pipelines.rerank import run_rerank
@@ -256,7 +256,8 @@ def test_doc_blocks_hold_whole_docs_across_row_groups(tmp_path: Path) -> None:
     """PairsSource blocks hold whole docs (each distinct candidate doc once, with its content once and all its
     pairs) and at least block_rows pairs each, only the last fewer, across corpus row groups; every candidate
     comes out once with its own doc's content, and a row the shard lacks is a reject."""
-    from operators.rerank_ops import CONTENT_MISSING, _docs_for_shards, bucket_candidates
+    from operators.contracts import CONTENT_MISSING
+    from operators.rerank_ops import _docs_for_shards, bucket_candidates
     from operators.storage import Storage, join
 
     storage = Storage()
@@ -334,8 +335,9 @@ def test_pairs_of_a_shard_split_between_row_groups_for_several_actors(tmp_path: 
     rows the shard lacks are rejects of its last piece. The counts per row group come from bucket_candidates."""
     from unittest import mock
 
+    from operators.contracts import CONTENT_MISSING
     from operators.pair_source import PairsSource
-    from operators.rerank_ops import CONTENT_MISSING, bucket_candidates, row_group_starts
+    from operators.rerank_ops import bucket_candidates, row_group_starts
     from operators.storage import Storage, join
 
     storage = Storage()

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators import decode as R
+from operators import contracts as R
+from operators.decode import decode_image
 from operators.rerank_ops import select_per_query
 from operators.rerankers.base import create
 from pipelines.config import Config, parse_config
@@ -86,7 +87,7 @@ def _reference(cfg: Config, run: Path) -> dict[tuple[str, str, int], tuple[float
         row = corpus[c["doc_shard"]].slice(c["doc_row"], 1).to_pylist()[0]
         key = (c["query_id"], c["doc_shard"], c["doc_row"])
         try:
-            img = R.decode_image(row["image"], cfg.embed.max_image_pixels, cfg.embed.allowed_formats) \
+            img = decode_image(row["image"], cfg.embed.max_image_pixels, cfg.embed.allowed_formats) \
                 if backend.needs_image else None
         except R.RejectError as e:
             out[key] = (None, e.error_type)
@@ -167,8 +168,8 @@ def test_clip_encodes_the_corpus_once_then_reuses_the_cache(sample: SampleInfo, 
 def test_clip_vectors_are_found_whatever_the_row_order_of_the_cache(tmp_path: Path) -> None:
     """A cache part holds its write call's blocks in arrival order (rows not sorted): every candidate still gets
     its own row's vector, the rejected row its reason, and a row past the shard's end is missing content."""
+    from operators.contracts import embeddings_schema
     from operators.rerank_ops import DOC_VEC, ShardVectors
-    from operators.schemas import embeddings_schema
     from operators.storage import Storage, join
 
     storage, cache = Storage(), str(tmp_path / "cache")

@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from operators import decode as R
+from operators import contracts as R
 from operators import fusion
+from operators.decode import decode_image
 from operators.models import SHIPPED_CONFIGS
 from operators.storage import Storage, join, scheme_of, strip_scheme
 from pipelines import publish as P
@@ -163,7 +164,7 @@ def build_reference(cfg: Config, storage: Storage | None = None) -> Reference:
                 continue
             seen.add(d)
             try:
-                docs[d] = (R.decode_image(img, e.max_image_pixels, e.allowed_formats, e.max_image_bytes), cap)
+                docs[d] = (decode_image(img, e.max_image_pixels, e.allowed_formats, e.max_image_bytes), cap)
             except R.RejectError as err:
                 rejects.add((name, i, err.error_type))
     qt = pa.concat_tables([storage.read_table(u) for u in storage.ls(cfg.queries, "*.parquet")])

@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from operators.schemas import CORPUS_IMAGE_BYTES, CORPUS_IMAGE_URI, QRELS, QUERIES
+from operators.contracts import ALLOWED_FORMATS, CORPUS_IMAGE_BYTES, CORPUS_IMAGE_URI, QRELS, QUERIES
 from pipelines.sample import (
-    ALLOWED_FORMATS,
     MARKUP_CASES,
     XSS_FLAG,
     SampleInfo,

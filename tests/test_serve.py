@@ -117,8 +117,8 @@ def _by_query(t: pa.Table) -> dict[str, list[dict[str, Any]]]:
 
 def _png_images(corpus: str) -> dict[str, bytes]:
     """doc_id -> PNG of the pipeline's decoded RGB pixels (lossless, so the server sees the same pixels)."""
+    from operators.contracts import ALLOWED_FORMATS
     from operators.decode import decode_image
-    from pipelines.config import ALLOWED_FORMATS
 
     out = {}
     for row in ds.dataset(corpus).to_table(columns=["doc_id", "image"]).to_pylist():

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from operators.decode import DecodeLimits, RejectError, decode_image
+from operators.contracts import RejectError
+from operators.decode import DecodeLimits, decode_image
 from operators.shards import list_shards
 from operators.storage import Storage
 
@@ -118,12 +119,10 @@ class TrainingSet:
     val_docs: list[str] = field(default_factory=list)  # the clip validation pool
     caption_docs: list[str] = field(default_factory=list)  # clip: (caption, image) pairs also trained on
     counts: dict[str, Any] = field(default_factory=dict)
-    limits: DecodeLimits | None = None  # the run's decode limits (EmbedConfig.decode_limits); set before use
+    limits: DecodeLimits = DecodeLimits()  # the run's (EmbedConfig.decode_limits); defaults: the config's
 
     def image(self, doc_id: str) -> Any:
         """The doc's image decoded exactly as the pipeline decodes it (RGB, EXIF applied, alpha on white)."""
-        if self.limits is None:
-            raise ValueError("TrainingSet.limits is not set: the decode limits come from the run's config")
         return decode_image(self.docs[doc_id][0], *self.limits)
 
 

@@ -74,7 +74,7 @@ class Docs:
         """A JPEG at most ``size`` px on its longer side, from the image decoded with the run's limits.
 
         Never the stored bytes: whatever the corpus holds (a huge PNG, an SVG-looking blob, an EXIF-rotated
-        JPEG) the browser gets a freshly encoded RGB JPEG. Raises :class:`operators.decode.RejectError` when
+        JPEG) the browser gets a freshly encoded RGB JPEG. Raises :class:`operators.contracts.RejectError` when
         the stored image does not decode within the limits. Thread-safe (a URI is read with a new handle).
         """
         data, uri = stored

@@ -519,7 +519,8 @@ class Api:
                               results=[RerankResult(index=i, relevance_score=scores[i]) for i in order])
 
     def _image(self, i: int, d: RerankDocument, limits: tuple[int, tuple[str, ...], int]) -> Any:
-        from operators.decode import RejectError, decode_image
+        from operators.contracts import RejectError
+        from operators.decode import decode_image
 
         field = next((f for f in IMAGE_FIELDS if getattr(d, f)), None)
         if field is None:

@@ -86,8 +86,8 @@ class Live:
     def hits(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Merged top-k of each query vector's first row: doc id, corpus shard and row, retrieval score, best
         first (``SearchRouter``: the batch search's own fan-out and merge, over in-process shards)."""
+        from operators.contracts import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE
         from operators.search_ops import SearchRouter
-        from operators.shards import ERR_MSG, ERR_TYPE, ID, ROW, SHARD, SOURCE  # CONTRACTS-TODO
 
         n = len(q)
         empty = pa.array([""] * n, pa.string())
@@ -108,7 +108,8 @@ class Live:
     def candidate_docs(self, query_id: str, text: str, hits: list[dict[str, Any]]) -> pa.Table:
         """One request's (query, candidate) pairs as the rerank stage's doc blocks: each candidate doc once,
         with its content (or, clip, its cached vector) and its pair."""
-        from operators.rerank_ops import PAIR_KEY, PAIR_ROW, ShardVectors, pair_docs, shard_docs
+        from operators.contracts import PAIR_KEY, PAIR_ROW
+        from operators.rerank_ops import ShardVectors, pair_docs, shard_docs
 
         n = len(hits)
         pairs = pa.table({
@@ -155,8 +156,8 @@ class Live:
     def select(self, scored: dict[str, np.ndarray], top_n: int | None) -> tuple[list[dict[str, Any]], int]:
         """Fuse and select one request's scored pairs (the batch selection's UDF); returns the kept results and
         how many pairs were rejected (not decodable, no caption...: dropped, as in the batch job)."""
+        from operators.contracts import ERR_TYPE, ID
         from operators.rerank_ops import select_per_query
-        from operators.shards import ERR_TYPE, ID  # CONTRACTS-TODO
 
         ok = np.array([not e for e in scored[ERR_TYPE]], dtype=bool)
         group = pa.table({"query_id": pa.array(np.asarray(scored[ID])[ok].tolist(), pa.string()),
@@ -206,7 +207,7 @@ class Live:
 
 def _corpus_sources(storage: Storage, root: str, model_fp: str, keys: list[str]) -> dict[str, tuple[str, str]]:
     """Per corpus shard key of the index: its source uri and payload column (from the embeddings cache)."""
-    from operators.schemas import CORPUS, check_shard_schema  # CONTRACTS-TODO
+    from operators.contracts import CORPUS, check_shard_schema
     from operators.shards import cache_dir
 
     cache = cache_dir(root, model_fp, "corpus")
@@ -271,7 +272,7 @@ class LiveModels:
         """``{"data": JPEG bytes or None (unknown id)}``, or ``{"error": reject type}``. The row is read on the
         event loop (as every Live read), the decode and encode in a thread: a large image never stalls the
         replica's batching."""
-        from operators.decode import RejectError
+        from operators.contracts import RejectError
 
         docs = await asyncio.to_thread(self._explorer_docs)
         stored = docs.stored(doc_id)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from operators.rerank_ops import RESULTS
+from operators.contracts import RESULTS
 from operators.storage import Storage, join
 
 

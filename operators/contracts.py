@@ -1,10 +1,56 @@
-"""Data contracts as pyarrow schemas, plus validation of input shards before any work starts."""
+"""Data contracts: the tables each stage reads and writes, the internal columns and reject reasons that
+travel between stages, the decode limits' defaults, and the input-shard checks run before any work."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+# --- internal columns ---------------------------------------------------------------------------------
+# They travel with every row through the stages (reader -> decode/embed/search/rerank -> sinks).
+ID, ROW, SHARD, SOURCE, ERR_TYPE, ERR_MSG = "id", "_row", "_shard", "_source", "_err_type", "_err_msg"
+# A rerank pair's identity (candidates part, row in it): names scored part files; the live path sets them too.
+PAIR_KEY, PAIR_ROW = "_cand_key", "_cand_row"
+
+# --- reject reasons: the error_type values written to the rejects tables --------------------------------
+# Read time (operators.shards)
+NULL_ID = "null_id"
+DUPLICATE_ID = "duplicate_id"
+NULL_PAYLOAD = "null_payload"
+EMPTY_TEXT = "empty_text"
+# Image decode (operators.decode) and fetch
+EMPTY_IMAGE = "empty_image"
+UNDECODABLE = "undecodable"
+TRUNCATED = "truncated_image"
+BOMB = "decompression_bomb"
+UNSUPPORTED = "unsupported_format"
+TOO_LARGE = "file_too_large"
+URI_UNREADABLE = "uri_unreadable"
+# Embedding
+MODEL_ERROR = "model_error"
+# Search (query vectors)
+BAD_DIMENSION = "bad_dimension"
+NON_FINITE = "non_finite_vector"
+# Rerank
+CONTENT_MISSING = "doc_content_missing"
+QUERY_MISSING = "query_text_missing"
+RERANK_ERROR = "rerank_error"
+
+
+class RejectError(Exception):
+    """A row cannot be processed; ``error_type`` is one of the reject reasons above."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+# --- decode limits (defaults of embed.allowed_formats / max_image_pixels / max_image_bytes) --------------
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default cap
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 # --- inputs -------------------------------------------------------------------------------------
 CORPUS_IMAGE_BYTES = pa.schema([("doc_id", pa.string()), ("image", pa.binary()), ("text", pa.string())])
@@ -33,17 +79,28 @@ def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     )
 
 
-RESULTS = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("rank", pa.int32()),
-        ("doc_id", pa.string()),
-        ("retrieval_score", pa.float32()),
-        ("rerank_score", pa.float32()),
-        ("reranker", pa.string()),
-        ("run_id", pa.string()),
-    ]
-)
+# Search output: k rows per query.
+CANDIDATES = pa.schema([
+    ("query_id", pa.string()),
+    ("rank", pa.int32()),
+    ("doc_id", pa.string()),
+    ("retrieval_score", pa.float32()),
+    ("doc_shard", pa.string()),  # embeddings-cache key of the corpus shard holding the doc
+    ("doc_row", pa.int64()),  # row of the doc in that corpus shard: content is fetched from here
+])
+
+# Rerank output: every scored pair, then what each query keeps.
+SCORED = pa.schema([
+    ("query_id", pa.string()), ("doc_id", pa.string()), ("retrieval_rank", pa.int32()),
+    ("retrieval_score", pa.float32()), ("rerank_score", pa.float32()),
+    ("doc_shard", pa.string()), ("doc_row", pa.int64()),
+])
+
+RESULTS = pa.schema([
+    ("query_id", pa.string()), ("rank", pa.int32()), ("doc_id", pa.string()),
+    ("retrieval_score", pa.float32()), ("rerank_score", pa.float32()), ("final_score", pa.float32()),
+    ("reranker", pa.string()), ("run_id", pa.string()),
+])
 
 
 class SchemaError(ValueError):
