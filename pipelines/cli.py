@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -93,6 +94,15 @@ def _setup_logging(verbose: int) -> None:
         root.setLevel(level)
     for ours in ("mmrerank", "operators", "pipelines"):
         logging.getLogger(ours).setLevel(level)
+    from pipelines.ray_env import set_quiet_console
+
+    # Without -v: a progress line per stage and the summaries; Ray's, faiss' and the loaders' chatter
+    # stays in Ray's session log files.
+    set_quiet_console(verbose == 0)
+    if verbose == 0:  # transformers' and huggingface_hub's tqdm bars (saving/loading weights)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for noisy in ("faiss", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose == 0 else logging.INFO)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 

@@ -22,6 +22,45 @@ _FORWARD = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AW
 
 _SINGLE_NODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+# Quiet console (the CLI without -v): workers' lines other than our loggers' are dropped and Ray's own
+# console loggers show warnings only; their log files under the session directory keep everything.
+_QUIET: dict[str, bool | None] = {"on": None}  # None: not the CLI (tests, notebooks): Ray's defaults
+_RAY_CONSOLE_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune")
+
+
+def set_quiet_console(quiet: bool) -> None:
+    """Set by the CLI before any Ray work: applies to the Ray instance ``ensure_ray`` starts or joins next."""
+    _QUIET["on"] = quiet
+
+
+def _forward_marked(data: dict[str, Any]) -> None:
+    """Ray's worker-log callback in quiet mode: re-log our loggers' lines on the driver, drop the rest."""
+    from operators.worker_logs import parse_marked
+
+    for line in data.get("lines", ()):
+        parsed = parse_marked(line)
+        if parsed is not None:
+            level, name, msg = parsed
+            logging.getLogger(name).log(level, "%s", msg)
+
+
+def _quiet_ray_loggers() -> None:
+    for name in _RAY_CONSOLE_LOGGERS:
+        for h in logging.getLogger(name).handlers:
+            if not isinstance(h, logging.FileHandler) and type(h).__name__ != "SessionFileHandler":
+                h.setLevel(max(h.level, logging.WARNING))
+
+
+def _filter_worker_logs() -> None:
+    from ray._private import worker as ray_worker  # no public hook filters forwarded worker lines
+
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
+        log.debug("this Ray has no worker-log dispatcher: worker logs are not filtered")
+    else:
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("mmr_worker_logs", _forward_marked)
+
 
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
@@ -71,6 +110,10 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in _FORWARD if k in os.environ}
         env.update(cfg.env_vars)
+        if _QUIET["on"] is not None:
+            from operators.worker_logs import MARK_ENV
+
+            env[MARK_ENV] = "1" if _QUIET["on"] else "info"
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
         if cfg.address:
             kwargs["address"] = cfg.address
@@ -79,6 +122,8 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
             if cfg.object_store_memory_mb:
                 kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
         log.info("starting Ray (%s)", cfg.address or "local")
+        if _QUIET["on"]:
+            _quiet_ray_loggers()
         with _keep_sigterm_handler():
             if cfg.address or os.environ.get("RAY_ADDRESS", "") not in ("", "local"):
                 ray.init(**kwargs)  # a cluster: the config's address, else RAY_ADDRESS (set inside a Ray job)
@@ -87,6 +132,8 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
                 # alone would attach to it): `ray.address: null` means local.
                 with _loopback_only():
                     ray.init(address="local", **kwargs)
+        if _QUIET["on"]:
+            _filter_worker_logs()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     # Keep Ray Data's default: the first errored block fails the job. Bad rows never raise; they

@@ -171,7 +171,10 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     def finish(stage: str, stats: dict[str, Any]) -> None:
         report.stages[stage] = stats
         storage.write_json(join(run_dir, "_STAGES", f"{stage}.json"), stats)
-        log.info("stage %s done: %s", stage, {k: v for k, v in stats.items() if k != "shards"})
+        note = f" ({stats['note']})" if stats.get("note") else ""
+        log.info("stage %s done: %s rows in, %s ok, %s rejected in %.1f s%s", stage, stats.get("rows_in"),
+                 stats.get("rows_ok"), stats.get("rows_rejected"), float(stats.get("wall_s") or 0.0), note)
+        log.debug("stage %s stats: %s", stage, {k: v for k, v in stats.items() if k != "shards"})
 
     rm = ctx.embed_model
     corpus = embed_kind(cfg, "corpus", rm, storage)
