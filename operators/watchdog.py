@@ -42,6 +42,26 @@ class StallError(RuntimeError):
     """A stage made no progress for longer than ``ray.stall_timeout_s``."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a RayJob stopped, a pod evicted): unwind the stage like an error, publish nothing.
+
+    A BaseException, so no ``except Exception`` on the way up swallows it; Ray Data shuts its executor
+    (and the stage's actors) down on it, and Ray's atexit handler then stops a local Ray.
+    """
+
+
+# Set by the CLI's SIGTERM handler as it raises Terminated. Python drops an exception raised while the main
+# thread runs a weakref callback or a __del__ ("Exception ignored in ..."): the job then checks this at each
+# stage boundary and before publishing, so a lost signal still stops it there.
+TERMINATE_REQUESTED = threading.Event()
+
+
+def raise_if_terminated() -> None:
+    """Raise :class:`Terminated` if a SIGTERM arrived whose exception may have been swallowed."""
+    if TERMINATE_REQUESTED.is_set():
+        raise Terminated(15)
+
+
 # ------------------------------------------------------------------------------------------------
 # fault injection (tests)
 # ------------------------------------------------------------------------------------------------

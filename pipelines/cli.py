@@ -21,7 +21,7 @@ from operators.faiss_shards import IndexConfigError, IndexIntegrityError
 from operators.models import ModelLoadError
 from operators.shards import InputError
 from operators.storage import StorageError, StorageOptions, redact, storage_error_of
-from operators.watchdog import StallError
+from operators.watchdog import TERMINATE_REQUESTED, StallError, Terminated
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.publish import PublishError
 
@@ -319,16 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (a RayJob stopped, a pod evicted): unwind the stage like an error, publish nothing.
-
-    A BaseException, so no ``except Exception`` on the way up swallows it; Ray Data shuts its executor
-    (and the stage's actors) down on it, and Ray's atexit handler then stops a local Ray.
-    """
-
-
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not break the clean-up it starts
+    TERMINATE_REQUESTED.set()
     raise Terminated(signum)
 
 
@@ -338,11 +331,13 @@ def _sigterm_stops_cleanly() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed on the main thread (main() called from a thread)
         return
+    TERMINATE_REQUESTED.clear()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        TERMINATE_REQUESTED.clear()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 from operators.shards import list_shards, plan_shards
 from operators.storage import Storage, join
+from operators.watchdog import raise_if_terminated
 from pipelines.config import Config
 from pipelines.context import RunContext
 from pipelines.embed import KINDS, embed_kind
@@ -171,6 +172,7 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     def finish(stage: str, stats: dict[str, Any]) -> None:
         report.stages[stage] = stats
         storage.write_json(join(run_dir, "_STAGES", f"{stage}.json"), stats)
+        raise_if_terminated()  # the stage's output is whole and kept: a resume skips it
         note = f" ({stats['note']})" if stats.get("note") else ""
         log.info("stage %s done: %s rows in, %s ok, %s rejected in %.1f s%s", stage, stats.get("rows_in"),
                  stats.get("rows_ok"), stats.get("rows_rejected"), float(stats.get("wall_s") or 0.0), note)
@@ -206,6 +208,7 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     write_manifest(storage, run_dir, run_id, {"config_fingerprint": config_fingerprint(cfg),
                                               "reranker": report.stages["rerank"].get("note", "")})
     if publish:
+        raise_if_terminated()
         advance_latest(storage, cfg.root, run_id)
         report.published = True
     return report

@@ -151,6 +151,19 @@ def clear_s3fs_caches() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture(autouse=True)
+def _cli_console_mode_restored() -> Iterator[None]:
+    """A test calling the CLI's main() in-process sets the quiet console for the next Ray it starts; keep
+    that from leaking into later tests (which start Ray with its defaults)."""
+    from pipelines import ray_env
+
+    saved = ray_env._QUIET["on"]
+    try:
+        yield
+    finally:
+        ray_env._QUIET["on"] = saved
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's S3 server as a subprocess on 127.0.0.1:<free port>; AWS env points at it meanwhile."""

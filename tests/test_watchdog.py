@@ -26,6 +26,30 @@ from operators import watchdog as W
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing itself
+def test_a_sigterm_swallowed_by_a_finalizer_still_stops_at_the_next_check() -> None:
+    """Python drops an exception raised in ``__del__`` or a weakref callback ("Exception ignored in"): a
+    SIGTERM arriving there must still stop the job at its next stage boundary (seen in test_stop once)."""
+    import signal
+
+    from pipelines.cli import _sigterm_stops_cleanly
+
+    class Finalized:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the finalizer
+            for _ in range(3):  # a few bytecodes: the handler's exception is raised (and dropped) in here
+                pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(W.Terminated), _sigterm_stops_cleanly():
+        obj = Finalized()
+        del obj  # the Terminated of the handler is swallowed by the finalizer
+        assert W.TERMINATE_REQUESTED.is_set()
+        W.raise_if_terminated()  # what run() does at each stage boundary and before publishing
+    assert signal.getsignal(signal.SIGTERM) is before and not W.TERMINATE_REQUESTED.is_set()
+    W.raise_if_terminated()  # cleared once the command is over
+
+
 # ----------------------------------------------------------------------------------------------
 # fault injection (no Ray)
 # ----------------------------------------------------------------------------------------------
