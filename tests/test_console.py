@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from operators.worker_logs import MARK, MARK_ENV, mark_worker_logs, parse_marked
+from operators.worker_logs import MARK, MARK_ENV, OUR_LOGGERS, mark_worker_logs, parse_marked
 from pipelines.ray_env import _forward_marked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,15 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_marked_lines_round_trip(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     logger = logging.getLogger("operators.console_test")
     monkeypatch.setenv(MARK_ENV, "1")
-    parent = logging.getLogger("operators")
-    saved = (list(parent.handlers), parent.level, parent.propagate)
+    # mark_worker_logs() changes every one of our loggers: all of them are put back, else the rest of the
+    # session logs through a handler on this test's (later closed) captured stderr.
+    saved = {n: (list(lg.handlers), lg.level, lg.propagate) for n in OUR_LOGGERS for lg in [logging.getLogger(n)]}
     try:
         mark_worker_logs()
         mark_worker_logs()  # idempotent: one handler, one line per record
         logger.warning("two\nlines")
         err = capfd.readouterr().err.splitlines()
     finally:
-        parent.handlers[:], parent.level, parent.propagate = saved
+        for name, (handlers, level, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
     assert err == [f"{MARK}WARNING operators.console_test: two", f"{MARK}WARNING operators.console_test: lines"]
     assert parse_marked("(RayTrainWorker pid=1) " + err[0]) == (logging.WARNING, "operators.console_test", "two")
     assert parse_marked("Checkpoint successfully created at: ...") is None
