@@ -328,3 +328,111 @@ def ray_local(request: pytest.FixtureRequest) -> Iterator[Any]:
         request.getfixturevalue("s3_server")
     with ray_init_local() as ctx:
         yield ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# trained tiny models: once per test session
+# ----------------------------------------------------------------------------------------------
+
+# The binding sample and the training settings of the session's trained models: the quickstart's configs
+# as shipped, the reranker cut to 2 epochs of 16 (the quality tests need a trained ranking, not the best one).
+TRAINED_SAMPLE: dict[str, Any] = {"docs": 160, "queries": 40, "shards": 2, "binding": True}
+TRAINED_CLIP: dict[str, Any] = {}
+TRAINED_VLM: dict[str, Any] = {"epochs": 2, "batch_size": 16}
+
+
+@dataclass
+class TrainedModels:
+    """The binding sample, the tiny retriever trained on its training queries, a retrieval-only run with it
+    (the reranker's hard negatives), the tiny yes/no reranker trained on that run's candidates, and a
+    published nightly run with both (``root``'s LATEST)."""
+
+    out: Path
+    sample: Any  # SampleInfo
+    clip: Any  # TrainReport
+    run_a: Any  # RunReport: trained retriever, retrieval only (not published)
+    vlm: Any  # TrainReport
+    run_b: Any  # RunReport: trained retriever + trained reranker, published
+    key: str  # content hash of sample settings + training configs
+
+    @property
+    def root(self) -> str:
+        return str(self.out / "out")
+
+    @property
+    def retriever(self) -> dict[str, Any]:
+        return {"name": "mmr-tiny", "pretrained": self.clip.weights}
+
+    @property
+    def reranker(self) -> dict[str, Any]:
+        return {"backend": "vlm_yesno", "model": self.vlm.output, "batch_size": 16}
+
+    @property
+    def heldout_qrels(self) -> str:
+        from pipelines.train import HELDOUT_QRELS
+
+        return str(Path(self.vlm.output) / HELDOUT_QRELS)
+
+    def config(self, path: Path, root: str | None = None, **sections: Any) -> Any:
+        """The shipped config at ``path`` on this sample and root (or ``root``), ``sections`` merged over its
+        own."""
+        import yaml
+
+        from pipelines.config import parse_config
+        from pipelines.quickstart import _paths
+
+        data = yaml.safe_load(path.read_text())
+        data.update(_paths(str(self.out)))
+        if root is not None:
+            data["root"] = root
+        data["ray"] = {"progress_bars": False}
+        for name, value in sections.items():
+            data[name] = {**data.get(name, {}), **value}
+        return parse_config(data, str(path))
+
+
+def trained_key() -> str:
+    """What the trained models depend on besides the code: sample settings and every training config."""
+    import hashlib
+    import json
+
+    from pipelines.quickstart import DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG
+
+    texts = [p.read_text() for p in (DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG)]
+    blob = json.dumps([TRAINED_SAMPLE, TRAINED_CLIP, TRAINED_VLM, texts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _train_models(out: Path, key: str) -> TrainedModels:
+    from operators.training.tiny_vlm import save_tiny_vlm
+    from pipelines.quickstart import DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG
+    from pipelines.run import run
+    from pipelines.sample import make_sample
+    from pipelines.train import run_train
+
+    sample = make_sample(str(out / "sample"), **TRAINED_SAMPLE)
+    t = TrainedModels(out, sample, None, None, None, None, key)
+    t.clip = run_train(t.config(TRAIN_CLIP_CONFIG, train=TRAINED_CLIP))
+    t.run_a = run(t.config(DEFAULT_CONFIG, embed={"model": t.retriever}, rerank={"backend": "none"}), publish=False)
+    base = out / "out" / "models" / "tiny-vlm-base"
+    save_tiny_vlm(base)
+    t.vlm = run_train(t.config(TRAIN_VLM_CONFIG, rerank={"model": str(base)},
+                               train={**TRAINED_VLM, "candidates": t.run_a.run_dir}))
+    t.run_b = run(t.config(DEFAULT_CONFIG, embed={"model": t.retriever}, rerank=t.reranker))
+    return t
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory: pytest.TempPathFactory) -> TrainedModels:
+    """The trained tiny models, trained once per session in a directory named by :func:`trained_key`.
+
+    On the Ray instance of the module that asks first when one is up, else on a local one of its own that is
+    shut down again (modules start their own Ray with their own settings)."""
+    import ray
+
+    key = trained_key()
+    out = tmp_path_factory.mktemp(f"trained-{key}")
+    if ray.is_initialized():
+        return _train_models(out, key)
+    with ray_init_local():
+        return _train_models(out, key)

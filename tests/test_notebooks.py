@@ -21,6 +21,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import TrainedModels
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -213,6 +215,25 @@ def test_evaluate_notebook(evaluate_nb: Any, qs: QuickstartRun) -> None:
     _assert_figure(_cell(evaluate_nb, "per-query-plot"))
     gl = _text(_cell(evaluate_nb, "gain-loss-table"))
     assert "query_id" in gl and "ndcg@10_delta" in gl
+
+
+def test_evaluate_notebook_on_the_trained_models(trained_models: TrainedModels) -> None:
+    """On the session's trained run and its held-out qrels the notebook shows a ranking that means something:
+    the held-out query count and ``mmrerank eval``'s numbers, the trained retriever well above chance."""
+    from pipelines.evaluate import evaluate
+
+    t = trained_models
+    nb = _execute(EVALUATE, {"ROOT": t.root, "QRELS": t.heldout_qrels})
+    _no_errors(nb)
+    n = len(t.vlm.card["split"]["heldout_query_ids"])
+    assert f"{n} judged queries, 0 of them missing" in _text(_cell(nb, "load"))
+    want = evaluate(t.root, t.heldout_qrels)
+    rows = {line.split()[0]: line.split()[1:] for line in _text(_cell(nb, "metrics-table")).splitlines()
+            if line.split() and "@" in line.split()[0]}
+    for m in ("recall@10", "mrr@10", "ndcg@10"):
+        shown = [float(x) for x in rows[m][:2]]  # retrieval, rerank (then delta)
+        assert shown == pytest.approx([want["retrieval"][m], want["rerank"][m]], abs=6e-5), (m, rows[m])
+    assert want["retrieval"]["recall@10"] >= 0.2, want["retrieval"]  # chance here is ~0.06
 
 
 # --- the helpers against the pipeline ---------------------------------------------------------------

@@ -52,7 +52,7 @@ httpx = pytest.importorskip("httpx")
 
 from operators.storage import Storage, join  # noqa: E402
 from pipelines import publish as P  # noqa: E402
-from tests.conftest import ray_init_local  # noqa: E402
+from tests.conftest import TrainedModels, ray_init_local  # noqa: E402
 
 DOCS, QUERIES, SHARDS = 40, 6, 2
 TOP_N_R2 = 5  # rerank.selection.top_n of the second run (the quickstart's is 10)
@@ -667,6 +667,44 @@ def test_start_refuses_a_busy_port() -> None:
         for ingress in ("direct", "proxy"):  # refused before Serve starts: no Ray needed
             with pytest.raises(OSError, match=f"127.0.0.1:{port} is already in use"):
                 start(ServeSettings(root="/nonexistent", port=port, ingress=ingress))
+
+
+def test_live_search_on_a_trained_run_reaches_its_batch_metrics(app: App, trained_models: TrainedModels) -> None:
+    """Rankings that mean something, over real HTTP: a run of the session's trained models published into the
+    served root is picked up, and ``POST /v1/search`` on its held-out queries (never trained on) answers the
+    batch run's lists, so it reaches the batch run's metrics, the retriever far above chance. LATEST goes back
+    to the served run after."""
+    from operators.training.common import ranking_metrics
+    from pipelines.evaluate import evaluate, load_qrels
+    from pipelines.quickstart import DEFAULT_CONFIG
+    from pipelines.run import run
+
+    t = trained_models
+    before = app.served()
+    cfg = t.config(DEFAULT_CONFIG, root=app.root, embed={"model": t.retriever}, rerank=t.reranker)
+    report = run(cfg, run_id="trained")
+    try:
+        _wait(lambda: app.served() == "trained", RELOAD_DEADLINE_S, "/v1/runs/current == trained")
+        qrels = load_qrels(t.heldout_qrels)
+        texts = {r["query_id"]: r["text"] for r in ds.dataset(t.sample.queries).to_table().to_pylist()}
+        retrieval, kept = {}, {}
+        for q in sorted(qrels):
+            for rerank, into in ((True, kept), (False, retrieval)):
+                r = app.post("/v1/search", json={"text": texts[q], "top_k": cfg.search.k, "rerank": rerank})
+                assert r.status_code == 200 and r.json()["run_id"] == "trained", r.text
+                into[q] = [x["doc_id"] for x in r.json()["results"]]
+        assert kept == {q: [x["doc_id"] for x in rows] for q, rows in app.results("trained").items() if q in qrels}
+        assert retrieval == {q: [x["doc_id"] for x in rows]
+                             for q, rows in app.candidates("trained").items() if q in qrels}
+        want = evaluate(report.run_dir, t.heldout_qrels)
+        got = {"retrieval": ranking_metrics(qrels, retrieval), "rerank": ranking_metrics(qrels, kept)}
+        for stage in ("retrieval", "rerank"):
+            for m in ("recall@10", "mrr@10", "ndcg@10"):
+                assert got[stage][m] == pytest.approx(want[stage][m], abs=1e-6), (stage, m, got, want)
+        assert got["retrieval"]["recall@10"] >= 0.2, got  # chance: ~0.06
+    finally:
+        _cas_latest(app.root, before)
+        _wait(lambda: app.served() == before, RELOAD_DEADLINE_S, f"/v1/runs/current back to {before}")
 
 
 def test_proxy_ingress_answers_the_same(app: App) -> None:

@@ -1,77 +1,31 @@
 """``mmrerank train``: the seeded split, the binding sample, Ray Train for clip and vlm_yesno, checkpoints that
 load through the users' code paths, quality that a regression would break, 2 workers = 1 worker, resume.
 
-One module-scoped setup (cached per session by the content hash of sample + training config): the binding
-sample, the tiny retriever trained on its training queries, a nightly run with it (retrieval only) and the
-tiny yes/no reranker trained on that run's candidates.
+The trained models come from the session's ``trained_models`` (tests/conftest.py: trained once per session,
+in a directory named by the content hash of sample settings + training configs): the binding sample, the
+tiny retriever trained on its training queries, a nightly run with it (retrieval only), the tiny yes/no
+reranker trained on that run's candidates and a nightly run with both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from operators.storage import Storage
 from operators.training.data import build_training_set, read_corpus, read_queries, split_query_ids
 from pipelines.config import ConfigError, parse_config
-
-DOCS, QUERIES, SHARDS = 160, 40, 2
-CLIP_TRAIN: dict[str, Any] = {}  # the quickstart's train-clip.yaml as shipped
-VLM_TRAIN = {"epochs": 2, "batch_size": 16}
-
-
-@dataclass
-class Trained:
-    out: Path
-    sample: Any
-    clip: Any  # TrainReport
-    run_a: Any  # RunReport: trained retriever, retrieval only
-    vlm: Any  # TrainReport
-
-
-def _cfg(path: Path, out: Path, **sections: Any) -> Any:
-    from pipelines.quickstart import _paths
-
-    data = yaml.safe_load(path.read_text())
-    data.update(_paths(str(out)))
-    data["ray"] = {"progress_bars": False}
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return parse_config(data, str(path))
-
-
-_SESSION: dict[str, Trained] = {}
+from tests.conftest import TrainedModels
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    from operators.training.tiny_vlm import save_tiny_vlm
-    from pipelines.quickstart import DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG
-    from pipelines.run import run
-    from pipelines.sample import make_sample
-    from pipelines.train import run_train
-
-    key = hashlib.sha256(json.dumps([DOCS, QUERIES, SHARDS, CLIP_TRAIN, VLM_TRAIN, TRAIN_CLIP_CONFIG.read_text(),
-                                     TRAIN_VLM_CONFIG.read_text()]).encode()).hexdigest()[:16]
-    if key in _SESSION:
-        return _SESSION[key]
-    out = tmp_path_factory.mktemp(f"trained-{key}")
-    sample = make_sample(str(out / "sample"), docs=DOCS, queries=QUERIES, shards=SHARDS, binding=True)
-    clip = run_train(_cfg(TRAIN_CLIP_CONFIG, out, train=CLIP_TRAIN))
-    retriever = {"name": "mmr-tiny", "pretrained": clip.weights}
-    run_a = run(_cfg(DEFAULT_CONFIG, out, embed={"model": retriever}, rerank={"backend": "none"}), publish=False)
-    base = out / "out" / "models" / "tiny-vlm-base"
-    save_tiny_vlm(base)
-    vlm = run_train(_cfg(TRAIN_VLM_CONFIG, out, rerank={"model": str(base)},
-                         train={**VLM_TRAIN, "candidates": run_a.run_dir}))
-    _SESSION[key] = Trained(out, sample, clip, run_a, vlm)
-    return _SESSION[key]
+def trained(ray_local: Any, trained_models: TrainedModels) -> TrainedModels:
+    """The session's trained models (trained on this module's Ray when no earlier module asked for them)."""
+    return trained_models
 
 
 # --- no Ray -------------------------------------------------------------------------------------------
@@ -169,7 +123,7 @@ def test_train_without_section_or_qrels_is_a_clear_error() -> None:
 # --- trained models -----------------------------------------------------------------------------------
 
 
-def _heldout_recall(trained: Trained, spec: Any, mix_channels: bool = False) -> dict[str, float]:
+def _heldout_recall(trained: TrainedModels, spec: Any, mix_channels: bool = False) -> dict[str, float]:
     """Held-out retrieval metrics of an open_clip spec, loaded the way the pipeline loads it."""
     from operators.models import build_model, image_transform, resolve_model
     from operators.training.clip import _validate
@@ -188,7 +142,7 @@ def _heldout_recall(trained: Trained, spec: Any, mix_channels: bool = False) -> 
     return _validate(model, tok, transform, ts, torch.device("cpu"))
 
 
-def test_trained_retriever_beats_random_and_a_preprocessing_mismatch_breaks_it(trained: Trained) -> None:
+def test_trained_retriever_beats_random_and_a_preprocessing_mismatch_breaks_it(trained: TrainedModels) -> None:
     from operators.models import ModelSpec
 
     spec = ModelSpec(name="mmr-tiny", pretrained=trained.clip.weights)
@@ -202,7 +156,7 @@ def test_trained_retriever_beats_random_and_a_preprocessing_mismatch_breaks_it(t
     assert bad["ndcg@10"] < good["ndcg@10"] - 0.05, (good, bad)
 
 
-def test_model_card_and_weights(trained: Trained) -> None:
+def test_model_card_and_weights(trained: TrainedModels) -> None:
     out = Path(trained.clip.output)
     card = json.loads((out / "model_card.json").read_text())
     assert card["target"] == "clip" and card["base_model"]["name"] == "mmr-tiny"
@@ -222,7 +176,7 @@ def test_model_card_and_weights(trained: Trained) -> None:
     assert not [f for f in vfiles if f.endswith((".bin", ".pt", ".pth"))]
 
 
-def test_checkpoint_for_another_architecture_is_a_clear_error(trained: Trained, tmp_path: Path) -> None:
+def test_checkpoint_for_another_architecture_is_a_clear_error(trained: TrainedModels, tmp_path: Path) -> None:
     from operators.models import ModelLoadError, ModelSpec, build_model, resolve_model
 
     cfg = json.loads((Path(__file__).parent.parent / "operators" / "model_configs" / "mmr-tiny.json").read_text())
@@ -235,17 +189,12 @@ def test_checkpoint_for_another_architecture_is_a_clear_error(trained: Trained, 
         resolve_model(ModelSpec(name="mmr-tiny", pretrained=str(tmp_path / "missing.safetensors")))
 
 
-def test_rerank_uses_the_trained_reranker_as_is_and_matches_its_validation(trained: Trained) -> None:
+def test_rerank_uses_the_trained_reranker_as_is_and_matches_its_validation(trained: TrainedModels) -> None:
     """The nightly run with the trained directory as rerank.model scores the held-out queries exactly as the
     training's validation did: same prompt, processor and preprocessing on both paths."""
     from pipelines.evaluate import evaluate
-    from pipelines.quickstart import DEFAULT_CONFIG
-    from pipelines.run import run
 
-    retriever = {"name": "mmr-tiny", "pretrained": trained.clip.weights}
-    cfg = _cfg(DEFAULT_CONFIG, trained.out, embed={"model": retriever},
-               rerank={"backend": "vlm_yesno", "model": trained.vlm.output, "batch_size": 16})
-    report = run(cfg, publish=False)
+    report = trained.run_b  # rerank.model: the trained directory as is
     m = evaluate(report.run_dir, str(Path(trained.vlm.output) / "heldout_qrels.txt"))
     val = trained.vlm.card["validation"]
     assert m["rerank"]["ndcg@10"] == pytest.approx(val["ndcg@10"], abs=0.02), (m["rerank"], val)
@@ -254,7 +203,7 @@ def test_rerank_uses_the_trained_reranker_as_is_and_matches_its_validation(train
     assert m["retrieval"] == a["retrieval"]
 
 
-def test_two_workers_match_one(trained: Trained) -> None:
+def test_two_workers_match_one(trained: TrainedModels) -> None:
     """Data parallel correctness: same data, same global batch, 2 workers -> the same weights as 1."""
     import torch
     from safetensors.torch import load_file
@@ -264,7 +213,7 @@ def test_two_workers_match_one(trained: Trained) -> None:
 
     weights, cards = {}, {}
     for n in (1, 2):
-        r = run_train(_cfg(TRAIN_CLIP_CONFIG, trained.out, train={
+        r = run_train(trained.config(TRAIN_CLIP_CONFIG, train={
             "epochs": 2, "batch_size": 16, "lr": 0.002, "num_workers": n, "worker_num_cpus": 0.5,
             "name": f"dp-{n}", "output": str(trained.out / f"dp-{n}")}))
         weights[n] = load_file(str(Path(r.output) / "model.safetensors"))
