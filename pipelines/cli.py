@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="make a sample and run the pipeline on the embedded default")
     q.add_argument("--out", default="mmrerank-quickstart", help="where the sample and outputs go")
-    q.add_argument("--docs", type=int, default=None, help="default 160 (trained) / 200 (--random-weights)")
-    q.add_argument("--queries", type=int, default=None, help="default 40 (trained) / 20 (--random-weights)")
+    q.add_argument("--docs", type=int, default=None, help="default 640 (trained) / 200 (--random-weights)")
+    q.add_argument("--queries", type=int, default=None, help="default 160 (trained) / 20 (--random-weights)")
     q.add_argument("--shards", type=int, default=4)
     q.add_argument("--random-weights", action="store_true",
                    help="skip training: the default sample on random-weight models (a smoke test)")

@@ -290,7 +290,11 @@ class TrainConfig(_Strict):
     split_seed: int = Field(default=0, ge=0)
     seed: int = Field(default=0, ge=0)
     epochs: int = Field(default=5, gt=0, le=10_000)
-    batch_size: int = Field(default=32, gt=0, description="examples per optimiser step, all workers together")
+    batch_size: int = Field(default=32, gt=0, description="examples per optimiser step, all workers together "
+                            "(loss listwise: queries, each with all its positives and negatives)")
+    # vlm_yesno: pointwise = RagVL's cross-entropy on each (query, doc) pair's Yes/No answer; listwise = the
+    # localized contrastive estimation of Gao et al. 2021 (each positive against its query's negatives).
+    loss: Literal["pointwise", "listwise"] = "pointwise"
     lr: float = Field(default=1e-4, gt=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)
     num_workers: int = Field(default=1, gt=0, le=4096)
@@ -318,6 +322,8 @@ class TrainConfig(_Strict):
                                  "reranks the held-out queries' candidates")
             if self.negatives == "none":
                 raise ValueError("target vlm_yesno needs negatives: hard (RagVL) or random")
+        if self.loss == "listwise" and self.target != "vlm_yesno":
+            raise ValueError("loss: listwise is for target vlm_yesno (clip is contrastive already)")
         if self.target == "clip" and self.model is not None:
             raise ValueError("model is for target vlm_yesno; target clip takes clip_model")
         if self.target == "vlm_yesno" and self.clip_model is not None:

@@ -161,7 +161,7 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
     else:
         from operators.training.vlm import train_loop
     config = {**loop_inputs, "data": ray.put(ts), "seed": tc.seed, "epochs": tc.epochs,
-              "batch_size": tc.batch_size, "lr": tc.lr, "weight_decay": tc.weight_decay,
+              "batch_size": tc.batch_size, "loss": tc.loss, "lr": tc.lr, "weight_decay": tc.weight_decay,
               "hard_negatives": tc.negatives != "none", "lora": tc.lora.model_dump(),
               "eval_batch_size": cfg.rerank.batch_size, "storage_options": cfg.storage.options(),
               "torch_threads": max(1, cores // tc.num_workers) if not use_gpu else 0}
@@ -193,7 +193,8 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
                  "counts": ts.counts, "skipped_corpus_rows": skipped},
         "split": {"by": "query_id", "heldout_fraction": tc.heldout_fraction, "split_seed": tc.split_seed,
                   "heldout_qrels": HELDOUT_QRELS, "heldout_query_ids": ts.heldout_ids},
-        "training": {"epochs": tc.epochs, "steps": state["step"], "batch_size": tc.batch_size, "lr": tc.lr,
+        "training": {"epochs": tc.epochs, "steps": state["step"], "batch_size": tc.batch_size, "loss": tc.loss,
+                     "lr": tc.lr,
                      "weight_decay": tc.weight_decay, "seed": tc.seed, "num_workers": tc.num_workers,
                      "use_gpu": use_gpu, "negatives": tc.negatives, "negatives_per_query": tc.negatives_per_query,
                      "lora": bool(state.get("lora", False)), "library": "ray.train.torch.TorchTrainer"},

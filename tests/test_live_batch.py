@@ -159,6 +159,6 @@ def test_live_ranks_heldout_queries_as_the_trained_batch_run(trained_models: Tra
     bad_retrieval, bad_kept = _live_rankings(Live(lost, store.index_uri, "cpu", store.clip_vectors), texts, k)
     bad = {"retrieval": ranking_metrics(qrels, bad_retrieval), "rerank": ranking_metrics(qrels, bad_kept)}
     shown = {s: {m: (good[s][m], bad[s][m]) for m in ("recall@10", "ndcg@10")} for s in good}
-    for stage in ("retrieval", "rerank"):
+    assert bad["retrieval"]["ndcg@10"] <= good["retrieval"]["ndcg@10"] - 0.05, shown
+    for stage in ("retrieval", "rerank"):  # the reranker keeps from the (now wrong) candidates
         assert bad[stage]["recall@10"] <= good[stage]["recall@10"] - 0.1, shown
-        assert bad[stage]["ndcg@10"] <= good[stage]["ndcg@10"] - 0.05, shown

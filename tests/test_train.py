@@ -108,6 +108,62 @@ def test_train_config_is_validated_before_any_work() -> None:
         parse_config({**base, "train": {"target": "clip", "batch_size": 0}})
     with pytest.raises(ConfigError, match="train.lora.unknown"):
         parse_config({**base, "train": {"target": "clip", "lora": {"unknown": 1}}})
+    with pytest.raises(ConfigError, match="train.loss"):
+        parse_config({**base, "train": {"target": "vlm_yesno", "candidates": "/tmp/r", "negatives": "hard",
+                                        "loss": "pairwise"}})
+    with pytest.raises(ConfigError, match="listwise is for target vlm_yesno"):
+        parse_config({**base, "train": {"target": "clip", "loss": "listwise"}})
+
+
+def test_pixel_cache_gives_the_transforms_pixels_within_its_budget(tmp_path: Path) -> None:
+    import torch
+
+    from operators.models import ModelSpec, image_transform, resolve_model
+    from operators.training.clip import PixelCache, _pixels
+    from pipelines.evaluate import load_qrels
+    from pipelines.sample import make_sample
+
+    s = make_sample(str(tmp_path / "s"), docs=12, queries=3, shards=1, binding=True)
+    st = Storage()
+    docs, _ = read_corpus(s.corpus, st, 10**8, ("PNG", "JPEG"))
+    ts = build_training_set(read_queries(s.queries, st), docs, load_qrels(s.qrels, st), None, 0.5, 0, 0, "none", 0)
+    tf = image_transform(resolve_model(ModelSpec(name="mmr-tiny")).preprocess)
+    ids = sorted(docs)[:6]
+    one = tf(ts.image(ids[0]))
+    cache = PixelCache(ts, tf, max_bytes=3 * one.element_size() * one.nelement())
+    for _ in range(2):  # the second pass reads the cache
+        assert torch.equal(_pixels(ts, ids, cache), _pixels(ts, ids, tf))
+    assert sorted(cache.cache) == ids[:3] and cache.room == 0  # the budget holds: 3 of 6 kept
+
+
+def test_listwise_loss_equals_a_brute_force_reference() -> None:
+    """LCE: each positive's margin logit(Yes) - logit(No) in a softmax against its own query's negatives."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from operators.training.vlm import lce_loss, query_groups
+
+    rng = np.random.default_rng(0)
+    sizes = [(2, 4), (1, 3), (3, 1)]
+    logits = rng.normal(size=(sum(p + n for p, n in sizes), 2))
+    want, i = 0.0, 0
+    for n_pos, n_neg in sizes:
+        margin = [a - b for a, b in logits[i:i + n_pos + n_neg].tolist()]
+        negs = margin[n_pos:]
+        for s in margin[:n_pos]:
+            want -= s - math.log(math.exp(s) + sum(math.exp(x) for x in negs))
+        i += n_pos + n_neg
+    got = lce_loss(torch.tensor(logits), sizes)
+    assert float(got) == pytest.approx(want, rel=1e-9)
+    # A ranking loss: a query's margins shifted together leave it unchanged; the negatives of another query
+    # never enter a positive's softmax.
+    shifted = torch.tensor(logits)
+    shifted[:6, 0] += 3.0
+    assert float(lce_loss(shifted, sizes)) == pytest.approx(want, rel=1e-9)
+    examples = [("q2", "a", 1), ("q1", "b", 0), ("q1", "c", 1), ("q3", "d", 1), ("q2", "e", 0), ("q1", "f", 0)]
+    assert query_groups(examples) == [("q1", ["c"], ["b", "f"]), ("q2", ["a"], ["e"])]  # q3: no negative
 
 
 def test_train_without_section_or_qrels_is_a_clear_error() -> None:

@@ -54,9 +54,38 @@ def contrastive_loss(img: Any, txt: Any, neg: Any | None, scale: Any, world: int
     return (F.cross_entropy(t2i, labels) + F.cross_entropy(i2t, labels)) / 2
 
 
+PIXEL_CACHE_BYTES = 512 * 1024**2  # preprocessed images kept per worker across epochs (then: decoded per use)
+
+
+class PixelCache:
+    """Each doc's preprocessed pixels, computed once and reused by every epoch's steps and validation (the
+    transform is the pipeline's deterministic one), up to ``max_bytes``; docs beyond that are decoded per use."""
+
+    def __init__(self, ts: TrainingSet, transform: Any, max_bytes: int = PIXEL_CACHE_BYTES) -> None:
+        self.ts, self.transform, self.room = ts, transform, max_bytes
+        self.cache: dict[str, Any] = {}
+
+    def __call__(self, ids: list[str]) -> Any:
+        import torch
+
+        out = []
+        for d in ids:
+            x = self.cache.get(d)
+            if x is None:
+                x = self.transform(self.ts.image(d))
+                size = x.element_size() * x.nelement()
+                if size <= self.room:
+                    self.cache[d], self.room = x, self.room - size
+            out.append(x)
+        return torch.stack(out)
+
+
 def _pixels(ts: TrainingSet, ids: list[str], transform: Any) -> Any:
+    """``transform`` of each doc's decoded image, stacked (``transform`` may be a :class:`PixelCache`'s)."""
     import torch
 
+    if isinstance(transform, PixelCache):
+        return transform(ids)
     return torch.stack([transform(ts.image(d)) for d in ids])
 
 
@@ -93,7 +122,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model, tokenizer = build_model(config["resolved"], device=str(device.type), precision="fp32",
                                    storage_options=config["storage_options"])
     model.train()
-    transform = image_transform(config["resolved"].preprocess)  # the pipeline's own preprocessing
+    # The pipeline's own preprocessing, each doc's result kept for the next epochs.
+    transform = PixelCache(ts, image_transform(config["resolved"].preprocess))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     state = restore(model, opt) or {"epoch": -1, "step": 0, "history": []}

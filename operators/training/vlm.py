@@ -3,8 +3,11 @@
 Each example is (query, candidate image + caption, relevant?) with positives from qrels and negatives
 from the retriever's own candidates (``hard``) or random corpus docs (``random``). The model reads
 exactly what the ``vlm_yesno`` backend gives it at inference (its ``build_prompt`` / ``build_text`` and
-processor, same prompt and answer words) and is trained with cross-entropy on the two answer logits at
-the next-token position, i.e. on the score the backend computes (softmax over positive / negative).
+processor, same prompt and answer words) and is trained on the two answer logits at the next-token
+position, i.e. on the score the backend computes (softmax over positive / negative): ``pointwise``,
+RagVL's cross-entropy of each pair's answer; ``listwise``, localized contrastive estimation (LCE, Gao et
+al. 2021, "Rethink Training of BERT Rerankers in Multi-Stage Retrieval Pipeline"): each positive's margin
+``logit(Yes) - logit(No)`` in a softmax against its query's negatives, which ranks rather than calibrates.
 Full fine-tuning for small bases, LoRA (peft) for large ones (``train.lora``); the saved directory is a
 model (with its processor) or an adapter, used by ``rerank:`` as ``model`` / ``lora_adapter``.
 """
@@ -44,6 +47,32 @@ def pair_logits(rr: Any, model: Any, queries: list[str], images: list[Any], capt
     inputs = {k: v.to(rr.device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
     out = model(**inputs, logits_to_keep=1) if rr._keep_last else model(**inputs)
     return out.logits[:, -1][:, [rr.pos_id, rr.neg_id]].float()  # left-padded: the last position
+
+
+def query_groups(examples: list[tuple[str, str, int]]) -> list[tuple[str, list[str], list[str]]]:
+    """``(query, positives, negatives)`` per query, sorted by query id; queries without a positive or a
+    negative are left out (LCE needs both)."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for q, d, label in examples:
+        groups.setdefault(q, ([], []))[0 if label else 1].append(d)
+    return [(q, pos, neg) for q, (pos, neg) in sorted(groups.items()) if pos and neg]
+
+
+def lce_loss(logits: Any, sizes: list[tuple[int, int]]) -> Any:
+    """Sum over positives of ``-log softmax([s_pos, s_neg...])[0]``, ``s = logit(Yes) - logit(No)``.
+
+    ``logits``: [positive, negative] answer logits of the pairs, each query's positives then its negatives
+    in the order of ``sizes`` ((n_pos, n_neg) per query)."""
+    import torch
+
+    s = logits[:, 0] - logits[:, 1]
+    total, i = s.new_zeros(()), 0
+    for n_pos, n_neg in sizes:
+        pos, neg = s[i:i + n_pos], s[i + n_pos:i + n_pos + n_neg]
+        i += n_pos + n_neg
+        rows = torch.cat([pos[:, None], neg[None, :].expand(n_pos, n_neg)], dim=1)
+        total = total - torch.log_softmax(rows, dim=1)[:, 0].sum()
+    return total
 
 
 def _validate(rr: Any, model: Any, ts: TrainingSet, batch_size: int) -> dict[str, float]:
@@ -101,18 +130,34 @@ def train_loop(config: dict[str, Any]) -> None:
         if not lora:
             rr.processor.save_pretrained(str(d / OUTPUT_DIR))
 
+    listwise = config.get("loss") == "listwise"
+    groups = query_groups(ts.examples) if listwise else []
+    if listwise and not groups:
+        raise ValueError("loss listwise: no training query has both a positive and a negative")
     epochs, started = config["epochs"], time.monotonic()
     if state["epoch"] + 1 >= epochs:
         report_finished(rank, state, save)
         return
     for epoch in range(state["epoch"] + 1, epochs):
         losses = []
-        for batch in global_batches(epoch_order(len(ts.examples), config["seed"], epoch), config["batch_size"], world):
-            ex = [ts.examples[int(i)] for i in batch[rank::world]]
-            logits = pair_logits(rr, ddp, [ts.texts[q] for q, _d, _l in ex], [ts.image(d) for _q, d, _l in ex],
-                                 [ts.docs[d][1] for _q, d, _l in ex])
-            target = torch.tensor([0 if label else 1 for _q, _d, label in ex], device=logits.device)
-            loss = F.cross_entropy(logits, target)
+        n = len(groups) if listwise else len(ts.examples)
+        for batch in global_batches(epoch_order(n, config["seed"], epoch), config["batch_size"], world):
+            if listwise:
+                mine = [groups[int(i)] for i in batch[rank::world]]
+                pairs = [(q, d) for q, pos, neg in mine for d in pos + neg]
+            else:
+                pairs = [(q, d) for q, d, _l in (ts.examples[int(i)] for i in batch[rank::world])]
+            logits = pair_logits(rr, ddp, [ts.texts[q] for q, _d in pairs], [ts.image(d) for _q, d in pairs],
+                                 [ts.docs[d][1] for _q, d in pairs])
+            if listwise:
+                # Mean over the global batch's positives: DDP averages the workers' gradients, so each worker's
+                # sum is scaled by world / (positives of the whole batch).
+                n_pos = sum(len(groups[int(i)][1]) for i in batch)
+                loss = lce_loss(logits, [(len(pos), len(neg)) for _q, pos, neg in mine]) * (world / n_pos)
+            else:
+                ex = [ts.examples[int(i)] for i in batch[rank::world]]
+                target = torch.tensor([0 if label else 1 for _q, _d, label in ex], device=logits.device)
+                loss = F.cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
