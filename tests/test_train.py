@@ -162,6 +162,21 @@ def test_listwise_loss_equals_a_brute_force_reference() -> None:
     shifted = torch.tensor(logits)
     shifted[:6, 0] += 3.0
     assert float(lce_loss(shifted, sizes)) == pytest.approx(want, rel=1e-9)
+    # Data parallel: two workers' scaled shares, gradients averaged as DDP does, equal one worker's batch mean.
+    from operators.training.vlm import lce_worker_loss
+
+    w = torch.tensor(logits, requires_grad=True)
+    lce_worker_loss(w, sizes, 6, 1).backward()
+    whole = w.grad.clone()
+    w.grad = None
+    halves = [(slice(0, 10), sizes[:2]), (slice(10, 14), sizes[2:])]  # worker 0: queries 1-2, worker 1: query 3
+    grads = []
+    for rows, part in halves:
+        local = torch.tensor(logits[rows], requires_grad=True)
+        lce_worker_loss(local, part, 6, 2).backward()
+        grads.append(local.grad)
+    dp = torch.cat(grads) / 2  # DDP's all-reduce mean, each worker's rows then the other's
+    torch.testing.assert_close(dp, whole, rtol=1e-12, atol=1e-12)
     examples = [("q2", "a", 1), ("q1", "b", 0), ("q1", "c", 1), ("q3", "d", 1), ("q2", "e", 0), ("q1", "f", 0)]
     assert query_groups(examples) == [("q1", ["c"], ["b", "f"]), ("q2", ["a"], ["e"])]  # q3: no negative
 

@@ -75,6 +75,12 @@ def lce_loss(logits: Any, sizes: list[tuple[int, int]]) -> Any:
     return total
 
 
+def lce_worker_loss(logits: Any, sizes: list[tuple[int, int]], batch_positives: int, world: int) -> Any:
+    """One worker's share of the global batch's mean LCE: its sum scaled by ``world / batch_positives``, so
+    the average of the workers' gradients (DDP) is the gradient of the whole batch's mean."""
+    return lce_loss(logits, sizes) * (world / batch_positives)
+
+
 def _validate(rr: Any, model: Any, ts: TrainingSet, batch_size: int) -> dict[str, float]:
     """Rerank every held-out query's candidates by P(positive), exactly as the backend scores them."""
     rr.model = model
@@ -150,10 +156,8 @@ def train_loop(config: dict[str, Any]) -> None:
             logits = pair_logits(rr, ddp, [ts.texts[q] for q, _d in pairs], [ts.image(d) for _q, d in pairs],
                                  [ts.docs[d][1] for _q, d in pairs])
             if listwise:
-                # Mean over the global batch's positives: DDP averages the workers' gradients, so each worker's
-                # sum is scaled by world / (positives of the whole batch).
-                n_pos = sum(len(groups[int(i)][1]) for i in batch)
-                loss = lce_loss(logits, [(len(pos), len(neg)) for _q, pos, neg in mine]) * (world / n_pos)
+                loss = lce_worker_loss(logits, [(len(pos), len(neg)) for _q, pos, neg in mine],
+                                       sum(len(groups[int(i)][1]) for i in batch), world)
             else:
                 ex = [ts.examples[int(i)] for i in batch[rank::world]]
                 target = torch.tensor([0 if label else 1 for _q, _d, label in ex], device=logits.device)
