@@ -119,6 +119,22 @@ def _write_output(storage: Storage, ckpt_dir: str, output: str) -> dict[str, str
     return hashes
 
 
+def _last_checkpoint(storage: Storage, run_dir: str) -> str | None:
+    """The run's checkpoint with the most steps among the complete ones (state file written last), or None.
+
+    Ray Train restores its own run state only while its controller lives; after a kill -9 of the driver the
+    same command starts a new Ray Train run, and the loop loads this checkpoint (``resume_from``: v2 has no
+    ``resume_from_checkpoint``)."""
+    best: tuple[int, str] | None = None
+    for name in storage.listdir(run_dir):
+        uri = join(run_dir, name, STATE_FILE)
+        if name.startswith("checkpoint_") and storage.exists(uri):
+            step = int(storage.read_json(uri).get("step", -1))
+            if best is None or step > best[0]:
+                best = (step, name)
+    return None if best is None else best[1]
+
+
 def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
     """Train ``cfg.train.target``; reuses a finished output of the same fingerprint, resumes a killed run."""
     import ray
@@ -166,6 +182,10 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
               "eval_batch_size": cfg.rerank.batch_size, "storage_options": cfg.storage.options(),
               "torch_threads": max(1, cores // tc.num_workers) if not use_gpu else 0}
     fs, path = arrow_filesystem(join(cfg.root, "training"), cfg.storage.options())
+    resume = _last_checkpoint(storage, join(cfg.root, "training", name))
+    if resume is not None:
+        log.info("train %s: resuming from %s", name, resume)
+        config["resume_from"] = join(cfg.root, "training", name, resume)  # Ray Train v2: the loop loads it
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,

@@ -305,3 +305,58 @@ def test_two_workers_match_one(trained: TrainedModels) -> None:
 
     diffs = {k: float((comparable(k, weights[1][k]) - comparable(k, weights[2][k])).abs().max()) for k in weights[1]}
     assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda x: -x[1])[:3]
+
+
+@pytest.mark.timeout(1800)
+def test_kill_9_of_train_resumes_from_its_last_checkpoint(trained: TrainedModels, tmp_path: Path) -> None:
+    """``mmrerank train`` SIGKILLed with its whole Ray (driver, GCS, raylet, workers) once an epoch checkpoint
+    exists; the same command resumes from that checkpoint and ends with the weights and history of an
+    uninterrupted training of the same config."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from pipelines.quickstart import TRAIN_CLIP_CONFIG, _paths
+    from pipelines.train import run_train
+    from tests.test_run import CLI_DEADLINE_S, _kill_tree, _log_tail, _spawn, _wait_until
+
+    train = {"epochs": 6, "batch_size": 16}  # the kill lands after epoch 2 of 6
+    ref = run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(tmp_path / "ref"), train={**train, "name": "ref"}))
+
+    root = tmp_path / "root"
+    data = yaml.safe_load(TRAIN_CLIP_CONFIG.read_text())
+    data.update(_paths(str(trained.out)), root=str(root), ray={"progress_bars": False, "num_cpus": 2})
+    data["train"] = {**data["train"], **train, "name": "kill9"}
+    cfg_path = tmp_path / "train.yaml"
+    cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    states = root / "training" / "kill9"
+
+    def second_epoch_saved() -> bool:
+        return any(json.loads(p.read_text())["epoch"] >= 1 for p in states.glob("*/train_state.json"))
+
+    log1 = tmp_path / "killed.log"
+    proc = _spawn(["train", str(cfg_path)], log1, tmp_path)
+    try:
+        _wait_until(proc, second_epoch_saved, "a checkpoint of the second epoch", log1)
+    finally:
+        _kill_tree(proc)
+    out = root / "models" / "kill9"
+    assert not (out / "model_card.json").exists(), "killed, yet the training finished"
+
+    log2 = tmp_path / "resumed.log"
+    proc = _spawn(["train", str(cfg_path)], log2, tmp_path)
+    try:
+        rc = proc.wait(timeout=CLI_DEADLINE_S)
+    finally:
+        _kill_tree(proc)
+    assert rc == 0, _log_tail(log2)
+    text = log2.read_text(errors="replace")
+    assert "resuming from the checkpoint of epoch" in text, _log_tail(log2)
+    card = json.loads((out / "model_card.json").read_text())
+    assert [h["epoch"] for h in card["history"]] == [h["epoch"] for h in ref.card["history"]]
+    assert card["training"]["steps"] == ref.card["training"]["steps"]
+    for a, b in zip(card["history"], ref.card["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(Path(ref.output) / "model.safetensors"))
+    assert got.keys() == want.keys()
+    diff = max(float((got[k].float() - want[k].float()).abs().max()) for k in got)
+    assert diff < 1e-5, diff

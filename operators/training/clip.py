@@ -126,7 +126,7 @@ def train_loop(config: dict[str, Any]) -> None:
     transform = PixelCache(ts, image_transform(config["resolved"].preprocess))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-    state = restore(model, opt) or {"epoch": -1, "step": 0, "history": []}
+    state = restore(model, opt, config) or {"epoch": -1, "step": 0, "history": []}
     ddp = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
 
     by_query: dict[str, tuple[list[str], list[str]]] = {}

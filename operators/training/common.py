@@ -83,12 +83,18 @@ def save_state(d: Path, module: Any, optimizer: Any, state: dict[str, Any], trai
     (d / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def restore(module: Any, optimizer: Any) -> dict[str, Any] | None:
-    """The state of Ray Train's latest checkpoint of this run (weights and optimizer loaded), or None."""
+def restore(module: Any, optimizer: Any, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of Ray Train's latest checkpoint of this run, else of ``config["resume_from"]`` (the last
+    checkpoint of a killed earlier run), weights and optimizer loaded; None to start afresh."""
     import ray.train
     import torch
 
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        from operators.storage import arrow_filesystem
+
+        fs, path = arrow_filesystem(config["resume_from"], config.get("storage_options") or {})
+        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:

@@ -126,7 +126,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
                             weight_decay=config["weight_decay"])
-    state = restore(model, opt) or {"epoch": -1, "step": 0, "history": []}
+    state = restore(model, opt, config) or {"epoch": -1, "step": 0, "history": []}
     ddp = (ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
            if world > 1 else model)
 
