@@ -152,14 +152,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 mine = [groups[int(i)] for i in batch[rank::world]]
                 pairs = [(q, d) for q, pos, neg in mine for d in pos + neg]
             else:
-                pairs = [(q, d) for q, d, _l in (ts.examples[int(i)] for i in batch[rank::world])]
+                ex = [ts.examples[int(i)] for i in batch[rank::world]]
+                pairs = [(q, d) for q, d, _l in ex]
             logits = pair_logits(rr, ddp, [ts.texts[q] for q, _d in pairs], [ts.image(d) for _q, d in pairs],
                                  [ts.docs[d][1] for _q, d in pairs])
             if listwise:
                 loss = lce_worker_loss(logits, [(len(pos), len(neg)) for _q, pos, neg in mine],
                                        sum(len(groups[int(i)][1]) for i in batch), world)
             else:
-                ex = [ts.examples[int(i)] for i in batch[rank::world]]
                 target = torch.tensor([0 if label else 1 for _q, _d, label in ex], device=logits.device)
                 loss = F.cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
