@@ -10,19 +10,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import (
+    QUICKSTART_SAMPLE,
+    TEST_ACCESS_KEY_ID,
+    TEST_REGION,
+    TEST_SECRET_ACCESS_KEY,
+    QuickstartRun,
+    S3Server,
+    answers_http,
+    clear_s3fs_caches,
+    free_port,
+    log_tail,
+    ray_init_local,
+    stop_process,
+)
+from tests.trained import TrainedModels, load_or_train
 
 for _name in ("werkzeug", "botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "moto"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -32,10 +44,7 @@ for _name in ("werkzeug", "botocore", "boto3", "s3fs", "aiobotocore", "urllib3",
 # (CPython gh-106905).
 logging.getLogger("ray.data._internal.usage").setLevel(logging.INFO)
 
-# Sentinel credentials: never valid anywhere, easy to grep for in messages that must not contain them.
-TEST_ACCESS_KEY_ID = "testing-key-id-MMR"
-TEST_SECRET_ACCESS_KEY = "testing-secret-MMR-9f3a"
-TEST_REGION = "us-east-1"
+_SERVER_START_TIMEOUT_S = 60.0
 
 # Every AWS variable that could leak settings from the developer's machine into the tests.
 _AWS_ENV_CLEARED = (
@@ -50,8 +59,6 @@ _AWS_ENV_CLEARED = (
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
 )
-
-_SERVER_START_TIMEOUT_S = 60.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +78,7 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_module_rank)  # stable: modules keep their order within a rank, tests theirs within a module
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items or _cuda_available():
         return
@@ -82,73 +90,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ----------------------------------------------------------------------------------------------
 # S3: moto server mode on 127.0.0.1
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class S3Server:
-    endpoint_url: str
-    port: int
-    pid: int
-    log_path: Path
-    access_key_id: str = TEST_ACCESS_KEY_ID
-    secret_access_key: str = TEST_SECRET_ACCESS_KEY
-    region: str = TEST_REGION
-
-    def client(self) -> Any:
-        """A boto3 S3 client talking to this server with the test credentials."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key_id,
-            aws_secret_access_key=self.secret_access_key,
-            region_name=self.region,
-        )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path: Path, n: int = 40) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        return f"<cannot read {path}: {e}>"
-    return "\n".join(lines[-n:])
-
-
-def _answers_http(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0):
-            return True
-    except urllib.error.HTTPError:
-        return True  # any HTTP status means the server is up
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
-
-
-def clear_s3fs_caches() -> None:
-    """Forget cached s3fs instances (they hold clients built from an older env) and listings."""
-    try:
-        import s3fs
-    except ImportError:
-        return
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +110,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's S3 server as a subprocess on 127.0.0.1:<free port>; AWS env points at it meanwhile."""
     log_dir = tmp_path_factory.mktemp("moto-server")
     log_path = log_dir / "moto.log"
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     with open(log_path, "wb") as log_file:
@@ -183,16 +124,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         )
     try:
         deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
-        while not _answers_http(f"{endpoint}/moto-api/"):
+        while not answers_http(f"{endpoint}/moto-api/"):
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"moto server exited with code {proc.returncode} before answering on {endpoint}; "
-                    f"log tail ({log_path}):\n{_log_tail(log_path)}"
+                    f"log tail ({log_path}):\n{log_tail(log_path)}"
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"moto server did not answer on {endpoint} within {_SERVER_START_TIMEOUT_S:.0f}s; "
-                    f"log tail ({log_path}):\n{_log_tail(log_path)}"
+                    f"log tail ({log_path}):\n{log_tail(log_path)}"
                 )
             time.sleep(0.1)
 
@@ -214,7 +155,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             mp.undo()
             clear_s3fs_caches()
     finally:
-        _stop_process(proc)
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -252,187 +193,136 @@ def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # Ray: one small local instance per module
 # ----------------------------------------------------------------------------------------------
 
-_FORWARDED_ENV_PREFIXES = ("AWS_",)
+# Modules on a Ray of their own (a multi-node cluster, a private RAY_TMPDIR, workers reaching S3 through a fault
+# proxy) or on CLI children's; then the modules on the shared 2-CPU Ray; last those on the shared Serve Ray. Each
+# kind of shared Ray then starts once or twice per session instead of once per module.
+_OWN_RAY_MODULES = ("test_cluster", "test_faults_s3", "test_security", "test_stop")
+_SERVE_RAY_MODULES = ("test_explorer", "test_serve", "test_serve_clients")
 
 
-def _forwarded_env() -> dict[str, str]:
-    """AWS_* variables workers need to reach the test S3 server (only while it runs)."""
-    if "AWS_ENDPOINT_URL" not in os.environ:
-        return {}
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
+def _module_rank(item: pytest.Item) -> int:
+    name = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+    return 0 if name in _OWN_RAY_MODULES else 2 if name in _SERVE_RAY_MODULES else 1
 
 
-@contextlib.contextmanager
-def ray_init_local(
-    num_cpus: int = 2,
-    object_store_memory: int = 300 * 1024**2,
-    env_vars: dict[str, str] | None = None,
-    **init_kwargs: Any,
-) -> Iterator[Any]:
-    """Start a small local Ray instance, yield its context, shut it down and restore the env.
+# The shared local Rays: "cpu" as the pipeline meets it on this 2-core machine; "serve" with 4 logical CPUs on
+# the 2 cores, since a Serve app's two replicas hold one each and a pipeline run beside it needs its own.
+RAY_KINDS: dict[str, dict[str, Any]] = {"cpu": {"num_cpus": 2}, "serve": {"num_cpus": 4}}
 
-    ``RAY_AUTH_MODE=disabled`` is set only while this instance lives. When ``AWS_ENDPOINT_URL``
-    is set (the ``s3_server`` fixture is active), ``AWS_*`` variables are forwarded to workers.
-    """
-    import ray
 
-    worker_env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **_forwarded_env(), **(env_vars or {})}
-    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
-    runtime_env["env_vars"] = {**worker_env, **runtime_env.get("env_vars", {})}
+class SharedRay:
+    """One local Ray at a time for the whole session, started again only when another kind is asked for or when
+    something else (a module's own Ray, a test making room for a CLI child) shut it down."""
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    mp.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    try:
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self._cm: contextlib.AbstractContextManager[Any] | None = None
+        self._gcs: str | None = None
+
+    def _up(self, kind: str) -> bool:
+        import ray
+
+        if self._cm is None or self.kind != kind or not ray.is_initialized():
+            return False
+        return ray.get_runtime_context().gcs_address == self._gcs
+
+    def use(self, kind: str, request: pytest.FixtureRequest) -> None:
+        import ray
+
+        if self._up(kind):
+            return
+        self.release()
         if ray.is_initialized():
             ray.shutdown()
-        ctx = ray.init(
-            num_cpus=num_cpus,
-            object_store_memory=object_store_memory,
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env=runtime_env,
-            **init_kwargs,
-        )
-        from ray.data import DataContext
+        request.getfixturevalue("s3_server")  # first: workers get its AWS_* settings when Ray starts
+        cm = ray_init_local(env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, **RAY_KINDS[kind])
+        cm.__enter__()
+        self._cm, self.kind, self._gcs = cm, kind, ray.get_runtime_context().gcs_address
 
-        data_ctx = DataContext.get_current()
-        mp.setattr(data_ctx, "enable_progress_bars", False)
-        try:
-            yield ctx
-        finally:
-            ray.shutdown()
+    def release(self) -> None:
+        cm, self._cm, self.kind, self._gcs = self._cm, None, None, None
+        if cm is not None:  # shuts down whatever Ray is up (callers want none) and restores the env
+            cm.__exit__(None, None, None)
+
+
+_SHARED_RAY = SharedRay()
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> Iterator[SharedRay]:
+    try:
+        yield _SHARED_RAY
     finally:
-        mp.undo()
-
-
-_S3_FIXTURES = frozenset({"s3_server", "s3_bucket", "root_uri"})
-
-
-def _module_uses_s3(request: pytest.FixtureRequest) -> bool:
-    module = request.module
-    for item in request.session.items:
-        if getattr(item, "module", None) is module and _S3_FIXTURES & set(getattr(item, "fixturenames", ())):
-            return True
-    return False
+        _SHARED_RAY.release()
 
 
 @pytest.fixture(scope="module")
-def ray_local(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """One local Ray instance (2 CPUs, 300 MiB object store) for the whole test module.
+def ray_local(request: pytest.FixtureRequest, shared_ray: SharedRay) -> None:
+    """The session's shared local Ray (2 CPUs, 300 MiB object store, the S3 server's ``AWS_*`` settings and
+    offline Hugging Face settings forwarded to workers), started if it is not up."""
+    shared_ray.use("cpu", request)
 
-    When any test of the module uses S3 fixtures, the S3 server is started first so that the
-    workers get its ``AWS_*`` settings (they are fixed when Ray starts).
-    """
-    if _module_uses_s3(request):
-        request.getfixturevalue("s3_server")
-    with ray_init_local() as ctx:
-        yield ctx
+
+@pytest.fixture(scope="module")
+def ray_serve(request: pytest.FixtureRequest, shared_ray: SharedRay) -> Iterator[None]:
+    """The session's shared local Ray for Serve apps (4 logical CPUs on the 2 cores), started if it is not up;
+    Hugging Face offline in this process too while the module runs (the app's live path loads models here)."""
+    shared_ray.use("serve", request)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _shared_ray_still_up(request: pytest.FixtureRequest) -> None:
+    """A test of a module on a shared Ray finds it up, whatever an earlier test of the module shut down."""
+    for kind, fixture in (("cpu", "ray_local"), ("serve", "ray_serve")):
+        if fixture in request.fixturenames and "no_ray_in_this_process" not in request.fixturenames:
+            _SHARED_RAY.use(kind, request)
+
+
+@pytest.fixture
+def no_ray_in_this_process() -> None:
+    """A CLI child starts its own Ray on the 2 cores: this process must not hold one meanwhile."""
+    import ray
+
+    _SHARED_RAY.release()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------
 # trained tiny models: once per test session
 # ----------------------------------------------------------------------------------------------
 
-# The binding sample and the training settings of the session's trained models: the quickstart's training
-# configs as shipped, on a quarter of its sample (the quality tests need a trained ranking, not the best one).
-TRAINED_SAMPLE: dict[str, Any] = {"docs": 160, "queries": 40, "shards": 2, "binding": True}
-TRAINED_CLIP: dict[str, Any] = {}
-TRAINED_VLM: dict[str, Any] = {}
+@pytest.fixture(scope="session")
+def trained_models(request: pytest.FixtureRequest) -> TrainedModels:
+    """The trained tiny models: from the test cache when nothing they depend on changed, else trained now (see
+    ``tests/trained.py``), on the Ray that is up, or on the shared one."""
+    import ray
+
+    if not ray.is_initialized():
+        request.getfixturevalue("shared_ray").use("cpu", request)
+    return load_or_train()
 
 
-@dataclass
-class TrainedModels:
-    """The binding sample, the tiny retriever trained on its training queries, a retrieval-only run with it
-    (the reranker's hard negatives), the tiny yes/no reranker trained on that run's candidates, and a
-    published nightly run with both (``root``'s LATEST)."""
-
-    out: Path
-    sample: Any  # SampleInfo
-    clip: Any  # TrainReport
-    run_a: Any  # RunReport: trained retriever, retrieval only (not published)
-    vlm: Any  # TrainReport
-    run_b: Any  # RunReport: trained retriever + trained reranker, published
-    key: str  # content hash of sample settings + training configs
-
-    @property
-    def root(self) -> str:
-        return str(self.out / "out")
-
-    @property
-    def retriever(self) -> dict[str, Any]:
-        return {"name": "mmr-tiny", "pretrained": self.clip.weights}
-
-    @property
-    def reranker(self) -> dict[str, Any]:
-        return {"backend": "vlm_yesno", "model": self.vlm.output, "batch_size": 16}
-
-    @property
-    def heldout_qrels(self) -> str:
-        from pipelines.train import HELDOUT_QRELS
-
-        return str(Path(self.vlm.output) / HELDOUT_QRELS)
-
-    def config(self, path: Path, root: str | None = None, **sections: Any) -> Any:
-        """The shipped config at ``path`` on this sample and root (or ``root``), ``sections`` merged over its
-        own."""
-        import yaml
-
-        from pipelines.config import parse_config
-        from pipelines.quickstart import _paths
-
-        data = yaml.safe_load(path.read_text())
-        data.update(_paths(str(self.out)))
-        if root is not None:
-            data["root"] = root
-        data["ray"] = {"progress_bars": False}
-        for name, value in sections.items():
-            data[name] = {**data.get(name, {}), **value}
-        return parse_config(data, str(path))
-
-
-def trained_key() -> str:
-    """What the trained models depend on besides the code: sample settings and every training config."""
-    import hashlib
-    import json
-
-    from pipelines.quickstart import DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG
-
-    texts = [p.read_text() for p in (DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG)]
-    blob = json.dumps([TRAINED_SAMPLE, TRAINED_CLIP, TRAINED_VLM, texts], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _train_models(out: Path, key: str) -> TrainedModels:
-    from operators.training.tiny_vlm import save_tiny_vlm
-    from pipelines.quickstart import DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG
-    from pipelines.run import run
-    from pipelines.sample import make_sample
-    from pipelines.train import run_train
-
-    sample = make_sample(str(out / "sample"), **TRAINED_SAMPLE)
-    t = TrainedModels(out, sample, None, None, None, None, key)
-    t.clip = run_train(t.config(TRAIN_CLIP_CONFIG, train=TRAINED_CLIP))
-    t.run_a = run(t.config(DEFAULT_CONFIG, embed={"model": t.retriever}, rerank={"backend": "none"}), publish=False)
-    base = out / "out" / "models" / "tiny-vlm-base"
-    save_tiny_vlm(base)
-    t.vlm = run_train(t.config(TRAIN_VLM_CONFIG, rerank={"model": str(base)},
-                               train={**TRAINED_VLM, "candidates": t.run_a.run_dir}))
-    t.run_b = run(t.config(DEFAULT_CONFIG, embed={"model": t.retriever}, rerank=t.reranker))
-    return t
+# ----------------------------------------------------------------------------------------------
+# the random-weight quickstart: once per session, copied where a module needs a root of its own
+# ----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def trained_models(tmp_path_factory: pytest.TempPathFactory) -> TrainedModels:
-    """The trained tiny models, trained once per session in a directory named by :func:`trained_key`.
-
-    On the Ray instance of the module that asks first when one is up, else on a local one of its own that is
-    shut down again (modules start their own Ray with their own settings)."""
+def quickstart_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> QuickstartRun:
+    """``quickstart(docs=40, queries=6, shards=2)`` (random weights: the sample, a published run, its qrels), run
+    once on the Ray that is up (else on the shared one). Read-only: modules take a :meth:`QuickstartRun.copy`."""
     import ray
 
-    key = trained_key()
-    out = tmp_path_factory.mktemp(f"trained-{key}")
-    if ray.is_initialized():
-        return _train_models(out, key)
-    with ray_init_local():
-        return _train_models(out, key)
+    from pipelines.quickstart import quickstart
+
+    if not ray.is_initialized():
+        request.getfixturevalue("shared_ray").use("cpu", request)
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    report = quickstart(str(out), **QUICKSTART_SAMPLE)
+    return QuickstartRun(out, report.run_id)

@@ -37,7 +37,8 @@ from pipelines import publish as P
 from pipelines.config import Config, parse_config
 from pipelines.run import RunReport, run
 from pipelines.sample import SampleInfo, make_sample
-from tests.test_run import _by_query, _cfg_dict, _read_rows, check_manifest
+from tests.helpers import by_query, read_rows
+from tests.reference import check_manifest, run_cfg_dict
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,6 +47,10 @@ KILL_DEADLINE_S = 600.0  # a hang guard while waiting for the moment to kill, no
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    import ray
+
+    if ray.is_initialized():  # runs here must find no local Ray: they connect to the cluster
+        ray.shutdown()
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")  # this test's own cluster only; the shipped configs keep auth on
     mp.setenv("HF_HUB_OFFLINE", "1")
@@ -66,7 +71,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
 
 
 def _cfg(cluster: LocalCluster, root: Path, sample: SampleInfo, **ray: Any) -> Config:
-    d = _cfg_dict(str(root), sample.corpus, sample.queries)
+    d = run_cfg_dict(str(root), sample.corpus, sample.queries)
     d["ray"] = {"address": cluster.address, "progress_bars": False, **ray}
     # Everything must fit on one surviving 1-CPU node.
     d["embed"].update(actor_num_cpus=0.5, decode_num_cpus=0.25, write_num_cpus=0.25)
@@ -91,7 +96,7 @@ def _driver(monkeypatch: pytest.MonkeyPatch, fault: str | None) -> Iterator[None
 
 
 def _results(report: RunReport) -> dict[str, list[dict[str, Any]]]:
-    return _by_query(_read_rows(Storage(), join(report.run_dir, "results")))
+    return by_query(read_rows(Storage(), join(report.run_dir, "results")))
 
 
 def _assert_same_results(got: RunReport, want: RunReport) -> None:
@@ -158,7 +163,7 @@ class NodeKiller(threading.Thread):
         self.join(timeout=30)
 
 
-def _any(root: Path, pattern: str) -> Callable[[], bool]:
+def any_file(root: Path, pattern: str) -> Callable[[], bool]:
     return lambda: next(root.glob(pattern), None) is not None
 
 
@@ -169,12 +174,12 @@ def test_worker_node_killed_mid_stage(stage: str, cluster: LocalCluster, sample:
     if stage == "embed":
         # Slow batches widen the window: the kill lands after the first parts, long before the stage ends.
         actor, fault = "ImageEmbedder", "slow:embed_batch:1.0"
-        ready = _any(root, "embeddings/*/corpus/*/part-*.parquet")
-        not_done = lambda: not _any(root, "runs/*/_STAGES/embed_corpus.json")()  # noqa: E731
+        ready = any_file(root, "embeddings/*/corpus/*/part-*.parquet")
+        not_done = lambda: not any_file(root, "runs/*/_STAGES/embed_corpus.json")()  # noqa: E731
     else:
         actor, fault = "RerankPairs", "slow:rerank_batch:1.0"
-        ready = lambda: _any(root, "runs/*/_pairs/*/*.parquet")()  # noqa: E731
-        not_done = lambda: not _any(root, "runs/*/_STAGES/rerank.json")()  # noqa: E731
+        ready = lambda: any_file(root, "runs/*/_pairs/*/*.parquet")()  # noqa: E731
+        not_done = lambda: not any_file(root, "runs/*/_STAGES/rerank.json")()  # noqa: E731
     killer = NodeKiller(cluster, actor, lambda: ready() and not_done())
     with _driver(monkeypatch, fault):
         killer.start()
@@ -202,11 +207,11 @@ def test_reranker_actor_dies_mid_batch(cluster: LocalCluster, sample: SampleInfo
 def test_watchdog_fails_a_stalled_stage(cluster: LocalCluster, sample: SampleInfo, clean: RunReport,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "root"
-    cfg = _cfg(cluster, root, sample, stall_timeout_s=20)
+    cfg = _cfg(cluster, root, sample, stall_timeout_s=10)
     with _driver(monkeypatch, "hang:embed_batch"), pytest.raises(StallError) as err:
         run(cfg)
     msg = str(err.value)
-    assert "stage 'embed corpus' stalled" in msg and "stall_timeout_s=20" in msg, msg
+    assert "stage 'embed corpus' stalled" in msg and "stall_timeout_s=10" in msg, msg
     assert not (root / P.LATEST).exists()
     assert not list(root.glob(f"runs/*/{P.MANIFEST}"))
     # The cluster is usable again afterwards: the hung actor was torn down with the stage.

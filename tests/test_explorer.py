@@ -31,13 +31,11 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.browser import available, chromium
-from tests.conftest import _free_port, ray_init_local
+from tests.helpers import QuickstartRun, cas_latest, serve_app
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
-DOCS, QUERIES, SHARDS = 24, 4, 2
-HEALTH_DEADLINE_S = 240.0  # hang guards on a loaded 2-core box, not performance claims
 VIEW_DEADLINE_S = 60.0
 READ_GRID = """
 return [...document.querySelectorAll('#' + arguments[0] + ' > li.card')].map(li => ({
@@ -75,44 +73,26 @@ class App:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    from ray import serve
-
-    from pipelines.quickstart import quickstart, quickstart_config
+def app(tmp_path_factory: pytest.TempPathFactory, quickstart_run: QuickstartRun, ray_serve: None) -> Iterator[App]:
+    from pipelines.quickstart import quickstart_config
     from pipelines.sample import load_sample_info
-    from pipelines.serve import ServeSettings, start
 
-    out = tmp_path_factory.mktemp("explorer")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    with ray_init_local(num_cpus=4, env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
-        report = quickstart(str(out), docs=DOCS, queries=QUERIES, shards=SHARDS)
-        cfg = quickstart_config(str(out))
-        settings = ServeSettings(root=cfg.root, port=_free_port(), reload_interval_s=1.0, device="cpu")
-        start(settings)
+    qs = quickstart_run.copy(tmp_path_factory.mktemp("explorer") / "qs")  # the root is this module's to change
+    out = qs.out
+    cfg = quickstart_config(str(out))
+    with serve_app(cfg.root) as settings:
         base = f"http://{settings.host}:{settings.port}"
         client = httpx.Client(base_url=base, timeout=60.0)
+        corpus: dict[str, dict[str, Any]] = {}
+        for r in ds.dataset(cfg.corpus).to_table().to_pylist():
+            if r["doc_id"] is not None:
+                corpus.setdefault(r["doc_id"], r)  # the first occurrence wins (later ones are duplicate_id)
         try:
-            end = time.monotonic() + HEALTH_DEADLINE_S
-            while True:
-                try:
-                    if client.get("/healthz").json().get("status") == "ok":
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < end, "the app did not become healthy"
-                time.sleep(0.25)
-            corpus: dict[str, dict[str, Any]] = {}
-            for r in ds.dataset(cfg.corpus).to_table().to_pylist():
-                if r["doc_id"] is not None:
-                    corpus.setdefault(r["doc_id"], r)  # the first occurrence wins (later ones are duplicate_id)
             with chromium() as browser:
-                yield App(base=base, client=client, browser=browser, root=cfg.root, run_dir=report.run_dir,
+                yield App(base=base, client=client, browser=browser, root=cfg.root, run_dir=qs.run_dir,
                           sample=load_sample_info(str(out / "sample")), corpus=corpus)
         finally:
             client.close()
-            serve.shutdown()
-    mp.undo()
 
 
 def _markup(app: App, case: str) -> dict[str, Any]:
@@ -330,12 +310,10 @@ def test_degraded_run_is_shown(app: App) -> None:
     """LATEST names a run without a manifest: the app keeps serving the old run, the page says degraded."""
     from selenium.webdriver.common.by import By
 
-    from tests.test_serve import _cas_latest
-
     good = app.client.get("/v1/runs/current").json()["run_id"]
     os.makedirs(os.path.join(app.root, "runs", "bad-explorer"), exist_ok=True)
     try:
-        _cas_latest(app.root, "bad-explorer")
+        cas_latest(app.root, "bad-explorer")
         end = time.monotonic() + VIEW_DEADLINE_S
         while app.client.get("/healthz").json()["status"] != "degraded":
             assert time.monotonic() < end, "the app never reported the refused run"
@@ -344,4 +322,4 @@ def test_degraded_run_is_shown(app: App) -> None:
         facts = app.browser.find_element(By.ID, "facts").text
         assert "degraded" in facts and "bad-explorer" in facts and good in facts
     finally:
-        _cas_latest(app.root, good)
+        cas_latest(app.root, good)

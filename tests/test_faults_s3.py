@@ -35,14 +35,14 @@ from operators.storage import Storage, StorageError, StorageOptions, join, stora
 from pipelines import publish as P
 from pipelines.config import Config, ConfigError, parse_config
 from pipelines.sample import SampleInfo, make_sample
-from tests.conftest import (
+from tests.fault_proxy import FaultProxy
+from tests.helpers import (
     TEST_ACCESS_KEY_ID,
     TEST_SECRET_ACCESS_KEY,
     S3Server,
     clear_s3fs_caches,
     ray_init_local,
 )
-from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(300)
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ import pytest
 from pipelines.config import parse_config
 from pipelines.run import run
 from pipelines.sample import SampleInfo, make_sample
-from tests.conftest import TrainedModels
+from tests.helpers import by_query
+from tests.trained import TrainedModels
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -37,17 +38,19 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
 
 
 @pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One root for the module's runs: they share its embedding cache and index (the corpus is the same), each
+    run is published there in turn and read back at once."""
+    return tmp_path_factory.mktemp("lb-root") / "root"
+
+
+@pytest.fixture(scope="module")
 def vlm(tmp_path_factory: pytest.TempPathFactory) -> str:
     from tests.tiny_vlm import save_tiny_vlm
 
     return str(save_tiny_vlm(tmp_path_factory.mktemp("models") / "vlm"))
 
 
-def _by_query(t: Any) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in sorted(t.to_pylist(), key=lambda r: (r["query_id"], r["rank"])):
-        out.setdefault(r["query_id"], []).append(r)
-    return out
 
 
 def _published(root: Path, sample: SampleInfo, rerank: dict[str, Any]) -> tuple[Any, str]:
@@ -72,8 +75,7 @@ SETUPS = {
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_live_equals_batch_for_every_query(setup: str, sample: SampleInfo, vlm: str,
-                                           tmp_path: Path) -> None:
+def test_live_equals_batch_for_every_query(setup: str, sample: SampleInfo, vlm: str, root: Path) -> None:
     from operators.storage import Storage
     from pipelines.serve.live import Live
     from pipelines.serve.store import load_store
@@ -81,15 +83,15 @@ def test_live_equals_batch_for_every_query(setup: str, sample: SampleInfo, vlm: 
     rerank = dict(SETUPS[setup])
     if rerank["backend"] == "vlm_yesno":
         rerank["model"] = vlm
-    cfg, run_dir = _published(tmp_path / "root", sample, rerank)
+    cfg, run_dir = _published(root, sample, rerank)
     store = load_store(Storage(), cfg.root)  # what the served app loads: config, index, clip vectors
     assert store.run_dir.rstrip("/").endswith(Path(run_dir).name)
     if rerank["backend"] == "clip":
         assert store.clip_vectors  # the run says where its reranker vectors are
     live = Live(store.config, store.index_uri, "cpu", store.clip_vectors)
 
-    want = _by_query(ds.dataset(f"{run_dir}/results").to_table())
-    cands = _by_query(ds.dataset(f"{run_dir}/candidates").to_table())
+    want = by_query(ds.dataset(f"{run_dir}/results").to_table())
+    cands = by_query(ds.dataset(f"{run_dir}/candidates").to_table())
     texts = {r["query_id"]: r["text"] for r in ds.dataset(sample.queries).to_table().to_pylist()}
     stats = json.loads(Path(run_dir, "rerank_stats.json").read_text())
     assert want
@@ -143,9 +145,9 @@ def test_live_ranks_heldout_queries_as_the_trained_batch_run(trained_models: Tra
     assert len(texts) == len(qrels) >= 10
     k = store.config["search"]["k"]
     batch_cands = {q: [r["doc_id"] for r in rows] for q, rows in
-                   _by_query(ds.dataset(f"{store.run_dir}/candidates").to_table()).items() if q in qrels}
+                   by_query(ds.dataset(f"{store.run_dir}/candidates").to_table()).items() if q in qrels}
     batch_kept = {q: [r["doc_id"] for r in rows] for q, rows in
-                  _by_query(ds.dataset(f"{store.run_dir}/results").to_table()).items() if q in qrels}
+                  by_query(ds.dataset(f"{store.run_dir}/results").to_table()).items() if q in qrels}
 
     live = Live(store.config, store.index_uri, "cpu", store.clip_vectors)
     retrieval, kept = _live_rankings(live, texts, k)

@@ -12,7 +12,6 @@ import importlib.util
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,7 +20,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import TrainedModels
+from tests.helpers import QuickstartRun
+from tests.trained import TrainedModels
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -34,32 +34,10 @@ EVALUATE = "evaluate.ipynb"
 QUERY_ID = "q-00001"  # an explicit QUERY_ID exercises the parameter (None = the first query is unit-tested)
 
 
-@dataclass(frozen=True)
-class QuickstartRun:
-    out: Path
-    root: str
-    qrels: str
-    queries: str
-    run_dir: str
-
-
 @pytest.fixture(scope="module")
-def qs(tmp_path_factory: pytest.TempPathFactory) -> QuickstartRun:
-    """``quickstart(docs=40, queries=6, shards=2)`` once; Ray is shut down again before any notebook runs."""
-    from pipelines.quickstart import quickstart
-    from tests.conftest import ray_init_local
-
-    out = tmp_path_factory.mktemp("notebooks") / "qs"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    try:
-        # RAY_AUTH_MODE=disabled while this local instance lives; the pipeline reuses it; ray.shutdown() after.
-        with ray_init_local():
-            report = quickstart(str(out), docs=40, queries=6, shards=2)
-    finally:
-        mp.undo()
-    return QuickstartRun(out, str(out / "out"), str(out / "sample" / "qrels.parquet"),
-                         str(out / "sample" / "queries"), report.run_dir)
+def qs(quickstart_run: QuickstartRun, tmp_path_factory: pytest.TempPathFactory) -> QuickstartRun:
+    """The session's ``quickstart(docs=40, queries=6, shards=2)``, copied for this module."""
+    return quickstart_run.copy(tmp_path_factory.mktemp("notebooks") / "qs")
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,13 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
                        image_size=40)
 
 
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One root for the module's runs (each its own run id): they share its embedding cache and index, since the
+    corpus is the same, so a test embeds nothing that an earlier one embedded."""
+    return tmp_path_factory.mktemp("rr-root") / "out"
+
+
 def _cfg(root: Path, sample: SampleInfo, **rerank: Any) -> Any:
     return parse_config({
         "root": str(root), "corpus": sample.corpus, "queries": sample.queries, "ray": {"progress_bars": False},
@@ -49,8 +56,8 @@ def _read(dir_: Path) -> pa.Table:
     return pq.read_table(sorted(dir_.rglob("*.parquet")))
 
 
-def test_clip_rerank_matches_direct_scores_and_sorting(sample: SampleInfo, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path / "out", sample, selection={"mode": "top_n", "top_n": 5})
+def test_clip_rerank_matches_direct_scores_and_sorting(sample: SampleInfo, root: Path) -> None:
+    cfg = _cfg(root, sample, selection={"mode": "top_n", "top_n": 5})
     search = run_search(cfg, run_id="r1")
     res = run_rerank(cfg, "r1")
     run = Path(search.out)
@@ -79,17 +86,17 @@ def test_clip_rerank_matches_direct_scores_and_sorting(sample: SampleInfo, tmp_p
     assert res.results == 25 and res.queries_with_results == 5
 
 
-def test_threshold_selection_can_leave_a_query_empty(sample: SampleInfo, tmp_path: Path) -> None:
-    base = _cfg(tmp_path / "out", sample)
+def test_threshold_selection_can_leave_a_query_empty(sample: SampleInfo, root: Path) -> None:
+    base = _cfg(root, sample)
     run_search(base, run_id="r2")
     run_rerank(base, "r2")
-    scored = _read(tmp_path / "out" / "runs" / "r2" / "scored").to_pylist()
+    scored = _read(root / "runs" / "r2" / "scored").to_pylist()
     best = {}
     for r in scored:
         best[r["query_id"]] = max(best.get(r["query_id"], -9.0), r["rerank_score"])
     # A threshold between the best scores of two queries: at least one query keeps nothing.
     thr = float(np.median(sorted(best.values())))
-    cfg = _cfg(tmp_path / "out", sample, selection={"mode": "top_k_above_threshold", "threshold": thr, "k": 3},
+    cfg = _cfg(root, sample, selection={"mode": "top_k_above_threshold", "threshold": thr, "k": 3},
                fusion={"method": "none"})
     res = run_rerank(cfg, "r2")
     expect = {}
@@ -98,7 +105,7 @@ def test_threshold_selection_can_leave_a_query_empty(sample: SampleInfo, tmp_pat
         keep = fusion.select(np.array([r["rerank_score"] for r in rows]), [r["doc_id"] for r in rows],
                              "top_k_above_threshold", threshold=thr, k=3)
         expect[q] = [rows[i]["doc_id"] for i in keep]
-    results = _read(tmp_path / "out" / "runs" / "r2" / "results").to_pylist()
+    results = _read(root / "runs" / "r2" / "results").to_pylist()
     got = {q: [r["doc_id"] for r in sorted((r for r in results if r["query_id"] == q), key=lambda r: r["rank"])]
            for q in best}
     assert got == expect
@@ -206,24 +213,26 @@ def _hf_model(backend: str, dest: Path) -> str:
 
 
 @pytest.mark.parametrize("backend", ["blip_itm", "cross_encoder", "vlm_yesno"])
-def test_hf_backend_pipeline_scores_equal_direct_calls(backend: str, sample: SampleInfo, tmp_path: Path) -> None:
+def test_hf_backend_pipeline_scores_equal_direct_calls(backend: str, sample: SampleInfo, root: Path,
+                                                      tmp_path: Path) -> None:
     """Each HF backend through Ray (content fetch, batching, actors) scores like a direct call without Ray."""
     model = _hf_model(backend, tmp_path / "model")
-    cfg = _cfg(tmp_path / "out", sample, backend=backend, model=model, batch_size=6,
+    cfg = _cfg(root, sample, backend=backend, model=model, batch_size=6,
                selection={"mode": "top_n", "top_n": 3})
-    run_search(cfg, run_id="h1")
-    res = run_rerank(cfg, "h1")
+    run_id = f"h1-{backend}"
+    run_search(cfg, run_id=run_id)
+    res = run_rerank(cfg, run_id)
     assert res.pairs_rejected == 0 and res.pairs_scored == res.pairs_in
     backend_obj = create(reranker_spec(cfg.rerank, cfg))
     docs = _corpus(sample)
     qt = pq.read_table(sample.queries)
     qtext = dict(zip(qt.column("query_id").to_pylist(), qt.column("text").to_pylist(), strict=True))
-    scored = _read(tmp_path / "out" / "runs" / "h1" / "scored").to_pylist()
+    scored = _read(root / "runs" / run_id / "scored").to_pylist()
     ref = np.concatenate([  # one call per pair: no batching effects in the reference
         backend_obj.score([qtext[r["query_id"]]], [Image.open(io.BytesIO(docs[r["doc_id"]][0])).convert("RGB")],
                           [docs[r["doc_id"]][1]]) for r in scored])
     np.testing.assert_allclose([r["rerank_score"] for r in scored], ref, atol=1e-5)
-    results = _read(tmp_path / "out" / "runs" / "h1" / "results").to_pylist()
+    results = _read(root / "runs" / run_id / "results").to_pylist()
     for q in qtext:
         mine = sorted((r for r in scored if r["query_id"] == q), key=lambda r: (-r["rerank_score"], r["doc_id"]))
         got = sorted((r for r in results if r["query_id"] == q), key=lambda r: r["rank"])

@@ -16,19 +16,13 @@ Ray instance; the in-process tests after them share the module's ``ray_local``.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,160 +30,53 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from operators import contracts as R
-from operators import fusion
-from operators.decode import decode_image
-from operators.models import SHIPPED_CONFIGS
 from operators.storage import Storage, join, scheme_of, strip_scheme
 from pipelines import publish as P
 from pipelines import run as run_mod
 from pipelines.config import Config, parse_config
-from pipelines.context import reranker_label, reranker_spec
 from pipelines.run import STAGES, RunReport, run
 from pipelines.sample import SampleInfo, make_sample
-from tests.conftest import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server
+from tests.helpers import (
+    CLI_DEADLINE_S,
+    TEST_ACCESS_KEY_ID,
+    TEST_SECRET_ACCESS_KEY,
+    S3Server,
+    any_file,
+    cli_cmd,
+    cli_env,
+    closed_port,
+    kill_tree,
+    log_tail,
+    read_rows,
+    spawn,
+    wait_until,
+    write_yaml,
+)
+from tests.reference import (
+    TOP_N,
+    K,
+    Reference,
+    build_reference,
+    check_against_reference,
+    check_manifest,
+    run_cfg_dict,
+)
 
-K = 8  # search.k
-TOP_N = 5  # rerank.selection.top_n
-ATOL = 1e-5  # embeddings / retrieval / rerank scores vs the reference
-# Weighted fusion min-max normalises per query: score errors are divided by the query's score range.
-FINAL_ATOL = 1e-4
 # Config-borne credentials for the fail-fast cases: must never show up in any output either.
 CFG_ACCESS_KEY_ID = "cfg-key-id-MMR-7781"
 CFG_SECRET_ACCESS_KEY = "cfg-secret-MMR-c0ffee42"
 SECRETS = (TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, CFG_ACCESS_KEY_ID, CFG_SECRET_ACCESS_KEY)
-CLI_DEADLINE_S = 1200.0  # a hang guard for subprocesses, not a performance claim
-
-
-def _cfg_dict(root: str, corpus: str, queries: str) -> dict[str, Any]:
-    return {
-        "root": root, "corpus": corpus, "queries": queries,
-        "ray": {"num_cpus": 2, "progress_bars": False},
-        # Small write batches: embedding parts appear one by one (a kill lands mid-stage).
-        "embed": {"batch_size": 8, "rows_per_read_task": 16, "write_batch_size": 8},
-        "index": {"factory": "Flat", "shards": 2},
-        "search": {"k": K, "searcher_num_cpus": 0.25},
-        "rerank": {"backend": "clip", "batch_size": 8, "select_buckets": 3,
-                   "fusion": {"method": "weighted", "weight": 0.7},
-                   "selection": {"mode": "top_n", "top_n": TOP_N}},
-    }
 
 
 def _cfg(root: str, corpus: str, queries: str) -> Config:
-    return parse_config(_cfg_dict(root, corpus, queries))
+    return parse_config(run_cfg_dict(root, corpus, queries))
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
     return make_sample(str(tmp_path_factory.mktemp("run-sample") / "s"), docs=30, queries=5, shards=3, seed=11,
                        bad_rows=True, image_size=40)
-
-
-# ----------------------------------------------------------------------------------------------
-# brute-force reference: no Ray, no pipeline code between the checkpoints and the numbers
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Reference:
-    doc_ids: list[str]
-    query_ids: list[str]
-    rejects: set[tuple[str, int, str]]  # (shard file name, row, error_type)
-    retrieval: np.ndarray  # (queries, docs) inner products of the reference embeddings
-    rerank: np.ndarray  # (queries, docs) direct backend scores
-    fusion: dict[str, Any]
-    selection: dict[str, Any]
-    col: dict[str, int] = field(init=False)
-    row: dict[str, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.col = {d: i for i, d in enumerate(self.doc_ids)}
-        self.row = {q: i for i, q in enumerate(self.query_ids)}
-
-    def score(self, q: str, d: str) -> float:
-        return float(self.retrieval[self.row[q], self.col[d]])
-
-    def topk(self, q: str, k: int) -> list[str]:
-        s = self.retrieval[self.row[q]]
-        return [self.doc_ids[i] for i in fusion.order_by(s, self.doc_ids)[:k]]
-
-    def expected(self, q: str, cands: list[str]) -> tuple[list[dict[str, Any]], dict[str, tuple[float, ...]]]:
-        """Rows this query keeps from candidates ``cands``, and (retrieval, rerank, final) per candidate."""
-        i = self.row[q]
-        ret = np.array([self.retrieval[i, self.col[d]] for d in cands], np.float64)
-        rr = np.array([self.rerank[i, self.col[d]] for d in cands], np.float64)
-        final = fusion.fuse(ret, rr, cands, **self.fusion)
-        keep = fusion.select(final, cands, **self.selection)
-        rows = [{"doc_id": cands[j], "rank": n + 1, "retrieval_score": ret[j], "rerank_score": rr[j],
-                 "final_score": final[j]} for n, j in enumerate(keep)]
-        return rows, {d: (ret[j], rr[j], final[j]) for j, d in enumerate(cands)}
-
-
-def _reference_model(name: str, seed: int) -> Any:
-    import open_clip
-    import torch
-
-    if name not in open_clip.list_models():
-        open_clip.add_model_config(SHIPPED_CONFIGS)
-    torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
-
-
-def build_reference(cfg: Config, storage: Storage | None = None) -> Reference:
-    """Embed, search exhaustively, rerank every (query, doc) pair: directly, in this process."""
-    import faiss
-    import torch
-
-    from operators.rerankers.base import create
-
-    storage = storage or Storage()
-    e = cfg.embed
-    seen: set[str] = set()
-    docs: dict[str, tuple[Any, str | None]] = {}
-    rejects: set[tuple[str, int, str]] = set()
-    for uri in storage.ls(cfg.corpus, "*.parquet"):
-        t = storage.read_table(uri)
-        name = uri.rsplit("/", 1)[-1]
-        caps = t.column("text").to_pylist() if "text" in t.column_names else [None] * t.num_rows
-        for i, (d, img, cap) in enumerate(zip(t.column("doc_id").to_pylist(), t.column("image").to_pylist(),
-                                              caps, strict=True)):
-            if d is None:
-                rejects.add((name, i, R.NULL_ID))
-                continue
-            if d in seen:  # first occurrence (shard order, row order) wins
-                rejects.add((name, i, R.DUPLICATE_ID))
-                continue
-            seen.add(d)
-            try:
-                docs[d] = (decode_image(img, e.max_image_pixels, e.allowed_formats, e.max_image_bytes), cap)
-            except R.RejectError as err:
-                rejects.add((name, i, err.error_type))
-    qt = pa.concat_tables([storage.read_table(u) for u in storage.ls(cfg.queries, "*.parquet")])
-    qids, qtexts = qt.column("query_id").to_pylist(), qt.column("text").to_pylist()
-    doc_ids = list(docs)
-
-    model, preprocess, tokenizer = _reference_model(e.model.name, e.model.seed)
-    with torch.no_grad():
-        dv = torch.nn.functional.normalize(
-            model.encode_image(torch.stack([preprocess(docs[d][0]) for d in doc_ids])), dim=-1).numpy()
-        qv = torch.nn.functional.normalize(model.encode_text(tokenizer(qtexts)), dim=-1).numpy()
-    index = faiss.IndexFlatIP(dv.shape[1])
-    index.add(np.ascontiguousarray(dv, dtype=np.float32))
-    dist, ids = index.search(np.ascontiguousarray(qv, dtype=np.float32), len(doc_ids))
-    retrieval = np.zeros((len(qids), len(doc_ids)), np.float32)
-    for i in range(len(qids)):
-        retrieval[i, ids[i]] = dist[i]
-
-    backend = create(reranker_spec(cfg.rerank, cfg))
-    images = [docs[d][0] for d in doc_ids]
-    captions = [docs[d][1] if cfg.rerank.use_caption else None for d in doc_ids]
-    rerank = np.stack([np.asarray(backend.score([q] * len(doc_ids), images, captions), np.float32)
-                       for q in qtexts])
-    return Reference(doc_ids, qids, rejects, retrieval, rerank, cfg.rerank.fusion.model_dump(),
-                     cfg.rerank.selection.model_dump())
 
 
 @pytest.fixture(scope="module")
@@ -205,89 +92,6 @@ def reference(sample: SampleInfo) -> Reference:
 # ----------------------------------------------------------------------------------------------
 # checks on a finished run
 # ----------------------------------------------------------------------------------------------
-
-
-def _read_rows(storage: Storage, dir_uri: str, pattern: str = "*.parquet") -> list[dict[str, Any]]:
-    fs = storage.fs(dir_uri)
-    base = strip_scheme(dir_uri)
-    if not fs.exists(base):
-        return []
-    prefix = "" if scheme_of(dir_uri) == "file" else f"{scheme_of(dir_uri)}://"
-    import fnmatch
-
-    files = sorted(prefix + f for f in fs.find(base) if fnmatch.fnmatch(f.rsplit("/", 1)[-1], pattern))
-    rows: list[dict[str, Any]] = []
-    for f in files:
-        rows += storage.read_table(f).to_pylist()
-    return rows
-
-
-def _by_query(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(r["query_id"], []).append(r)
-    return {q: sorted(v, key=lambda r: r["rank"]) for q, v in out.items()}
-
-
-def check_against_reference(storage: Storage, cfg: Config, run_dir: str, run_id: str, ref: Reference) -> None:
-    """Candidates = exact top-k (ties at the k-th score may swap), results = reference fusion + selection."""
-    cands = _by_query(_read_rows(storage, join(run_dir, "candidates")))
-    results = _by_query(_read_rows(storage, join(run_dir, "results")))
-    assert set(cands) == set(ref.query_ids)
-    assert set(results) == set(ref.query_ids)
-    k = min(cfg.search.k, len(ref.doc_ids))
-    for q in ref.query_ids:
-        got = [r["doc_id"] for r in cands[q]]
-        assert [r["rank"] for r in cands[q]] == list(range(1, k + 1)), q
-        assert len(set(got)) == len(got) == k, f"{q}: duplicate or missing candidates {got}"
-        exp = ref.topk(q, k)
-        got_scores = [r["retrieval_score"] for r in cands[q]]
-        np.testing.assert_allclose(got_scores, [ref.score(q, d) for d in got], atol=ATOL, err_msg=q)
-        np.testing.assert_allclose(got_scores, [ref.score(q, d) for d in exp], atol=ATOL, err_msg=q)
-        boundary = ref.score(q, exp[-1])
-        for d in set(got) ^ set(exp):  # only docs tied with the k-th score may differ
-            assert abs(ref.score(q, d) - boundary) <= ATOL, f"{q}: {d} is not an exact top-{k} candidate"
-
-        expected, per_doc = ref.expected(q, got)
-        rows = results[q]
-        assert [r["rank"] for r in rows] == list(range(1, len(expected) + 1)), q
-        assert len({r["doc_id"] for r in rows}) == len(rows), f"{q}: duplicate results"
-        assert {r["run_id"] for r in rows} == {run_id}
-        assert {r["reranker"] for r in rows} == {reranker_label(cfg.rerank)}
-        for g, x in zip(rows, expected, strict=True):
-            if g["doc_id"] != x["doc_id"]:  # a swap is only allowed between (near) ties
-                assert abs(per_doc[g["doc_id"]][2] - x["final_score"]) <= FINAL_ATOL, (q, g, x)
-            ret, rr, final = per_doc[g["doc_id"]]
-            assert g["retrieval_score"] == pytest.approx(ret, abs=ATOL), (q, g)
-            assert g["rerank_score"] == pytest.approx(rr, abs=ATOL), (q, g)
-            assert g["final_score"] == pytest.approx(final, abs=FINAL_ATOL), (q, g)
-
-
-def _rel(run_dir: str, uri: str) -> str:
-    return strip_scheme(uri)[len(strip_scheme(run_dir)) + 1:]
-
-
-def check_manifest(storage: Storage, run_dir: str, run_id: str) -> dict[str, Any]:
-    """Every file of the run is listed with its size, sha256 and (Parquet) row count; nothing else."""
-    manifest = P.verify_run(storage, run_dir, deep=True)
-    assert manifest["run_id"] == run_id
-    present = {_rel(run_dir, u) for u in P.list_files(storage, run_dir)}
-    assert present - {P.MANIFEST} == set(manifest["files"]), (
-        f"unlisted: {sorted(present - {P.MANIFEST} - set(manifest['files']))}, "
-        f"missing: {sorted(set(manifest['files']) - present)}")
-    assert not [r for r in present if r.startswith("_pairs/") or ".tmp" in r], sorted(present)
-    for rel, e in manifest["files"].items():
-        data = storage.read_bytes(join(run_dir, rel))
-        assert e["size"] == len(data), rel
-        assert e["sha256"] == hashlib.sha256(data).hexdigest(), rel
-        if rel.endswith(".parquet"):
-            assert e["rows"] == pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows, rel
-        else:
-            assert "rows" not in e, rel
-    for required in ("stats.json", "_RUN.json", *(f"_STAGES/{s}.json" for s in STAGES)):
-        assert required in manifest["files"], required
-    assert any(r.startswith("results/") for r in manifest["files"])
-    return manifest
 
 
 def check_stats(storage: Storage, run_dir: str, run_id: str, ref: Reference, corpus_rows: int) -> dict[str, Any]:
@@ -309,11 +113,11 @@ def check_stats(storage: Storage, run_dir: str, run_id: str, ref: Reference, cor
 
 
 def check_rejects(storage: Storage, run_dir: str, ref: Reference) -> None:
-    rows = _read_rows(storage, join(run_dir, "rejects"), "embed_corpus-*.parquet")
+    rows = read_rows(storage, join(run_dir, "rejects"), "embed_corpus-*.parquet")
     assert {(r["source"].rsplit("/", 1)[-1], r["row_index"], r["error_type"]) for r in rows} == ref.rejects
     assert len(rows) == len(ref.rejects)
     assert all(r["stage"] == "embed_corpus" and r["error_message"] for r in rows)
-    assert not _read_rows(storage, join(run_dir, "rejects"), "embed_queries-*.parquet")
+    assert not read_rows(storage, join(run_dir, "rejects"), "embed_queries-*.parquet")
 
 
 def check_cache_has_no_orphans(storage: Storage, root: str) -> None:
@@ -381,39 +185,13 @@ class LatestWatcher:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", RAY_DATA_DISABLE_PROGRESS_BARS="1",
-               # A fresh local Ray for the child, never a cluster some other process started on this host.
-               RAY_ADDRESS="local", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _cli_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *args]
-
-
 def _no_secrets(text: str) -> None:
     for s in SECRETS:
         assert s not in text, f"secret {s[:6]}... in the output"
 
 
-@pytest.fixture
-def no_ray_in_this_process() -> None:
-    """The child starts its own Ray on the 2 cores: this process must not hold one meanwhile."""
-    import ray
-
-    if ray.is_initialized():  # only when tests were reordered; later in-process runs start a fresh one
-        ray.shutdown()
-
-
-def _write_yaml(path: Path, data: dict[str, Any]) -> str:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return str(path)
-
-
 def _fail_fast(cfg_path: str, cwd: Path) -> tuple[int, str]:
-    p = subprocess.run(_cli_cmd("run", cfg_path), capture_output=True, text=True, env=_cli_env(), cwd=cwd,
+    p = subprocess.run(cli_cmd("run", cfg_path), capture_output=True, text=True, env=cli_env(), cwd=cwd,
                        timeout=CLI_DEADLINE_S)
     out = p.stdout + p.stderr
     _no_secrets(out)
@@ -424,15 +202,15 @@ def _fail_fast(cfg_path: str, cwd: Path) -> tuple[int, str]:
 def test_cli_fails_fast_on_bad_config_and_missing_input(sample: SampleInfo, tmp_path: Path,
                                                          no_ray_in_this_process: None) -> None:
     root = tmp_path / "root"
-    bad = _cfg_dict(str(root), sample.corpus, sample.queries)
+    bad = run_cfg_dict(str(root), sample.corpus, sample.queries)
     bad["embed"]["batch_sizee"] = 3
     bad["storage"] = {"access_key_id": CFG_ACCESS_KEY_ID, "secret_access_key": CFG_SECRET_ACCESS_KEY}
-    rc, out = _fail_fast(_write_yaml(tmp_path / "unknown-key.yaml", bad), tmp_path)
+    rc, out = _fail_fast(write_yaml(tmp_path / "unknown-key.yaml", bad), tmp_path)
     assert rc == 2, out
     assert "embed.batch_sizee" in out and "unknown field" in out, out
 
-    missing = _cfg_dict(str(root), str(tmp_path / "no-such-corpus"), sample.queries)
-    rc, out = _fail_fast(_write_yaml(tmp_path / "missing.yaml", missing), tmp_path)
+    missing = run_cfg_dict(str(root), str(tmp_path / "no-such-corpus"), sample.queries)
+    rc, out = _fail_fast(write_yaml(tmp_path / "missing.yaml", missing), tmp_path)
     assert rc == 2, out
     assert str(tmp_path / "no-such-corpus") in out and "does not exist" in out, out
     assert not root.exists(), "a failed preflight must not create anything under root"
@@ -442,8 +220,8 @@ def test_cli_fails_fast_on_unreachable_storage(sample: SampleInfo, tmp_path: Pat
                                                no_ray_in_this_process: None) -> None:
     client = s3_server.client()
     missing_bucket = f"mmr-missing-{uuid.uuid4().hex[:12]}"
-    cfg = _cfg_dict(f"s3://{missing_bucket}/root", sample.corpus, sample.queries)
-    rc, out = _fail_fast(_write_yaml(tmp_path / "no-bucket.yaml", cfg), tmp_path)
+    cfg = run_cfg_dict(f"s3://{missing_bucket}/root", sample.corpus, sample.queries)
+    rc, out = _fail_fast(write_yaml(tmp_path / "no-bucket.yaml", cfg), tmp_path)
     assert rc == 2, out
     assert f"s3://{missing_bucket}/root" in out and "bucket does not exist" in out, out
     assert missing_bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}
@@ -451,68 +229,15 @@ def test_cli_fails_fast_on_unreachable_storage(sample: SampleInfo, tmp_path: Pat
     # A dead endpoint (nothing listens on the port), credentials given in the config.
     bucket = f"mmr-test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)
-    with socket_closed_port() as port:
-        cfg = _cfg_dict(f"s3://{bucket}/root", sample.corpus, sample.queries)
+    with closed_port() as port:
+        cfg = run_cfg_dict(f"s3://{bucket}/root", sample.corpus, sample.queries)
         cfg["storage"] = {"endpoint_url": f"http://127.0.0.1:{port}", "access_key_id": CFG_ACCESS_KEY_ID,
                           "secret_access_key": CFG_SECRET_ACCESS_KEY, "region": "us-east-1"}
-        rc, out = _fail_fast(_write_yaml(tmp_path / "dead-endpoint.yaml", cfg), tmp_path)
+        rc, out = _fail_fast(write_yaml(tmp_path / "dead-endpoint.yaml", cfg), tmp_path)
     assert rc == 2, out
     assert f"s3://{bucket}/root" in out and f"127.0.0.1:{port}" in out, out
     assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
     client.delete_bucket(Bucket=bucket)
-
-
-@contextlib.contextmanager
-def socket_closed_port() -> Iterator[int]:
-    """A port that refuses connections: bound (so nobody else takes it) but never listening."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
-
-
-def _spawn(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(_cli_cmd(*args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_cli_env(), cwd=cwd, start_new_session=True)
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the driver and every process it started (its Ray head: gcs, raylet, workers)."""
-    import psutil
-
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is exactly what it started
-    proc.wait(timeout=60)
-    for p in family:  # anything that left the group
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    _, alive = psutil.wait_procs(family, timeout=60)
-    assert not alive, f"processes survived SIGKILL: {alive}"
-
-
-def _log_tail(path: Path, n: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-def _wait_until(proc: subprocess.Popen[bytes], cond: Callable[[], bool], what: str, log_path: Path) -> None:
-    deadline = time.monotonic() + CLI_DEADLINE_S
-    while not cond():
-        if proc.poll() is not None:
-            pytest.fail(f"mmrerank exited with {proc.returncode} before {what}; log tail:\n{_log_tail(log_path)}")
-        if time.monotonic() > deadline:
-            _kill_tree(proc)
-            pytest.fail(f"no {what} after {CLI_DEADLINE_S:.0f}s (hang?); log tail:\n{_log_tail(log_path)}")
-        time.sleep(0.05)
-
-
-def _any(root: Path, pattern: str) -> Callable[[], bool]:
-    return lambda: next(root.glob(pattern), None) is not None
 
 
 @pytest.mark.slow
@@ -520,25 +245,25 @@ def _any(root: Path, pattern: str) -> Callable[[], bool]:
 def test_cli_resumes_after_sigkill_at_three_points(sample: SampleInfo, reference: Reference, tmp_path: Path,
                                                    no_ray_in_this_process: None) -> None:
     root = tmp_path / "root"
-    cfg_dict = _cfg_dict(str(root), sample.corpus, sample.queries)
-    cfg_path = _write_yaml(tmp_path / "run.yaml", cfg_dict)
+    cfg_dict = run_cfg_dict(str(root), sample.corpus, sample.queries)
+    cfg_path = write_yaml(tmp_path / "run.yaml", cfg_dict)
     runs = root / "runs"
     kills = [
-        ("while embedding the corpus", _any(root, "embeddings/*/corpus/*/part-*.parquet")),
+        ("while embedding the corpus", any_file(root, "embeddings/*/corpus/*/part-*.parquet")),
         # after search finished: as soon as rerank has regrouped candidates (leaves _pairs/ behind)
-        ("after search.json, in rerank", lambda: _any(root, "runs/*/_STAGES/search.json")()
-         and _any(root, "runs/*/_pairs/*/*.parquet")()),
-        ("while rerank writes scored pairs", _any(root, "runs/*/scored/*/*.parquet")),
+        ("after search.json, in rerank", lambda: any_file(root, "runs/*/_STAGES/search.json")()
+         and any_file(root, "runs/*/_pairs/*/*.parquet")()),
+        ("while rerank writes scored pairs", any_file(root, "runs/*/scored/*/*.parquet")),
     ]
     run_id = None
     with LatestWatcher(str(root)) as watcher:
         for i, (what, cond) in enumerate(kills):
             log_path = tmp_path / f"attempt-{i}.log"
-            proc = _spawn(["run", cfg_path], log_path, tmp_path)
+            proc = spawn(["run", cfg_path], log_path, tmp_path)
             try:
-                _wait_until(proc, cond, what, log_path)
+                wait_until(proc, cond, what, log_path)
             finally:
-                _kill_tree(proc)
+                kill_tree(proc)
             ids = sorted(p.name for p in runs.iterdir())
             assert len(ids) == 1, f"a restart created a second run instead of resuming: {ids}"
             assert run_id in (None, ids[0])
@@ -551,13 +276,13 @@ def test_cli_resumes_after_sigkill_at_three_points(sample: SampleInfo, reference
         assert (runs / run_id / "_pairs").exists() or (runs / run_id / "scored").exists()
 
         log_path = tmp_path / "final.log"
-        proc = _spawn(["run", cfg_path, "--resume", run_id], log_path, tmp_path)
+        proc = spawn(["run", cfg_path, "--resume", run_id], log_path, tmp_path)
         try:
             rc = proc.wait(timeout=CLI_DEADLINE_S)
         finally:
-            _kill_tree(proc)  # its Ray processes, should any outlive it
+            kill_tree(proc)  # its Ray processes, should any outlive it
         log = log_path.read_text(errors="replace")
-        assert rc == 0, _log_tail(log_path)
+        assert rc == 0, log_tail(log_path)
         assert f"resuming run {run_id}" in log
     assert not watcher.errors, watcher.errors
     assert watcher.seen == [run_id]
@@ -575,13 +300,13 @@ def test_cli_resumes_after_sigkill_at_three_points(sample: SampleInfo, reference
     check_against_reference(storage, cfg, run_dir, run_id, reference)
     check_cache_has_no_orphans(storage, str(root))
     # Scored pairs: each (query, candidate) exactly once, whatever the kills left behind.
-    scored = _read_rows(storage, join(run_dir, "scored"))
+    scored = read_rows(storage, join(run_dir, "scored"))
     assert len(scored) == len({(r["query_id"], r["doc_id"]) for r in scored}) == len(reference.query_ids) * K
 
     # A finished run cannot be resumed again: exit 2, nothing touched.
     before = check_manifest(storage, run_dir, run_id)
-    p = subprocess.run(_cli_cmd("run", cfg_path, "--resume", run_id), capture_output=True, text=True,
-                       env=_cli_env(), cwd=tmp_path, timeout=CLI_DEADLINE_S)
+    p = subprocess.run(cli_cmd("run", cfg_path, "--resume", run_id), capture_output=True, text=True,
+                       env=cli_env(), cwd=tmp_path, timeout=CLI_DEADLINE_S)
     assert p.returncode == 2 and "already complete" in p.stderr, p.stderr[-3000:]
     assert check_manifest(storage, run_dir, run_id) == before
 
@@ -892,7 +617,7 @@ def test_scored_parts_of_two_candidate_parts_do_not_overwrite_each_other(tmp_pat
             batch["rerank_score"] = np.ones(len(batch["doc_id"]), np.float32)
             reported += sum(r["rows_ok"] for r in sink.write_batch(batch))
     assert reported == 4
-    on_storage = _read_rows(storage, join(run_dir, "scored"))
+    on_storage = read_rows(storage, join(run_dir, "scored"))
     assert sorted((r["query_id"], r["doc_id"]) for r in on_storage) == [("q1", "d0"), ("q1", "d2"),
                                                                          ("q2", "d0"), ("q2", "d2")]
 
@@ -903,7 +628,7 @@ def test_resume_refuses_a_run_started_with_another_config(sample: SampleInfo, tm
 
     storage = Storage()
     root = str(tmp_path / "root")
-    old = _cfg_dict(root, sample.corpus, sample.queries)
+    old = run_cfg_dict(root, sample.corpus, sample.queries)
     old["search"]["k"] = 3
     storage.write_json(join(root, "runs", "r-old", "_RUN.json"), {
         "run_id": "r-old", "config_fingerprint": run_mod.config_fingerprint(parse_config(old)),

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server
+from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server, free_port
 
 # Config-borne credentials (moto accepts any): must never show up anywhere either.
 CFG_ACCESS_KEY_ID = "cfg-key-id-SEC-4417"
@@ -519,10 +519,6 @@ def test_lora_adapter_with_only_a_pickle_is_refused(tmp_path: Path, offline_hf: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -588,7 +584,7 @@ def served(local_ray: Path, runs: Runs, sample: Any) -> Iterator[Served]:
 
     from pipelines.serve import ServeSettings, start
 
-    settings = ServeSettings(root=runs.root, port=_free_port(), reload_interval_s=1.0, device="cpu",
+    settings = ServeSettings(root=runs.root, port=free_port(), reload_interval_s=1.0, device="cpu",
                              max_body_bytes=512 * 1024, max_text_chars=500, max_top_k=100, max_top_n=20)
     start(settings)
     queries = {r["query_id"]: r["text"] for r in ds.dataset(sample.queries).to_table().to_pylist()}

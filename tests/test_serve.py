@@ -52,23 +52,28 @@ httpx = pytest.importorskip("httpx")
 
 from operators.storage import Storage, join  # noqa: E402
 from pipelines import publish as P  # noqa: E402
-from tests.conftest import TrainedModels, ray_init_local  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    HEALTH_DEADLINE_S,
+    QUICKSTART_SAMPLE,
+    RELOAD_DEADLINE_S,
+    QuickstartRun,
+    by_query,
+    cas_latest,
+    free_port,
+    serve_app,
+    wait_for,
+)
+from tests.trained import TrainedModels  # noqa: E402
 
-DOCS, QUERIES, SHARDS = 40, 6, 2
+QUERIES = QUICKSTART_SAMPLE["queries"]
 TOP_N_R2 = 5  # rerank.selection.top_n of the second run (the quickstart's is 10)
 ATOL = 1e-5
 # Tight enough to test every limit cheaply; loose enough for the sequential tests.
 LIMITS = {"max_body_bytes": 256 * 1024, "max_text_chars": 500, "max_top_k": 200, "max_top_n": 50,
           "max_documents": 8, "max_ongoing_requests": 4, "max_queued_requests": 2}
 RELOAD_S = 1.0
-HEALTH_DEADLINE_S = 180.0  # hang guards on a loaded 2-core box, not performance claims
-RELOAD_DEADLINE_S = 240.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -92,10 +97,10 @@ class App:
         return join(self.root, "runs", run_id)
 
     def results(self, run_id: str) -> dict[str, list[dict[str, Any]]]:
-        return _by_query(ds.dataset(os.path.join(self.run_dir(run_id), "results")).to_table())
+        return by_query(ds.dataset(os.path.join(self.run_dir(run_id), "results")).to_table())
 
     def candidates(self, run_id: str) -> dict[str, list[dict[str, Any]]]:
-        return _by_query(ds.dataset(os.path.join(self.run_dir(run_id), "candidates")).to_table())
+        return by_query(ds.dataset(os.path.join(self.run_dir(run_id), "candidates")).to_table())
 
     def served(self) -> str:
         r = self.get("/v1/runs/current")
@@ -108,11 +113,6 @@ class App:
         return r.json()
 
 
-def _by_query(t: pa.Table) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for row in t.sort_by([("query_id", "ascending"), ("rank", "ascending")]).to_pylist():
-        out.setdefault(row["query_id"], []).append(row)
-    return out
 
 
 def _png_images(corpus: str) -> dict[str, bytes]:
@@ -134,53 +134,23 @@ def _png_images(corpus: str) -> dict[str, bytes]:
     return out
 
 
-def _wait(pred: Any, deadline_s: float, what: str, interval: float = 0.25) -> Any:
-    end = time.monotonic() + deadline_s
-    last: Any = None
-    while time.monotonic() < end:
-        try:
-            last = pred()
-        except (httpx.HTTPError, OSError) as e:
-            last = repr(e)
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {deadline_s:.0f}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    from ray import serve
+def app(tmp_path_factory: pytest.TempPathFactory, quickstart_run: QuickstartRun, ray_serve: None) -> Iterator[App]:
+    from pipelines.quickstart import quickstart_config
 
-    from pipelines.quickstart import quickstart, quickstart_config
-    from pipelines.serve import ServeSettings, start
-
-    out = tmp_path_factory.mktemp("serve")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    # 4 logical CPUs on 2 cores: the two Serve replicas reserve 1 CPU each and the second pipeline run
-    # (reload test) needs CPUs of its own while the app serves.
-    with ray_init_local(num_cpus=4, env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
-        report = quickstart(str(out), docs=DOCS, queries=QUERIES, shards=SHARDS)
-        cfg = quickstart_config(str(out))
-        settings = ServeSettings(root=cfg.root, port=_free_port(), reload_interval_s=RELOAD_S, device="cpu",
-                                 **LIMITS)
-        start(settings)
+    qs = quickstart_run.copy(tmp_path_factory.mktemp("serve") / "qs")  # the root is this module's to change
+    out = qs.out
+    cfg = quickstart_config(str(out))
+    with serve_app(cfg.root, reload_interval_s=RELOAD_S, **LIMITS) as settings:
         base = f"http://{settings.host}:{settings.port}"
-        client = httpx.Client(base_url=base, timeout=60.0)
-        try:
+        with httpx.Client(base_url=base, timeout=60.0) as client:
             queries = {r["query_id"]: r["text"] for r in ds.dataset(cfg.queries).to_table().to_pylist()}
             a = App(base=base, root=cfg.root, out=out, settings=settings, client=client,
-                    first_run=report.run_id, queries=queries, images=_png_images(cfg.corpus))
-            _wait(lambda: a.get("/healthz").json().get("status") == "ok", HEALTH_DEADLINE_S, "/healthz ok")
-            assert a.served() == report.run_id
+                    first_run=qs.run_id, queries=queries, images=_png_images(cfg.corpus))
+            assert a.served() == qs.run_id
             yield a
-        finally:
-            client.close()
-            serve.shutdown()
-    mp.undo()
 
 
 def _current_results(app: App) -> tuple[str, dict[str, list[dict[str, Any]]]]:
@@ -496,17 +466,6 @@ def _second_run_config(app: App) -> Any:
     return parse_config(data, str(DEFAULT_CONFIG))
 
 
-def _cas_latest(root: str, run_id: str) -> None:
-    """What a broken writer does: point LATEST at a run without verifying it (still compare-and-swap)."""
-    storage = Storage()
-    for _ in range(20):
-        current, token = P.read_latest(storage, root)
-        data = json.dumps({"run_id": run_id, "manifest": f"runs/{run_id}/{P.MANIFEST}", "created": "x",
-                           "published": "x", "previous": current["run_id"] if current else None}).encode()
-        if P._cas_local(os.path.join(root, P.LATEST), data, token):
-            return
-        time.sleep(0.05)
-    raise AssertionError("could not CAS LATEST")
 
 
 def _corrupt_copy(app: App, src: str, dst: str, how: str) -> str:
@@ -569,9 +528,9 @@ def test_reload_under_traffic_then_refuse_corrupt_runs(app: App) -> None:
     with _Hammer(app, qid) as h:
         report = run(_second_run_config(app), run_id="r2")
         assert report.published and report.run_id == "r2"
-        _wait(lambda: app.served() == "r2", RELOAD_DEADLINE_S, "/v1/runs/current == r2")
+        wait_for(lambda: app.served() == "r2", RELOAD_DEADLINE_S, "/v1/runs/current == r2")
         # a lookup (not only /healthz) has to see r2 before the hammer stops
-        _wait(lambda: any(p.startswith("/v1/results/") and rid == "r2" for p, _, rid, _ in h.log[-10:]), 30,
+        wait_for(lambda: any(p.startswith("/v1/results/") and rid == "r2" for p, _, rid, _ in h.log[-10:]), 30,
               "the hammer's lookups to see r2")
     assert not h.errors, h.errors[:5]
     lookups = [e for e in h.log if e[0].startswith("/v1/results/")]
@@ -594,12 +553,12 @@ def test_reload_under_traffic_then_refuse_corrupt_runs(app: App) -> None:
     for how in ("truncated_results", "missing_file", "no_manifest"):
         bad_id = _corrupt_copy(app, "r2", f"bad-{how}", how)
         with _Hammer(app, qid) as h:
-            _cas_latest(app.root, bad_id)
+            cas_latest(app.root, bad_id)
             def refused(bad: str = bad_id) -> dict[str, Any] | None:
                 j = app.health()
                 return j if bad in (j.get("reload_error") or "") else None
 
-            hz = _wait(refused, 60, f"/healthz to report {bad_id}")
+            hz = wait_for(refused, 60, f"/healthz to report {bad_id}")
             time.sleep(2 * RELOAD_S)  # a few more polls of the bad run under traffic
         assert hz["status"] == "degraded" and hz["run_id"] == "r2", hz
         assert "refused run" in hz["reload_error"], hz
@@ -625,9 +584,9 @@ def test_health_recovers_when_latest_rolls_back(app: App) -> None:
     h = app.health()
     if h["status"] != "degraded":  # run on its own: make it degraded first
         bad_id = _corrupt_copy(app, served, f"bad-rollback-{int(time.time())}", "truncated_results")
-        _cas_latest(app.root, bad_id)
-        _wait(lambda: app.health()["status"] == "degraded", 60, "/healthz degraded")
-    _cas_latest(app.root, served)  # the operator rolls LATEST back to the good run
+        cas_latest(app.root, bad_id)
+        wait_for(lambda: app.health()["status"] == "degraded", 60, "/healthz degraded")
+    cas_latest(app.root, served)  # the operator rolls LATEST back to the good run
     time.sleep(4 * RELOAD_S)
     assert app.health() == {"status": "ok", "run_id": served, "reload_error": None}
 
@@ -670,41 +629,43 @@ def test_start_refuses_a_busy_port() -> None:
 
 
 def test_live_search_on_a_trained_run_reaches_its_batch_metrics(app: App, trained_models: TrainedModels) -> None:
-    """Rankings that mean something, over real HTTP: a run of the session's trained models published into the
-    served root is picked up, and ``POST /v1/search`` on its held-out queries (never trained on) answers the
+    """Rankings that mean something, over real HTTP: the session's run of its trained models, copied and published
+    into the served root, is picked up, and ``POST /v1/search`` on its held-out queries (never trained on) answers the
     batch run's lists, so it reaches the batch run's metrics, the retriever far above chance. LATEST goes back
     to the served run after."""
     from operators.training.common import ranking_metrics
     from pipelines.evaluate import evaluate, load_qrels
     from pipelines.quickstart import DEFAULT_CONFIG
-    from pipelines.run import run
 
     t = trained_models
     before = app.served()
     cfg = t.config(DEFAULT_CONFIG, root=app.root, embed={"model": t.retriever}, rerank=t.reranker)
-    report = run(cfg, run_id="trained")
+    trained = t.run_b.run_id
+    run_dir = app.run_dir(trained)
+    shutil.copytree(t.run_b.run_dir, run_dir)  # the session's trained run, as it was published there
+    P.advance_latest(Storage(), app.root, trained)
     try:
-        _wait(lambda: app.served() == "trained", RELOAD_DEADLINE_S, "/v1/runs/current == trained")
+        wait_for(lambda: app.served() == trained, RELOAD_DEADLINE_S, f"/v1/runs/current == {trained}")
         qrels = load_qrels(t.heldout_qrels)
         texts = {r["query_id"]: r["text"] for r in ds.dataset(t.sample.queries).to_table().to_pylist()}
         retrieval, kept = {}, {}
         for q in sorted(qrels):
             for rerank, into in ((True, kept), (False, retrieval)):
                 r = app.post("/v1/search", json={"text": texts[q], "top_k": cfg.search.k, "rerank": rerank})
-                assert r.status_code == 200 and r.json()["run_id"] == "trained", r.text
+                assert r.status_code == 200 and r.json()["run_id"] == trained, r.text
                 into[q] = [x["doc_id"] for x in r.json()["results"]]
-        assert kept == {q: [x["doc_id"] for x in rows] for q, rows in app.results("trained").items() if q in qrels}
+        assert kept == {q: [x["doc_id"] for x in rows] for q, rows in app.results(trained).items() if q in qrels}
         assert retrieval == {q: [x["doc_id"] for x in rows]
-                             for q, rows in app.candidates("trained").items() if q in qrels}
-        want = evaluate(report.run_dir, t.heldout_qrels)
+                             for q, rows in app.candidates(trained).items() if q in qrels}
+        want = evaluate(run_dir, t.heldout_qrels)
         got = {"retrieval": ranking_metrics(qrels, retrieval), "rerank": ranking_metrics(qrels, kept)}
         for stage in ("retrieval", "rerank"):
             for m in ("recall@10", "mrr@10", "ndcg@10"):
                 assert got[stage][m] == pytest.approx(want[stage][m], abs=1e-6), (stage, m, got, want)
         assert got["retrieval"]["recall@10"] >= 0.2, got  # chance: ~0.06
     finally:
-        _cas_latest(app.root, before)
-        _wait(lambda: app.served() == before, RELOAD_DEADLINE_S, f"/v1/runs/current back to {before}")
+        cas_latest(app.root, before)
+        wait_for(lambda: app.served() == before, RELOAD_DEADLINE_S, f"/v1/runs/current back to {before}")
 
 
 def test_proxy_ingress_answers_the_same(app: App) -> None:
@@ -718,9 +679,9 @@ def test_proxy_ingress_answers_the_same(app: App) -> None:
     before = [(r.status_code, r.json()) for r in (app.get(p) for p in paths)]
     assert [c for c, _ in before].count(200) >= 1 and before[-1][0] == 404
     serve.shutdown()
-    settings = app.settings.model_copy(update={"ingress": "proxy", "port": _free_port()})
+    settings = app.settings.model_copy(update={"ingress": "proxy", "port": free_port()})
     start(settings)
     with httpx.Client(base_url=f"http://{settings.host}:{settings.port}", timeout=60.0) as c:
-        _wait(lambda: c.get("/healthz").json().get("run_id") == run_id, HEALTH_DEADLINE_S, "proxy /healthz")
+        wait_for(lambda: c.get("/healthz").json().get("run_id") == run_id, HEALTH_DEADLINE_S, "proxy /healthz")
         after = [(r.status_code, r.json()) for r in (c.get(p) for p in paths)]
     assert after == before

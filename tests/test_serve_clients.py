@@ -24,8 +24,7 @@ import yaml
 httpx = pytest.importorskip("httpx")
 cohere = pytest.importorskip("cohere")
 
-from tests.conftest import ray_init_local  # noqa: E402
-from tests.test_serve import HEALTH_DEADLINE_S, RELOAD_DEADLINE_S, _free_port, _wait  # noqa: E402
+from tests.helpers import RELOAD_DEADLINE_S, serve_app, wait_for  # noqa: E402
 
 DOCS, QUERIES, SHARDS = 16, 3, 1
 N_DOCS = 5  # documents per rerank call
@@ -78,35 +77,19 @@ def _config(out: Path, backend: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from ray import serve
-
+def stack(tmp_path_factory: pytest.TempPathFactory, ray_serve: None) -> Iterator[Stack]:
     from pipelines.run import run
     from pipelines.sample import make_sample
-    from pipelines.serve import ServeSettings, start
 
     out = tmp_path_factory.mktemp("serve-clients")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    # 4 logical CPUs on 2 cores, as in test_serve: the Serve replicas hold 2, the second run needs its own.
-    with ray_init_local(num_cpus=4, env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
-        make_sample(str(out / "sample"), docs=DOCS, queries=QUERIES, shards=SHARDS, seed=0)
-        cfg = _config(out, "clip")
-        assert run(cfg, run_id=RUN_IDS["clip"]).published
-        settings = ServeSettings(root=cfg.root, port=_free_port(), reload_interval_s=1.0, device="cpu",
-                                 max_documents=MAX_DOCUMENTS)
-        start(settings)
+    make_sample(str(out / "sample"), docs=DOCS, queries=QUERIES, shards=SHARDS, seed=0)
+    cfg = _config(out, "clip")
+    assert run(cfg, run_id=RUN_IDS["clip"]).published
+    with serve_app(cfg.root, healthy=lambda body: body.get("run_id") == RUN_IDS["clip"],
+                   max_documents=MAX_DOCUMENTS) as settings:
         base = f"http://{settings.host}:{settings.port}"
-        client = httpx.Client(base_url=base, timeout=60.0)
-        try:
-            _wait(lambda: client.get("/healthz").json().get("run_id") == RUN_IDS["clip"], HEALTH_DEADLINE_S,
-                  "/healthz serving the clip run")
+        with httpx.Client(base_url=base, timeout=60.0) as client:
             yield Stack(out=out, base=base, client=client, cfgs={"clip": cfg})
-        finally:
-            client.close()
-            serve.shutdown()
-    mp.undo()
 
 
 def _data_uri(data: bytes) -> str:
@@ -147,7 +130,7 @@ def served(request: pytest.FixtureRequest, stack: Stack) -> Served:
     else:
         advance_latest(Storage(), stack.cfgs[backend].root, run_id)
     cfg = stack.cfgs[backend]
-    _wait(lambda: stack.client.get("/healthz").json().get("run_id") == run_id, RELOAD_DEADLINE_S,
+    wait_for(lambda: stack.client.get("/healthz").json().get("run_id") == run_id, RELOAD_DEADLINE_S,
           f"/healthz serving {run_id}")
     rows = ds.dataset(cfg.corpus).to_table(columns=["doc_id", "image", "text"]).to_pylist()[:N_DOCS]
     query = ds.dataset(cfg.queries).to_table().column("text")[0].as_py()

@@ -25,20 +25,8 @@ from operators.storage import Storage
 from pipelines import publish as P
 from pipelines.config import parse_config
 from pipelines.sample import SampleInfo, make_sample
-from tests.test_run import (
-    _any,
-    _cfg_dict,
-    _cli_cmd,
-    _cli_env,
-    _kill_tree,
-    _log_tail,
-    _wait_until,
-    _write_yaml,
-    build_reference,
-    check_against_reference,
-    check_manifest,
-    no_ray_in_this_process,  # noqa: F401 - a fixture
-)
+from tests.helpers import any_file, cli_cmd, cli_env, kill_tree, log_tail, wait_until, write_yaml
+from tests.reference import build_reference, check_against_reference, check_manifest, run_cfg_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -64,11 +52,11 @@ def _sigint_ignored(pid: int) -> bool:
 def _start(cfg_path: str, log_path: Path, cwd: Path, fault: str | None,
            background: bool = False) -> subprocess.Popen[bytes]:
     """``mmrerank run`` in its own session; ``background``: as `cmd &` of a non-interactive bash."""
-    env = _cli_env()
+    env = cli_env()
     env.pop("MMR_FAULT_INJECT", None)
     if fault:
         env["MMR_FAULT_INJECT"] = fault
-    cmd = _cli_cmd("run", cfg_path)
+    cmd = cli_cmd("run", cfg_path)
     if background:
         cmd = ["bash", "-c", '"$@" & wait $!', "bash", *cmd]
     with open(log_path, "wb") as log:
@@ -112,12 +100,12 @@ def _no_run_published(root: Path) -> None:
 
 @pytest.mark.parametrize("background", [True, False], ids=["background-sigint-ignored", "foreground"])
 def test_a_hung_stage_fails_the_run_however_it_was_started(background: bool, sample: SampleInfo, tmp_path: Path,
-                                                           no_ray_in_this_process: None) -> None:  # noqa: F811
+                                                           no_ray_in_this_process: None) -> None:
     root = tmp_path / "root"
-    d = _cfg_dict(str(root), sample.corpus, sample.queries)
+    d = run_cfg_dict(str(root), sample.corpus, sample.queries)
     d["ray"]["stall_timeout_s"] = STALL_S
     log_path = tmp_path / "run.log"
-    proc = _start(_write_yaml(tmp_path / "run.yaml", d), log_path, tmp_path, "hang:embed_batch", background)
+    proc = _start(write_yaml(tmp_path / "run.yaml", d), log_path, tmp_path, "hang:embed_batch", background)
     try:
         driver = _driver_pid(proc, background)
         assert _sigint_ignored(driver) is background, "the test did not set up the launch it names"
@@ -125,40 +113,40 @@ def test_a_hung_stage_fails_the_run_however_it_was_started(background: bool, sam
             rc = proc.wait(timeout=STALL_S + MARGIN_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the hung run did not stop within {STALL_S + MARGIN_S:.0f}s; log tail:\n"
-                        f"{_log_tail(log_path)}")
+                        f"{log_tail(log_path)}")
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     log = log_path.read_text(errors="replace")
-    assert rc == 3, _log_tail(log_path)
-    assert "stage 'embed corpus' stalled: no block completed for" in log, _log_tail(log_path)
+    assert rc == 3, log_tail(log_path)
+    assert "stage 'embed corpus' stalled: no block completed for" in log, log_tail(log_path)
     assert f"ray.stall_timeout_s={STALL_S:g}" in log
     _no_run_published(root)
 
 
 def test_sigterm_mid_stage_stops_cleanly_then_the_run_resumes(sample: SampleInfo, tmp_path: Path,
-                                                              no_ray_in_this_process: None) -> None:  # noqa: F811
+                                                              no_ray_in_this_process: None) -> None:
     root = tmp_path / "root"
-    d = _cfg_dict(str(root), sample.corpus, sample.queries)
-    cfg_path = _write_yaml(tmp_path / "run.yaml", d)
+    d = run_cfg_dict(str(root), sample.corpus, sample.queries)
+    cfg_path = write_yaml(tmp_path / "run.yaml", d)
     log_path = tmp_path / "terminated.log"
     # Slow scoring calls keep the rerank stage running while the signal arrives: a call is now a block of whole
     # candidate docs (several model batches), so a small run makes only a few calls and 2 s each was too short.
     proc = _start(cfg_path, log_path, tmp_path, "slow:rerank_batch:10")
     try:
-        _wait_until(proc, lambda: _any(root, "runs/*/_STAGES/search.json")() and _any(root, "runs/*/_pairs/*")(),
+        wait_until(proc, lambda: any_file(root, "runs/*/_STAGES/search.json")() and any_file(root, "runs/*/_pairs/*")(),
                     "the rerank stage", log_path)
         os.kill(proc.pid, signal.SIGTERM)  # the driver only, as Kubernetes and `ray job stop` do
         try:
             rc = proc.wait(timeout=MARGIN_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"SIGTERM did not stop the run within {MARGIN_S:.0f}s; log tail:\n{_log_tail(log_path)}")
+            pytest.fail(f"SIGTERM did not stop the run within {MARGIN_S:.0f}s; log tail:\n{log_tail(log_path)}")
         left = _wait_session_gone(proc.pid)
     finally:
-        _kill_tree(proc)
-    assert rc == 128 + signal.SIGTERM, _log_tail(log_path)
+        kill_tree(proc)
+    assert rc == 128 + signal.SIGTERM, log_tail(log_path)
     log = log_path.read_text(errors="replace")
-    assert "stopped by SIGTERM; nothing was published" in log, _log_tail(log_path)
-    assert "Traceback" not in log, _log_tail(log_path)
+    assert "stopped by SIGTERM; nothing was published" in log, log_tail(log_path)
+    assert "Traceback" not in log, log_tail(log_path)
     assert not left, f"processes of the stopped job still running: {left}"
     _no_run_published(root)
     (run_dir,) = (root / "runs").iterdir()
@@ -169,8 +157,8 @@ def test_sigterm_mid_stage_stops_cleanly_then_the_run_resumes(sample: SampleInfo
     try:
         rc = proc.wait(timeout=1200)
     finally:
-        _kill_tree(proc)
-    assert rc == 0, _log_tail(log_path)
+        kill_tree(proc)
+    assert rc == 0, log_tail(log_path)
     assert f"resuming run {run_dir.name}" in log_path.read_text(errors="replace")
     storage = Storage()
     assert P.read_latest(storage, str(root))[0]["run_id"] == run_dir.name

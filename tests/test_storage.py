@@ -21,7 +21,7 @@ from operators.storage import (
     scheme_of,
     strip_scheme,
 )
-from tests.conftest import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server
+from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server
 
 pytestmark = pytest.mark.timeout(120)
 

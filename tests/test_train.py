@@ -19,7 +19,8 @@ import pytest
 from operators.storage import Storage
 from operators.training.data import build_training_set, read_corpus, read_queries, split_query_ids
 from pipelines.config import ConfigError, parse_config
-from tests.conftest import TrainedModels
+from tests.helpers import CLI_DEADLINE_S, kill_tree, log_tail, spawn, wait_until
+from tests.trained import TrainedModels
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +275,7 @@ def test_rerank_uses_the_trained_reranker_as_is_and_matches_its_validation(train
     assert m["retrieval"] == a["retrieval"]
 
 
-def test_two_workers_match_one(trained: TrainedModels) -> None:
+def test_two_workers_match_one(trained: TrainedModels, tmp_path: Path) -> None:
     """Data parallel correctness: same data, same global batch, 2 workers -> the same weights as 1."""
     import torch
     from safetensors.torch import load_file
@@ -284,9 +285,9 @@ def test_two_workers_match_one(trained: TrainedModels) -> None:
 
     weights, cards = {}, {}
     for n in (1, 2):
-        r = run_train(trained.config(TRAIN_CLIP_CONFIG, train={
+        r = run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(tmp_path / "root"), train={
             "epochs": 2, "batch_size": 16, "lr": 0.002, "num_workers": n, "worker_num_cpus": 0.5,
-            "name": f"dp-{n}", "output": str(trained.out / f"dp-{n}")}))
+            "name": f"dp-{n}", "output": str(tmp_path / f"dp-{n}")}))
         weights[n] = load_file(str(Path(r.output) / "model.safetensors"))
         cards[n] = r.card
         assert r.card["training"]["num_workers"] == n
@@ -317,9 +318,8 @@ def test_kill_9_of_train_resumes_from_its_last_checkpoint(trained: TrainedModels
 
     from pipelines.quickstart import TRAIN_CLIP_CONFIG, _paths
     from pipelines.train import run_train
-    from tests.test_run import CLI_DEADLINE_S, _kill_tree, _log_tail, _spawn, _wait_until
 
-    train = {"epochs": 6, "batch_size": 16}  # the kill lands after epoch 2 of 6
+    train = {"epochs": 3, "batch_size": 16}  # the kill lands after epoch 1 of 3: epochs 2 and 3 are resumed
     ref = run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(tmp_path / "ref"), train={**train, "name": "ref"}))
 
     root = tmp_path / "root"
@@ -330,27 +330,27 @@ def test_kill_9_of_train_resumes_from_its_last_checkpoint(trained: TrainedModels
     cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
     states = root / "training" / "kill9"
 
-    def second_epoch_saved() -> bool:
-        return any(json.loads(p.read_text())["epoch"] >= 1 for p in states.glob("*/train_state.json"))
+    def first_epoch_saved() -> bool:
+        return any(json.loads(p.read_text())["epoch"] >= 0 for p in states.glob("*/train_state.json"))
 
     log1 = tmp_path / "killed.log"
-    proc = _spawn(["train", str(cfg_path)], log1, tmp_path)
+    proc = spawn(["train", str(cfg_path)], log1, tmp_path)
     try:
-        _wait_until(proc, second_epoch_saved, "a checkpoint of the second epoch", log1)
+        wait_until(proc, first_epoch_saved, "a checkpoint of the first epoch", log1)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     out = root / "models" / "kill9"
     assert not (out / "model_card.json").exists(), "killed, yet the training finished"
 
     log2 = tmp_path / "resumed.log"
-    proc = _spawn(["train", str(cfg_path)], log2, tmp_path)
+    proc = spawn(["train", str(cfg_path)], log2, tmp_path)
     try:
         rc = proc.wait(timeout=CLI_DEADLINE_S)
     finally:
-        _kill_tree(proc)
-    assert rc == 0, _log_tail(log2)
+        kill_tree(proc)
+    assert rc == 0, log_tail(log2)
     text = log2.read_text(errors="replace")
-    assert "resuming from the checkpoint of epoch" in text, _log_tail(log2)
+    assert "resuming from the checkpoint of epoch" in text, log_tail(log2)
     card = json.loads((out / "model_card.json").read_text())
     assert [h["epoch"] for h in card["history"]] == [h["epoch"] for h in ref.card["history"]]
     assert card["training"]["steps"] == ref.card["training"]["steps"]
