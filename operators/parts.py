@@ -29,6 +29,33 @@ def cached_storage(options: StorageOptions | None) -> Storage:
     return Storage(options)
 
 
+def row_ranges(rows: np.ndarray) -> list[list[int]]:
+    """The row indexes as sorted half-open ``[start, end)`` runs; a repeated row starts a run of its own, so
+    duplicates stay visible (the embed stage checks that a shard's runs tile ``[0, rows)`` exactly)."""
+    r = np.sort(np.asarray(rows, dtype=np.int64))
+    if r.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(r) != 1) + 1
+    starts = r[np.r_[0, breaks]]
+    ends = r[np.r_[breaks - 1, r.size - 1]] + 1
+    return [[int(a), int(b)] for a, b in zip(starts, ends, strict=True)]
+
+
+def tiling_errors(ranges: list[list[int]], num_rows: int) -> tuple[int, int]:
+    """``(missing, repeated)`` row counts of ``ranges`` against exactly ``[0, num_rows)`` once each."""
+    missing = repeated = 0
+    pos = 0
+    for a, b in sorted(ranges):
+        if a > pos:
+            missing += a - pos
+        elif a < pos:
+            repeated += min(b, pos) - a
+        pos = max(pos, b)
+    missing += max(0, num_rows - pos)
+    repeated += max(0, pos - num_rows)
+    return missing, repeated
+
+
 class PartsSink(ABC):
     """Write one batch (numpy columns, possibly spanning shards): one record per shard touched."""
 
@@ -59,7 +86,8 @@ class PartsSink(ABC):
             sel = shards == key
             first = int(rows[sel].min())
             rec: dict[str, Any] = {"shard": key, "first_row": first, "rows_ok": 0, "rows_rejected": 0,
-                                   "part": None, "rejects": None, "reject_types": {}}
+                                   "part": None, "rejects": None, "reject_types": {},
+                                   "row_ranges": row_ranges(rows[sel])}
             ok = sel & okmask
             if ok.any():
                 uri = self.path("ok", key, first)

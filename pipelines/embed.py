@@ -23,7 +23,7 @@ from typing import Any
 from operators.contracts import CORPUS, QUERY, InputKind
 from operators.embedders import DecodeImages, EmbeddingsSink, ImageEmbedder, TextEmbedder
 from operators.models import ResolvedModel, resolve_model
-from operators.parts import make_datasink
+from operators.parts import make_datasink, tiling_errors
 from operators.shard_source import ShardSource
 from operators.shards import ShardPlan, cache_dir, list_shards, plan_shards, read_source
 from operators.storage import Storage, join
@@ -220,9 +220,12 @@ def _finalize(storage: Storage, cache: str, todo: list[tuple[ShardPlan, str]], r
         recs = sorted(by_key.get(key, []), key=lambda r: r["first_row"])
         ok = sum(r["rows_ok"] for r in recs)
         rej = sum(r["rows_rejected"] for r in recs)
-        if ok + rej != plan.num_rows:
+        # Row by row, not only the counts: a dropped row and a duplicated one add up to the right total.
+        missing, repeated = tiling_errors([rr for r in recs for rr in r["row_ranges"]], plan.num_rows)
+        if ok + rej != plan.num_rows or missing or repeated:
             raise EmbedIntegrityError(
-                f"{plan.uri}: {plan.num_rows} rows in but {ok} embedded + {rej} rejected were written")
+                f"{plan.uri}: {plan.num_rows} rows in but {ok} embedded + {rej} rejected were written "
+                f"({missing} rows missing, {repeated} written more than once)")
         types: dict[str, int] = {}
         for r in recs:
             for t, c in r["reject_types"].items():

@@ -117,3 +117,39 @@ def test_sink_writes_parts_and_rejects_per_shard(tmp_path: Path) -> None:
     sink.write_batch(batch)
     assert sorted(p.name for p in (tmp_path / "s1").iterdir()) == ["part-000000000007.parquet",
                                                                   "rejects-000000000007.parquet"]
+
+
+def test_row_ranges_keep_gaps_and_repeats_visible() -> None:
+    from operators.parts import row_ranges, tiling_errors
+
+    assert row_ranges(np.array([3, 0, 1, 2, 5])) == [[0, 4], [5, 6]]
+    assert row_ranges(np.array([0, 1, 1, 2])) == [[0, 2], [1, 3]]  # the repeated row opens a run of its own
+    assert row_ranges(np.array([], np.int64)) == []
+    assert tiling_errors([[3, 6], [0, 3]], 6) == (0, 0)
+    assert tiling_errors([[0, 4], [5, 6]], 6) == (1, 0)
+    assert tiling_errors([[0, 2], [1, 3]], 4) == (1, 1)
+    assert tiling_errors([[0, 7]], 6) == (0, 1)
+
+
+def test_embed_refuses_a_shard_whose_rows_add_up_but_one_was_dropped_and_one_duplicated(tmp_path: Path) -> None:
+    """"Nothing is lost" row by row: 4 rows in; the writes cover rows 0, 1, 1, 2 (3 ok + 1 reject: the right
+    count). The shard is refused with EmbedIntegrityError and no _SUCCESS.json; the true rows pass."""
+    from types import SimpleNamespace
+
+    from operators.storage import Storage
+    from pipelines.embed import EmbedIntegrityError, _finalize
+
+    plan = SimpleNamespace(uri="s3://b/corpus/shard-0.parquet", num_rows=4, fingerprint="f", kind="corpus")
+    rm, cfg = SimpleNamespace(fingerprint="m", embed_dim=4), SimpleNamespace(embed=SimpleNamespace(dtype="float16"))
+    cache = str(tmp_path / "cache")
+
+    def rec(ranges: list[list[int]]) -> dict[str, object]:
+        return {"shard": "k", "first_row": 0, "rows_ok": 3, "rows_rejected": 1, "reject_types": {"decode_error": 1},
+                "part": "part-0.parquet", "rejects": "rejects-0.parquet", "row_ranges": ranges}
+
+    with pytest.raises(EmbedIntegrityError, match="1 rows missing, 1 written more than once"):
+        _finalize(Storage(), cache, [(plan, "k")], [rec([[0, 2], [1, 3]])], {}, rm, cfg)
+    assert not (tmp_path / "cache" / "k" / "_SUCCESS.json").exists()
+    stats: dict[str, object] = {}
+    _finalize(Storage(), cache, [(plan, "k")], [rec([[0, 4]])], stats, rm, cfg)
+    assert (tmp_path / "cache" / "k" / "_SUCCESS.json").exists() and "k" in stats

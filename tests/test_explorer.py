@@ -140,12 +140,14 @@ def test_doc_metadata_and_thumbnails(app: App) -> None:
     for size in (16, 48, 512):
         t = app.client.get(f"/v1/docs/{doc_id}/thumbnail", params={"size": size})
         assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
+        assert t.headers["x-cache"] == "miss", size  # made now
         assert t.headers["x-content-type-options"] == "nosniff" and "sandbox" in t.headers["content-security-policy"]
         assert t.content != app.corpus[doc_id]["image"]  # re-encoded, never the stored bytes
         im = Image.open(io.BytesIO(t.content))
         stored = Image.open(io.BytesIO(app.corpus[doc_id]["image"]))
         assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) == min(size, max(stored.size))
-        assert app.client.get(f"/v1/docs/{doc_id}/thumbnail", params={"size": size}).content == t.content  # cached
+        again = app.client.get(f"/v1/docs/{doc_id}/thumbnail", params={"size": size})
+        assert again.headers["x-cache"] == "hit" and again.content == t.content, size  # from the cache
     assert app.client.get(f"/v1/docs/{doc_id}/thumbnail").status_code == 200  # default size
     for bad in ("0", "15", "513", "abc", "1e3"):
         r = app.client.get(f"/v1/docs/{doc_id}/thumbnail", params={"size": bad})

@@ -10,8 +10,9 @@
 * Incremental: one changed and one added corpus shard are the only ones re-embedded.
 * Fails fast: bad config, missing input, missing bucket, dead endpoint: exit 2, one line, no secrets.
 
-Order matters for CPU (2 cores): the CLI subprocess tests come first and run while this process has no
-Ray instance; the in-process tests after them share the module's ``ray_local``.
+The CLI subprocess tests shut this process's Ray down first (``no_ray_in_this_process``: the child gets the 2
+cores); the in-process tests run on the session's shared Ray, started again if a CLI test stopped it, so no test
+depends on the order. The reference and the run checks are in ``tests/reference.py``.
 """
 
 from __future__ import annotations
@@ -434,6 +435,48 @@ def test_resume_of_a_run_that_failed_at_publish_only_publishes(clean_local: Done
     with pytest.raises(ValueError, match="already complete"):  # published now: nothing left to do
         run(cfg, resume=first.run_id)
     assert check_manifest(Storage(), join(str(root), "runs", first.run_id), first.run_id) == before
+
+
+@pytest.mark.slow
+def test_a_swallowed_sigterm_stops_the_run_at_the_next_boundary_and_publishes_nothing(
+        clean_local: Done, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run()`` checks for a SIGTERM whose exception was lost (``TERMINATE_REQUESTED``) after each stage and
+    before LATEST: a stop after search keeps search and publishes nothing; a stop while the manifest is written
+    keeps the complete run unpublished; the same command then only publishes it."""
+    from operators import watchdog as W
+
+    root = tmp_path / "root"
+    shutil.copytree(clean_local.root, root)  # its embedding cache and index: only search and rerank run here
+    cfg = clean_local.cfg.model_copy(update={"root": str(root)})
+    before = P.read_latest(Storage(), str(root))[0]
+
+    def then_sigterm(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def inner(*a: Any, **kw: Any) -> Any:
+            out = fn(*a, **kw)
+            W.TERMINATE_REQUESTED.set()  # as the CLI's handler does when its exception is swallowed
+            return out
+        return inner
+
+    try:
+        monkeypatch.setattr(run_mod, "run_search", then_sigterm(run_mod.run_search))
+        with pytest.raises(W.Terminated):
+            run(cfg, run_id="stopped")
+        run_dir = root / "runs" / "stopped"
+        assert (run_dir / "_STAGES" / "search.json").exists() and not (run_dir / "_STAGES" / "rerank.json").exists()
+        assert P.read_latest(Storage(), str(root))[0] == before
+        monkeypatch.undo()
+        W.TERMINATE_REQUESTED.clear()
+
+        monkeypatch.setattr(run_mod, "write_manifest", then_sigterm(run_mod.write_manifest))
+        with pytest.raises(W.Terminated):
+            run(cfg, resume="stopped")
+        assert (run_dir / P.MANIFEST).exists() and P.read_latest(Storage(), str(root))[0] == before
+        monkeypatch.undo()
+        W.TERMINATE_REQUESTED.clear()
+    finally:
+        W.TERMINATE_REQUESTED.clear()
+    rep = run(cfg, resume="stopped")
+    assert rep.published and P.read_latest(Storage(), str(root))[0]["run_id"] == "stopped"
 
 
 # ----------------------------------------------------------------------------------------------

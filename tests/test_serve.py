@@ -204,7 +204,9 @@ def test_lookup_top_n_and_errors(app: App) -> None:
         assert r.status_code == 200, r.text
         _assert_rows_equal(r.json()["results"], rows[:n])
     r = app.get("/v1/results/no-such-query")
-    assert r.status_code == 404 and "no-such-query" in r.json()["detail"]
+    # The id that was asked for is not echoed (README, security): the body names the run that lacks it.
+    assert r.status_code == 404 and r.json()["detail"] == f"unknown query_id in run {app.served()}"
+    assert "no-such-query" not in r.text
     for bad in (0, -1, LIMITS["max_top_n"] + 1, "abc", 10**30):
         r = app.get(f"/v1/results/{qid}", params={"top_n": bad})
         assert r.status_code == 422, (bad, r.status_code, r.text)
@@ -407,6 +409,22 @@ def test_schemathesis_no_5xx(app: App) -> None:
     session.close()
     assert not failures, "\n".join(failures[:20])
 
+
+
+def test_error_bodies_never_echo_what_was_sent(app: App) -> None:
+    """README (security): a 4xx names what was wrong and where, never the value that was sent."""
+    marker = "ECHO-7f3a"
+    answers = [
+        app.get(f"/v1/results/{marker}"),
+        app.get(f"/v1/results/{marker}", params={"top_n": marker}),
+        app.post("/v1/search", json={"text": "x", "top_k": marker}),
+        app.post("/v1/search", json={"text": marker * 100}),  # over max_text_chars
+        app.post("/v1/search", json={"text": [marker]}),
+        app.post("/v1/rerank", json={"query": marker, "documents": marker}),
+        app.post("/v1/rerank", json={"query": "q", "documents": [{"image_b64": marker}]}),
+    ]
+    for r in answers:
+        assert 400 <= r.status_code < 500 and marker not in r.text, (r.request.url, r.status_code, r.text[:300])
 
 
 def test_rerank_empty_string_document_is_422(app: App) -> None:

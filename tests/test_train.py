@@ -269,7 +269,10 @@ def test_rerank_uses_the_trained_reranker_as_is_and_matches_its_validation(train
     report = trained.run_b  # rerank.model: the trained directory as is
     m = evaluate(report.run_dir, str(Path(trained.vlm.output) / "heldout_qrels.txt"))
     val = trained.vlm.card["validation"]
-    assert m["rerank"]["ndcg@10"] == pytest.approx(val["ndcg@10"], abs=0.02), (m["rerank"], val)
+    # Every metric of the card, to the digits it prints (6 decimals, so half a unit of the last one).
+    assert set(val) <= set(m["rerank"]) and {"recall@10", "mrr@10", "ndcg@10"} <= set(val), (val, m["rerank"])
+    for k, v in val.items():
+        assert m["rerank"][k] == pytest.approx(v, abs=5e-7), (k, m["rerank"], val)
     # Same retriever as the candidates run: the retrieval stage equals the run the reranker was trained on.
     a = evaluate(trained.run_a.run_dir, str(Path(trained.vlm.output) / "heldout_qrels.txt"))
     assert m["retrieval"] == a["retrieval"]

@@ -153,3 +153,67 @@ def test_a_hung_stage_on_another_thread_fails_too(ray_local: Any, tmp_path: Path
         t.join(timeout=120)
     assert isinstance(out.get("error"), W.StallError), out
     assert "stage 'threaded stage' stalled" in str(out["error"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI's exit on SIGTERM and Ctrl-C (main() in this process, the command replaced)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_main(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Any:
+    """``pipelines.cli.main`` with ``cmd_run`` replaced by the test's function; loggers' levels and the env it
+    sets are restored after."""
+    import logging
+
+    import pipelines.cli as cli
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # main() sets it when absent
+    levels = {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+
+    def call(fn: Any, cfg_path: Path) -> tuple[int, list[str]]:
+        monkeypatch.setattr(cli, "cmd_run", fn)
+        with caplog.at_level(logging.INFO):
+            rc = cli.main(["run", str(cfg_path)])
+        return rc, [r.getMessage() for r in caplog.records if r.name == "mmrerank"]
+
+    yield call
+    for n, lg in logging.root.manager.loggerDict.items():
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(levels.get(n, logging.NOTSET))
+
+
+def test_sigterm_exits_143_and_a_second_sigterm_is_ignored(cli_main: Any, tmp_path: Path) -> None:
+    import signal
+
+    seen: dict[str, Any] = {}
+
+    def run_cmd(args: Any) -> int:
+        try:
+            signal.raise_signal(signal.SIGTERM)  # the RayJob stopped: the handler raises Terminated here
+        except W.Terminated:
+            seen["handler_after_first"] = signal.getsignal(signal.SIGTERM)
+            try:
+                signal.raise_signal(signal.SIGTERM)  # a second one during the clean-up
+            except W.Terminated:
+                seen["second_raised"] = True
+            raise
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    rc, lines = cli_main(run_cmd, tmp_path / "run.yaml")
+    assert rc == 128 + signal.SIGTERM == 143
+    assert seen == {"handler_after_first": signal.SIG_IGN}, seen  # ignored: the clean-up ran undisturbed
+    assert [m for m in lines if m.startswith("stopped by")] == [
+        "stopped by SIGTERM; nothing was published, the same command resumes the run"]
+    assert signal.getsignal(signal.SIGTERM) is before and not W.TERMINATE_REQUESTED.is_set()
+
+
+def test_ctrl_c_exits_130(cli_main: Any, tmp_path: Path) -> None:
+    def run_cmd(args: Any) -> int:
+        raise KeyboardInterrupt  # what Python makes of SIGINT on the main thread
+
+    rc, lines = cli_main(run_cmd, tmp_path / "run.yaml")
+    assert rc == 130
+    assert [m for m in lines if m.startswith("stopped by")] == [
+        "stopped by an interrupt; nothing was published, the same command resumes the run"]

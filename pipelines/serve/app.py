@@ -359,7 +359,7 @@ class Api:
         s = self._store()
         rows = s.lookup(query_id, top_n)
         if rows is None:
-            raise HTTPException(status_code=404, detail=f"unknown query_id {query_id!r} in run {s.run_id}")
+            raise HTTPException(status_code=404, detail=f"unknown query_id in run {s.run_id}")  # never echoed
         return {"query_id": query_id, "run_id": s.run_id, "reranker": s.reranker, "results": rows}
 
     # -- the results explorer (pipelines/explorer): the page, its assets, its views, docs ---------------
@@ -431,6 +431,7 @@ class Api:
         s = self._store()
         key = (s.run_id, doc_id, px)
         data = self.explorer.thumbs.get(key)
+        cache = "hit" if data is not None else "miss"
         if data is None:
             got = await self.models.thumbnail.remote(doc_id, px)
             if "error" in got:
@@ -439,7 +440,8 @@ class Api:
                 raise HTTPException(status_code=404, detail="unknown doc_id in the served run")
             data = got["data"]
             self.explorer.thumbs.put(key, data)
-        return Response(data, media_type="image/jpeg", headers=explorer.thumbnail_headers())
+        # X-Cache: whether this replica's thumbnail cache answered (operators and the tests can count hits).
+        return Response(data, media_type="image/jpeg", headers={**explorer.thumbnail_headers(), "X-Cache": cache})
 
     @api.get("/v1/docs/{doc_id:path}")
     async def doc(self, doc_id: str) -> dict[str, Any]:
