@@ -30,7 +30,7 @@ from tests.reference import build_reference, check_against_reference, check_mani
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-STALL_S = 8.0
+STALL_S = 5.0  # the hang is injected: any stall is the expected one
 # Ray's start, the model load and the shutdown on a loaded 2-core machine: a hang guard, not a speed claim.
 MARGIN_S = 300.0
 
