@@ -34,7 +34,7 @@ from tests.helpers import (
     ray_init_local,
     stop_process,
 )
-from tests.trained import TrainedModels, load_or_train
+from tests.trained import TrainedModels, cached, train_models, trained_key
 
 for _name in ("werkzeug", "botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "moto"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -303,9 +303,12 @@ def trained_models(request: pytest.FixtureRequest) -> TrainedModels:
     ``tests/trained.py``), on the Ray that is up, or on the shared one."""
     import ray
 
-    if not ray.is_initialized():
-        request.getfixturevalue("shared_ray").use("cpu", request)
-    return load_or_train()
+    def build(out: Path) -> TrainedModels:
+        if not ray.is_initialized():
+            request.getfixturevalue("shared_ray").use("cpu", request)
+        return train_models(out, trained_key())
+
+    return cached("trained", build)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,15 +317,17 @@ def trained_models(request: pytest.FixtureRequest) -> TrainedModels:
 
 
 @pytest.fixture(scope="session")
-def quickstart_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> QuickstartRun:
-    """``quickstart(docs=40, queries=6, shards=2)`` (random weights: the sample, a published run, its qrels), run
-    once on the Ray that is up (else on the shared one). Read-only: modules take a :meth:`QuickstartRun.copy`."""
+def quickstart_run(request: pytest.FixtureRequest) -> QuickstartRun:
+    """``quickstart(docs=40, queries=6, shards=2)`` (random weights: the sample, a published run, its qrels), from
+    the test cache (``tests/trained.py`` :func:`cached`) or run now on the Ray that is up (else the shared one).
+    Read-only: modules take a :meth:`QuickstartRun.copy`."""
     import ray
 
     from pipelines.quickstart import quickstart
 
-    if not ray.is_initialized():
-        request.getfixturevalue("shared_ray").use("cpu", request)
-    out = tmp_path_factory.mktemp("quickstart") / "qs"
-    report = quickstart(str(out), **QUICKSTART_SAMPLE)
-    return QuickstartRun(out, report.run_id)
+    def build(out: Path) -> QuickstartRun:
+        if not ray.is_initialized():
+            request.getfixturevalue("shared_ray").use("cpu", request)
+        return QuickstartRun(out / "qs", quickstart(str(out / "qs"), **QUICKSTART_SAMPLE).run_id)
+
+    return cached("quickstart", build)

@@ -237,6 +237,8 @@ def ray_init_local(
         if ray.is_initialized():
             ray.shutdown()
         ctx = ray.init(
+            # A new local instance even when a `ray start` cluster runs on this host (test_cluster's).
+            address="local",
             num_cpus=num_cpus,
             object_store_memory=object_store_memory,
             include_dashboard=False,

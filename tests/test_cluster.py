@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -123,6 +124,13 @@ def clean(cluster: LocalCluster, sample: SampleInfo, tmp_path_factory: pytest.Te
     return rep
 
 
+def _warm_copy(clean: RunReport, root: Path) -> None:
+    """``root`` as a copy of the clean run's root without its runs: the embedding cache (content-addressed) and the
+    index are found there, so a run embeds nothing; LATEST is left out too (a run here publishes first)."""
+    src = Path(clean.run_dir).parent.parent
+    shutil.copytree(src, root, ignore=lambda d, names: {"runs", P.LATEST} & set(names) if d == str(src) else set())
+
+
 def _actor_pids(name: str) -> list[int]:
     """PIDs of live Ray actor processes whose title mentions ``name`` (e.g. ``ImageEmbedder``)."""
     out = []
@@ -143,10 +151,17 @@ class NodeKiller(threading.Thread):
         self.error: str | None = None
         self._halt = threading.Event()
 
+    def _ours(self, pid: int) -> bool:
+        try:
+            self.cluster.node_of(pid)
+            return True
+        except (LookupError, OSError):
+            return False  # another Ray on this host (a parallel test worker's) runs the same actor class
+
     def run(self) -> None:
         deadline = time.monotonic() + KILL_DEADLINE_S
         while not self._halt.is_set() and time.monotonic() < deadline:
-            pids = _actor_pids(self.actor)
+            pids = [p for p in _actor_pids(self.actor) if self._ours(p)]
             if pids and self.ready():
                 try:
                     node = self.cluster.node_of(pids[0])
@@ -171,6 +186,8 @@ def any_file(root: Path, pattern: str) -> Callable[[], bool]:
 def test_worker_node_killed_mid_stage(stage: str, cluster: LocalCluster, sample: SampleInfo, clean: RunReport,
                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "root"
+    if stage == "rerank":  # the clean run's embedding cache and index: the run's work here is search and rerank
+        _warm_copy(clean, root)
     if stage == "embed":
         # Slow batches widen the window: the kill lands after the first parts, long before the stage ends.
         actor, fault = "ImageEmbedder", "slow:embed_batch:1.0"
@@ -198,6 +215,7 @@ def test_worker_node_killed_mid_stage(stage: str, cluster: LocalCluster, sample:
 def test_reranker_actor_dies_mid_batch(cluster: LocalCluster, sample: SampleInfo, clean: RunReport,
                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = tmp_path / "died-once"
+    _warm_copy(clean, tmp_path / "root")  # the fault is in rerank: the embeddings and index are the clean run's
     with _driver(monkeypatch, f"die:rerank_batch:{marker}"):
         rep = run(_cfg(cluster, tmp_path / "root", sample))
     assert marker.exists(), "the fault never fired: no actor died"

@@ -106,7 +106,7 @@ def test_sink_writes_parts_and_rejects_per_shard(tmp_path: Path) -> None:
     recs = {r["shard"]: r for r in sink.write_batch(batch)}
     assert recs["s1"] == {"shard": "s1", "first_row": 7, "rows_ok": 2, "rows_rejected": 1,
                           "part": "part-000000000007.parquet", "rejects": "rejects-000000000007.parquet",
-                          "reject_types": {R.EMPTY_IMAGE: 1}}
+                          "reject_types": {R.EMPTY_IMAGE: 1}, "row_ranges": [[7, 8], [10, 12]]}
     t = pq.read_table(tmp_path / "s1" / "part-000000000007.parquet")
     assert t.column("id").to_pylist() == ["a", "e"] and t.column("row_index").to_pylist() == [7, 11]
     assert t.schema.field("embedding").type == pa.list_(pa.float16(), 4)

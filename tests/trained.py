@@ -1,15 +1,17 @@
-"""The session's trained tiny models, kept across test runs in a cache keyed by everything they depend on.
+"""What the test session builds once and later test runs reuse: the trained tiny models, and (through
+:func:`cached`) anything else a session fixture builds from the code alone (the random-weight quickstart).
 
-The binding sample, the tiny retriever trained on its training queries with the shipped ``train-clip.yaml``, a
-retrieval-only run with it (the reranker's hard negatives), the tiny yes/no reranker trained on that run's
-candidates with the shipped ``train-vlm.yaml``, and a published nightly run with both.
+The trained models: the binding sample, the tiny retriever trained on its training queries with the shipped
+``train-clip.yaml``, a retrieval-only run with it (the reranker's hard negatives), the tiny yes/no reranker trained
+on that run's candidates with the shipped ``train-vlm.yaml``, and a published nightly run with both.
 
-Training them takes minutes on 2 cores, so they are built once into ``<cache>/trained-<key>`` and reused by later
-test runs on the same checkout. ``key`` hashes the sample settings, the shipped configs, every source file of
-``operators/`` and ``pipelines/`` and the versions of the numeric libraries: any change to what could change the
-models builds them again (a clean clone, as in CI, always does). ``MMR_TEST_CACHE`` moves the cache (default
-``<repo>/.cache/tests``); a build is atomic (the state file is written last, under a file lock), so a killed build
-or a concurrent test run never leaves a half-built directory in use.
+Training them takes minutes on 2 cores, so each build goes into ``<cache>/<name>-<key>`` and is reused by later
+test runs on the same checkout (and by a parallel test worker). ``key`` hashes the sample settings, the shipped
+configs, every source file of ``operators/`` and ``pipelines/`` and the versions of the numeric libraries: any
+change to what could change the result builds it again (a clean clone, as in CI, always does). ``MMR_TEST_CACHE``
+moves the cache (default ``<repo>/.cache/tests``); a build holds a file lock and writes its state file last, so a
+killed build or a concurrent test run never leaves a half-built directory in use. Tests treat the builds as
+read-only and write under their own roots.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import logging
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
-STATE = "trained_models.pkl"
+STATE = "state.pkl"
 
 # The binding sample and the training settings of the session's trained models: the quickstart's training
 # configs as shipped, on a quarter of its sample (the quality tests need a trained ranking, not the best one).
@@ -149,24 +153,24 @@ def _locked(path: Path) -> Any:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_or_train() -> TrainedModels:
-    """The cached models for the current key, or new ones trained (on the current Ray) and cached."""
+def cached(name: str, build: Callable[[Path], T]) -> T:
+    """``build(out)``'s result for the current key, from ``<cache>/<name>-<key>`` when an earlier test run (or a
+    parallel test worker) built it, else built now and kept. One builder at a time (a file lock); the state file
+    is written last, so a build that was killed is built again."""
     key = trained_key()
-    out = cache_dir() / f"trained-{key}"
+    out = cache_dir() / f"{name}-{key}"
     with _locked(out.with_name(out.name + ".lock")):
         state = out / STATE
         if state.is_file():
-            t: TrainedModels = pickle.loads(state.read_bytes())
-            if t.key == key and t.out == out:
-                log.info("trained models reused from %s", out)
-                return t
-        shutil.rmtree(out, ignore_errors=True)  # a build that did not finish, or another layout
+            log.info("%s reused from %s", name, out)
+            return pickle.loads(state.read_bytes())
+        shutil.rmtree(out, ignore_errors=True)  # a build that did not finish
         out.mkdir(parents=True)
-        t = train_models(out, key)
+        t = build(out)
         tmp = state.with_name(STATE + ".tmp")
         tmp.write_bytes(pickle.dumps(t))
         os.replace(tmp, state)
-        for old in out.parent.glob("trained-*"):  # earlier keys' builds: stale once the code moved on
-            if old.is_dir() and old != out and not old.name.endswith(".lock"):
+        for old in out.parent.glob(f"{name}-*"):  # earlier keys' builds: stale once the code moved on
+            if old.is_dir() and old != out:
                 shutil.rmtree(old, ignore_errors=True)
         return t
