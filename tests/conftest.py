@@ -193,16 +193,19 @@ def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # Ray: one small local instance per module
 # ----------------------------------------------------------------------------------------------
 
-# Modules on a Ray of their own (a multi-node cluster, a private RAY_TMPDIR, workers reaching S3 through a fault
-# proxy) or on CLI children's; then the modules on the shared 2-CPU Ray; last those on the shared Serve Ray. Each
-# kind of shared Ray then starts once or twice per session instead of once per module.
-_OWN_RAY_MODULES = ("test_cluster", "test_faults_s3", "test_security", "test_stop")
-_SERVE_RAY_MODULES = ("test_explorer", "test_serve", "test_serve_clients")
+# The order modules start in, longest first (measured: `--durations` in every CI log): the README's command runs
+# them on two pytest-xdist workers, whole modules each (`--dist loadfile --no-loadscope-reorder` keeps this order),
+# so the long ones start early and the short ones fill in at the end. test_live_batch comes early because its setup
+# builds the session's trained models, which later modules (train, serve, notebooks) then find in the cache. The
+# modules not named follow in alphabetical order.
+_FIRST = ("test_cluster", "test_live_batch", "test_faults_s3", "test_run", "test_rerank_scale", "test_train",
+          "test_stop", "test_serve", "test_rerank", "test_security", "test_index_search", "test_embed",
+          "test_notebooks", "test_serve_clients", "test_explorer")
 
 
 def _module_rank(item: pytest.Item) -> int:
     name = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
-    return 0 if name in _OWN_RAY_MODULES else 2 if name in _SERVE_RAY_MODULES else 1
+    return _FIRST.index(name) if name in _FIRST else len(_FIRST)
 
 
 # The shared local Rays: "cpu" as the pipeline meets it on this 2-core machine; "serve" with 4 logical CPUs on
