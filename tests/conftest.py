@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
+    OFFLINE_ENV,
     QUICKSTART_SAMPLE,
     TEST_ACCESS_KEY_ID,
     TEST_REGION,
@@ -190,7 +191,7 @@ def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ray: one small local instance per module
+# Ray: one local instance at a time, shared by the modules that can share it
 # ----------------------------------------------------------------------------------------------
 
 # The order modules start in, longest first (measured: `--durations` in every CI log): the README's command runs
@@ -238,7 +239,7 @@ class SharedRay:
         if ray.is_initialized():
             ray.shutdown()
         request.getfixturevalue("s3_server")  # first: workers get its AWS_* settings when Ray starts
-        cm = ray_init_local(env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, **RAY_KINDS[kind])
+        cm = ray_init_local(env_vars=OFFLINE_ENV, **RAY_KINDS[kind])
         cm.__enter__()
         self._cm, self.kind, self._gcs = cm, kind, ray.get_runtime_context().gcs_address
 
@@ -272,8 +273,8 @@ def ray_serve(request: pytest.FixtureRequest, shared_ray: SharedRay) -> Iterator
     Hugging Face offline in this process too while the module runs (the app's live path loads models here)."""
     shared_ray.use("serve", request)
     mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    for k, v in OFFLINE_ENV.items():
+        mp.setenv(k, v)
     yield
     mp.undo()
 
@@ -300,15 +301,21 @@ def no_ray_in_this_process() -> None:
 # trained tiny models: once per test session
 # ----------------------------------------------------------------------------------------------
 
+def _ray_up(request: pytest.FixtureRequest) -> None:
+    """A session build runs on the Ray that is up, else on the shared one."""
+    import ray
+
+    if not ray.is_initialized():
+        request.getfixturevalue("shared_ray").use("cpu", request)
+
+
 @pytest.fixture(scope="session")
 def trained_models(request: pytest.FixtureRequest) -> TrainedModels:
     """The trained tiny models: from the test cache when nothing they depend on changed, else trained now (see
     ``tests/trained.py``), on the Ray that is up, or on the shared one."""
-    import ray
 
     def build(out: Path) -> TrainedModels:
-        if not ray.is_initialized():
-            request.getfixturevalue("shared_ray").use("cpu", request)
+        _ray_up(request)
         return train_models(out, trained_key())
 
     return cached("trained", build)
@@ -324,13 +331,10 @@ def quickstart_run(request: pytest.FixtureRequest) -> QuickstartRun:
     """``quickstart(docs=40, queries=6, shards=2)`` (random weights: the sample, a published run, its qrels), from
     the test cache (``tests/trained.py`` :func:`cached`) or run now on the Ray that is up (else the shared one).
     Read-only: modules take a :meth:`QuickstartRun.copy`."""
-    import ray
-
     from pipelines.quickstart import quickstart
 
     def build(out: Path) -> QuickstartRun:
-        if not ray.is_initialized():
-            request.getfixturevalue("shared_ray").use("cpu", request)
+        _ray_up(request)
         return QuickstartRun(out / "qs", quickstart(str(out / "qs"), **QUICKSTART_SAMPLE).run_id)
 
     return cached("quickstart", build)

@@ -38,7 +38,7 @@ from pipelines import publish as P
 from pipelines.config import Config, parse_config
 from pipelines.run import RunReport, run
 from pipelines.sample import SampleInfo, make_sample
-from tests.helpers import by_query, read_rows
+from tests.helpers import any_file, by_query, read_rows
 from tests.reference import check_manifest, run_cfg_dict
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -178,8 +178,6 @@ class NodeKiller(threading.Thread):
         self.join(timeout=30)
 
 
-def any_file(root: Path, pattern: str) -> Callable[[], bool]:
-    return lambda: next(root.glob(pattern), None) is not None
 
 
 @pytest.mark.parametrize("stage", ["embed", "rerank"])
