@@ -10,6 +10,7 @@ default sample and the random-weight models, the smoke test of the pipeline itse
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import yaml
 from operators.storage import join, normalize
 from pipelines.config import Config, parse_config
 from pipelines.run import RunReport, run
-from pipelines.sample import make_sample
+from pipelines.sample import SampleInfo, make_sample
+from pipelines.train import TrainReport
 
 log = logging.getLogger(__name__)
 
@@ -79,52 +81,88 @@ def _where(report: RunReport, cfg: Config) -> None:
     log.info("serve them: mmrerank serve --root %s", cfg.root)
 
 
-def _trained(out: str, docs: int, queries: int, shards: int) -> RunReport:
-    from operators.training.tiny_vlm import save_tiny_vlm
-    from pipelines.evaluate import evaluate, format_table
-    from pipelines.train import HELDOUT_QRELS, run_train
+@dataclass
+class FineTuned:
+    """What the quickstart's recipe builds under ``out``: the sample, the retriever fine-tuned from the shipped
+    base, a retrieval-only run with it (the reranker's hard negatives), and the reranker fine-tuned from its
+    shipped base on that run's candidates."""
 
-    paths = _paths(out)
-    info = make_sample(join(normalize(out), "sample"), docs=docs, queries=queries, shards=shards, seed=0,
-                       bad_rows=True, binding=True)
-    log.info("[1/6] sample: %d docs in groups of 4 around one binding concept (+%d broken/odd rows), %d queries",
-             info.docs, len(info.bad_rows), info.queries_n)
+    out: str
+    sample: SampleInfo
+    clip: TrainReport
+    candidates: RunReport
+    vlm: TrainReport
+    vlm_cfg: Config = field(repr=False)  # the reranker's training config: its prompt and answer words
 
-    clip_cfg = _merged(TRAIN_CLIP_CONFIG, out)
+    @property
+    def retriever(self) -> dict[str, Any]:
+        return {"name": self.clip.card["base_model"]["name"], "pretrained": self.clip.weights}
+
+    @property
+    def heldout_qrels(self) -> str:
+        from pipelines.train import HELDOUT_QRELS
+
+        return join(self.vlm.output, HELDOUT_QRELS)
+
+    def rerank(self, model: str | None = None, fusion: str = "rrf") -> dict[str, Any]:
+        """The rerank section of a nightly run with the fine-tuned reranker (or ``model``) and ``fusion``."""
+        keep = {k: getattr(self.vlm_cfg.rerank, k) for k in ("positive_token", "negative_token", "use_caption")}
+        return {**keep, "backend": "vlm_yesno", "model": model or self.vlm.output, "batch_size": 32,
+                "fusion": {"method": fusion}}
+
+    def run_config(self, out: str | None = None, **rerank: Any) -> Config:
+        """The nightly run's config with both fine-tuned models, on this sample (or the sample under ``out``)."""
+        return _merged(DEFAULT_CONFIG, out or self.out, embed={"model": self.retriever}, rerank=self.rerank(**rerank))
+
+
+def fine_tune(out: str, docs: int = TRAINED_DOCS, queries: int = TRAINED_QUERIES, shards: int = 4, seed: int = 0,
+              negatives: str = "hard", bad_rows: bool = True, log_steps: bool = True,
+              train: dict[str, Any] | None = None) -> FineTuned:
+    """Steps 1-4 of the quickstart: the binding sample (``seed``), ``mmrerank train`` of the retriever and then
+    of the reranker (``negatives``: hard = the run's candidates, random = random corpus docs), both from the
+    shipped pretrained bases (``operators/bases``, checked against their cards before any work)."""
+    from operators.bases import reranker_dir, retriever_weights
+    from pipelines.train import run_train
+
+    say = log.info if log_steps else log.debug
+    info = make_sample(join(normalize(out), "sample"), docs=docs, queries=queries, shards=shards, seed=seed,
+                       bad_rows=bad_rows, binding=True)
+    say("[1/6] sample: %d docs in groups of 4 around one binding concept (+%d broken/odd rows), %d queries",
+        info.docs, len(info.bad_rows), info.queries_n)
+    clip_cfg = _merged(TRAIN_CLIP_CONFIG, out, embed={"model": {"name": "mmr-tiny", "pretrained": retriever_weights()}},
+                       train=dict(train or {}))
     clip = run_train(clip_cfg)
-    log.info("[2/6] retriever trained:")
+    say("[2/6] retriever fine-tuned from the shipped base:")
     for line in clip.lines():
-        log.info("%s", line)
+        say("%s", line)
     retriever = {"name": clip_cfg.embed.model.name, "pretrained": clip.weights}
-
     first = run(_merged(DEFAULT_CONFIG, out, embed={"model": retriever}, rerank={"backend": "none"}), publish=False)
-    log.info("[3/6] nightly run with the trained retriever (retrieval only): %s", first.run_dir)
-
-    base = join(paths["root"], "models", "tiny-vlm-base")
-    if not Path(base, "config.json").is_file():
-        save_tiny_vlm(base)
-    vlm_cfg = _merged(TRAIN_VLM_CONFIG, out, rerank={"model": base}, train={"candidates": first.run_dir})
+    say("[3/6] nightly run with the fine-tuned retriever (retrieval only): %s", first.run_dir)
+    vlm_cfg = _merged(TRAIN_VLM_CONFIG, out, rerank={"model": reranker_dir()},
+                      train={**(train or {}), "candidates": first.run_dir, "negatives": negatives})
     vlm = run_train(vlm_cfg)
-    log.info("[4/6] reranker trained on the run's candidates (hard negatives):")
+    say("[4/6] reranker fine-tuned from the shipped base on the run's candidates (%s negatives):", negatives)
     for line in vlm.lines():
-        log.info("%s", line)
+        say("%s", line)
     if clip.card["split"]["heldout_query_ids"] != vlm.card["split"]["heldout_query_ids"]:
         raise RuntimeError("the two trainings held out different queries (same split settings expected)")
+    return FineTuned(out, info, clip, first, vlm, vlm_cfg)
 
-    rerank = {k: getattr(vlm_cfg.rerank, k) for k in ("positive_token", "negative_token", "use_caption")}
+
+def _trained(out: str, docs: int, queries: int, shards: int) -> RunReport:
+    from pipelines.evaluate import evaluate, format_table
+
+    ft = fine_tune(out, docs, queries, shards)
     # Reciprocal rank fusion of the retriever's and the reranker's ranks: each model is right where the other
     # is not (the reranker reads the binding, the retriever the shapes and colours), rrf needs no score scale.
-    cfg = _merged(DEFAULT_CONFIG, out, embed={"model": retriever},
-                  rerank={**rerank, "backend": "vlm_yesno", "model": vlm.output, "batch_size": 32,
-                          "fusion": {"method": "rrf"}})
+    cfg = ft.run_config()
     report = run(cfg)
-    log.info("[5/6] nightly run with the trained retriever and reranker:")
+    log.info("[5/6] nightly run with the fine-tuned retriever and reranker:")
     for line in report.table():
         log.info("%s", line)
-    heldout = join(vlm.output, HELDOUT_QRELS)
     log.info("[6/6] held-out queries only (%d, never trained on): mmrerank eval --run %s --qrels %s",
-             len(vlm.card["split"]["heldout_query_ids"]), report.run_dir, heldout)
-    for line in format_table(evaluate(report.run_dir, heldout)):
+             len(ft.vlm.card["split"]["heldout_query_ids"]), report.run_dir, ft.heldout_qrels)
+    for line in format_table(evaluate(report.run_dir, ft.heldout_qrels)):
         log.info("%s", line)
     _where(report, cfg)
     return report

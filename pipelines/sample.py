@@ -57,6 +57,10 @@ _STREAM_DOC, _STREAM_QUERY, _STREAM_BAD, _STREAM_BINDING = 0, 1, 2, 3
 BINDING_GROUP = 4
 
 _QUERY_TEMPLATES = ("a photo of {a}", "{bare}", "a picture with {a}", "an image showing {a}")
+# Seeds from here on belong to the pretraining stream of the shipped bases (pipelines/pretrain.py):
+# make_sample refuses them, so no sample a test, the quickstart or a benchmark evaluates on was pretrained on.
+PRETRAIN_SEEDS_FROM = 1_000_000
+_STREAM_PRETRAIN = 4
 
 Pair = tuple[str, str]  # (color, shape)
 
@@ -375,6 +379,59 @@ def _make_queries(seed: int, n: int, clean: list[_Row]) -> list[tuple[str, str, 
     return out
 
 
+def _query_text(rng: np.random.Generator, pairs: Sequence[Pair]) -> str:
+    tmpl = _QUERY_TEMPLATES[int(rng.integers(len(_QUERY_TEMPLATES)))]
+    return tmpl.format(a=_phrase(pairs), bare=_phrase(pairs, articles=False))
+
+
+@dataclass(frozen=True)
+class PretrainGroup:
+    """One query of the pretraining stream and its docs: ``docs[i] = (image, caption, relevant)``;
+    ``query_pairs`` in the order the query names them, ``doc_pairs[i]`` what doc ``i`` shows."""
+
+    query: str
+    docs: list[tuple[Image.Image, str, bool]]
+    query_pairs: tuple[Pair, ...]
+    doc_pairs: list[frozenset[Pair]]
+
+
+def pretrain_group(seed: int, g: int, image_size: int = 64) -> PretrainGroup:
+    """Group ``g`` of the pretraining stream ``seed`` (>= PRETRAIN_SEEDS_FROM), the binding task with its
+    shortcuts taken away.
+
+    Even ``g``: a two-pair query (as the binding sample's) against 6 docs: the concept, the concept plus a
+    third shape (relevant); the colors swapped, swapped plus a third shape, one pair plus the other shape
+    in a third color, that plus a third shape (not relevant). Unlike the binding sample, where the only
+    three-shape doc is relevant, the number of shapes says nothing here: a model must read the query.
+    Odd ``g``: a one-pair query against 4 docs: the pair alone, the pair plus another (relevant); both
+    colors swapped, the shape in the other color (not relevant).
+    """
+    if seed < PRETRAIN_SEEDS_FROM:
+        raise ValueError(f"pretraining seeds start at {PRETRAIN_SEEDS_FROM}, got {seed}")
+    rng = np.random.default_rng([seed, _STREAM_PRETRAIN, g])
+    colors = list(COLORS)
+    c1, c2, c3 = (colors[int(i)] for i in rng.permutation(len(colors))[:3])
+    s1, s2, s3 = (SHAPES[int(i)] for i in rng.permutation(len(SHAPES))[:3])
+    if g % 2 == 0:
+        query = [(c1, s1), (c2, s2)]
+        extra = (c3, s3)
+        variants = [([(c1, s1), (c2, s2)], True), ([(c1, s1), (c2, s2), extra], True),
+                    ([(c1, s2), (c2, s1)], False), ([(c1, s2), (c2, s1), extra], False),
+                    ([(c1, s1), (c3, s2)], False), ([(c1, s1), (c3, s2), (c2, s3)], False)]
+    else:
+        query = [(c1, s1)]
+        variants = [([(c1, s1)], True), ([(c1, s1), (c2, s2)], True),
+                    ([(c1, s2), (c2, s1)], False), ([(c2, s1)], False)]
+    if rng.integers(2):
+        query.reverse()
+    size = (image_size, image_size)
+    docs = []
+    for pairs, relevant in variants:
+        scene = _place(rng, size, [pairs[int(j)] for j in rng.permutation(len(pairs))])
+        docs.append((_render(scene, size), scene.caption, relevant))
+    return PretrainGroup(_query_text(rng, query), docs, tuple(query), [frozenset(p) for p, _r in variants])
+
+
 def _qrels(queries: list[tuple[str, str, frozenset[Pair]]], judged: list[_Row]) -> list[tuple[str, str, int]]:
     rows = []
     for qid, _text, qpairs in queries:
@@ -593,6 +650,9 @@ def make_sample(
         raise ValueError(f"queries must be >= 0, got {queries}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if seed >= PRETRAIN_SEEDS_FROM:
+        raise ValueError(f"seed {seed} is reserved for the pretraining stream (seeds >= {PRETRAIN_SEEDS_FROM}): "
+                         "a sample must never overlap what the shipped bases were pretrained on")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     st = storage or Storage()

@@ -39,8 +39,7 @@ STATE = "state.pkl"
 # The binding sample and the training settings of the session's trained models: the quickstart's training
 # configs as shipped, on a quarter of its sample (the quality tests need a trained ranking, not the best one).
 TRAINED_SAMPLE: dict[str, Any] = {"docs": 160, "queries": 40, "shards": 2, "binding": True}
-TRAINED_CLIP: dict[str, Any] = {}
-TRAINED_VLM: dict[str, Any] = {}
+TRAINED_TRAIN: dict[str, Any] = {}  # over both shipped training configs' train sections
 _VERSIONED = ("torch", "numpy", "open_clip_torch", "transformers", "ray", "pyarrow", "faiss-cpu", "pillow")
 
 
@@ -111,7 +110,7 @@ def trained_key() -> str:
     """Everything the trained models depend on: sample settings, the code and configs that build them (the
     shipped configs live under pipelines/), and the numeric libraries' versions."""
     h = hashlib.sha256()
-    h.update(json.dumps([TRAINED_SAMPLE, TRAINED_CLIP, TRAINED_VLM, {d: _version(d) for d in _VERSIONED}],
+    h.update(json.dumps([TRAINED_SAMPLE, TRAINED_TRAIN, {d: _version(d) for d in _VERSIONED}],
                         sort_keys=True).encode())
     for p in _source_files():
         h.update(p.relative_to(REPO).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
@@ -123,21 +122,14 @@ def cache_dir() -> Path:
 
 
 def train_models(out: Path, key: str) -> TrainedModels:
-    """Build the trained models into ``out`` (on the current Ray)."""
-    from operators.training.tiny_vlm import save_tiny_vlm
-    from pipelines.quickstart import DEFAULT_CONFIG, TRAIN_CLIP_CONFIG, TRAIN_VLM_CONFIG
+    """Build the trained models into ``out`` (on the current Ray): the quickstart's recipe
+    (:func:`pipelines.quickstart.fine_tune`, from the shipped bases) on the session's sample."""
+    from pipelines.quickstart import DEFAULT_CONFIG, fine_tune
     from pipelines.run import run
-    from pipelines.sample import make_sample
-    from pipelines.train import run_train
 
-    sample = make_sample(str(out / "sample"), **TRAINED_SAMPLE)
-    t = TrainedModels(out, sample, None, None, None, None, key)
-    t.clip = run_train(t.config(TRAIN_CLIP_CONFIG, train=TRAINED_CLIP))
-    t.run_a = run(t.config(DEFAULT_CONFIG, embed={"model": t.retriever}, rerank={"backend": "none"}), publish=False)
-    base = out / "out" / "models" / "tiny-vlm-base"
-    save_tiny_vlm(base)
-    t.vlm = run_train(t.config(TRAIN_VLM_CONFIG, rerank={"model": str(base)},
-                               train={**TRAINED_VLM, "candidates": t.run_a.run_dir}))
+    ft = fine_tune(str(out), docs=TRAINED_SAMPLE["docs"], queries=TRAINED_SAMPLE["queries"],
+                   shards=TRAINED_SAMPLE["shards"], bad_rows=False, log_steps=False, train=TRAINED_TRAIN)
+    t = TrainedModels(out, ft.sample, ft.clip, ft.candidates, ft.vlm, None, key)
     t.run_b = run(t.config(DEFAULT_CONFIG, embed={"model": t.retriever}, rerank=t.reranker))
     return t
 

@@ -1,5 +1,6 @@
-"""A tiny Qwen2-VL base (random init, built offline) whose word-level vocabulary covers the synthetic
-sample and the RagVL prompts: the quickstart's and the tests' ``vlm_yesno`` base for ``mmrerank train``.
+"""A tiny Qwen2-VL (random init, built offline) whose word-level vocabulary covers the synthetic sample and
+the RagVL prompts: what ``python -m pipelines.pretrain`` starts the shipped reranker base from, and a
+random-init base for users who want to train from scratch (``save_tiny_vlm(dir)``, then ``train.model: dir``).
 
 No chat template: the ``vlm_yesno`` backend then feeds ``<|vision_start|><|image_pad|><|vision_end|>\\n
 <prompt>`` and reads the answer at the next position. Images of 64 px cost 4 image tokens.
@@ -47,7 +48,8 @@ def build_processor(words: list[str]) -> Any:
                             tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=None)
 
 
-def save_tiny_vlm(path: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def save_tiny_vlm(path: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2,
+                  init_std: float = 0.02) -> Path:
     """Write the tiny base (safetensors + processor) to ``path``; same arguments give the same weights."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -55,11 +57,12 @@ def save_tiny_vlm(path: str | Path, seed: int = 0, hidden: int = 64, layers: int
     path = Path(path)
     processor = build_processor(sample_words())
     v = processor.tokenizer.get_vocab()
+    half = hidden // 4 // 2  # rotary half-dimension of a head (4 heads): M-RoPE splits it t/h/w as 1:1:2
     cfg = Qwen2VLConfig(
         text_config=dict(vocab_size=len(v), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+                         max_position_embeddings=512, initializer_range=init_std,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half // 4, half // 4, half // 2]},
                          bos_token_id=v["<|endoftext|>"], eos_token_id=v["<|im_end|>"],
                          pad_token_id=v["<|endoftext|>"]),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
