@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
 
@@ -92,11 +93,11 @@ def summarize(per_seed: dict[int, dict[str, dict[str, dict]]]) -> list[str]:
     lines = [f"| corpus | row | {' | '.join(METRICS)} | nDCG@10 - retrieval |", "|" + "---|" * (len(METRICS) + 3)]
     for kind, pick in kinds.items():
         for row in ROWS:
-            vals = {m: [per_seed[s][c][row][m] for s in per_seed for c in per_seed[s] if pick(c)] for m in METRICS}
-            if not vals["ndcg@10"]:
+            cells_of = [per_seed[s][c] for s in per_seed for c in per_seed[s] if pick(c) and row in per_seed[s][c]]
+            if not cells_of:
                 continue
-            gain = [per_seed[s][c][row]["ndcg@10"] - per_seed[s][c]["retrieval"]["ndcg@10"]
-                    for s in per_seed for c in per_seed[s] if pick(c)]
+            vals = {m: [r[row][m] for r in cells_of] for m in METRICS}
+            gain = [r[row]["ndcg@10"] - r["retrieval"]["ndcg@10"] for r in cells_of]
             cells = [f"{statistics.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" for v in vals.values()]
             g = "-" if row == "retrieval" else f"{statistics.mean(gain):+.3f} [{min(gain):+.3f}, {max(gain):+.3f}]"
             lines.append(f"| {kind} | {row} | {' | '.join(cells)} | {g} |")
@@ -118,9 +119,13 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the benchmark's own local Ray only
 
     started = time.monotonic()
+    per_seed: dict[int, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mmr-bench-quality-") as tmp:
         work = args.work or Path(tmp)
-        per_seed = {s: one_seed(s, work, args.new_corpora, args.docs, args.queries) for s in args.seeds}
+        for s in args.seeds:
+            per_seed[s] = one_seed(s, work, args.new_corpora, args.docs, args.queries)
+            if args.json:  # after every seed: a late failure loses nothing measured
+                args.json.write_text(json.dumps({"per_seed": per_seed}, indent=2))
     wall = time.monotonic() - started
     table = summarize(per_seed)
     cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
