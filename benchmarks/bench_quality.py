@@ -8,8 +8,9 @@ retriever's own candidates) and then, with no-publish nightly runs (``pipelines.
 - ``heldout``: the sample's held-out queries (never trained on);
 - ``new-1``, ``new-2``, ...: new binding corpora (other seeds, nothing of them trained on), every query.
 
-Rows (``reranker-random`` and ``base`` on the held-out queries only): ``retrieval`` (the fine-tuned retriever's top-k order), ``reranker`` (the fine-tuned
-reranker alone, fusion none), ``rrf`` (reciprocal rank fusion of the two, the quickstart's run),
+Rows (``reranker-random`` and ``base`` on the held-out queries only): ``retrieval`` (the fine-tuned
+retriever's top-k order), ``reranker`` (the fine-tuned reranker alone, fusion none: the quickstart's run),
+``rrf`` (reciprocal rank fusion of the two),
 ``reranker-random`` (the reranker fine-tuned with random instead of hard negatives, same steps: RagVL's
 claim that hard negatives help), ``base`` (the shipped reranker base alone, before fine-tuning: what
 fine-tuning adds). The table gives mean, min and max over seeds of each metric, and of each row's
