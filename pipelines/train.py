@@ -129,7 +129,11 @@ def _last_checkpoint(storage: Storage, run_dir: str) -> str | None:
     for name in storage.listdir(run_dir):
         uri = join(run_dir, name, STATE_FILE)
         if name.startswith("checkpoint_") and storage.exists(uri):
-            step = int(storage.read_json(uri).get("step", -1))
+            try:
+                step = int(storage.read_json(uri).get("step", -1))
+            except ValueError:  # killed while Ray Train was copying this checkpoint: not a complete one
+                log.warning("checkpoint %s: unreadable %s, skipped", name, STATE_FILE)
+                continue
             if best is None or step > best[0]:
                 best = (step, name)
     return None if best is None else best[1]
