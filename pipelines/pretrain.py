@@ -147,10 +147,10 @@ def pretrain_retriever(out: Path, settings: dict[str, Any] = RETRIEVER_SETTINGS,
     """Pretrain the tiny open_clip retriever (mmr-tiny) into ``out``/model.safetensors; returns its card."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from safetensors.torch import save_file
 
     from operators.models import ModelSpec, build_model, image_transform, resolve_model
+    from operators.training.clip import contrastive_loss
 
     s = settings
     rm = resolve_model(ModelSpec(name="mmr-tiny", pretrained=None, seed=s["init_seed"]))
@@ -174,8 +174,7 @@ def pretrain_retriever(out: Path, settings: dict[str, Any] = RETRIEVER_SETTINGS,
                 images.append(image)
         x = torch.stack([transform(im) for im in images])
         img, txt, scale = model(x, tokenizer(texts))[:3]
-        labels = torch.arange(len(texts))
-        loss = (F.cross_entropy(scale * txt @ img.T, labels) + F.cross_entropy(scale * img @ txt.T, labels)) / 2
+        loss = contrastive_loss(img, txt, None, scale, world=1)  # mmrerank train's clip loss, one process
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -351,9 +351,7 @@ def _binding_queries(seed: int, n: int, docs: int) -> list[tuple[str, str, froze
         pairs = list(_binding_concept(seed, int(g)))
         if rng.integers(2):
             pairs.reverse()
-        tmpl = _QUERY_TEMPLATES[int(rng.integers(len(_QUERY_TEMPLATES)))]
-        text = tmpl.format(a=_phrase(pairs), bare=_phrase(pairs, articles=False))
-        out.append((f"q-{len(out):05d}", text, frozenset(pairs)))
+        out.append((f"q-{len(out):05d}", _query_text(rng, pairs), frozenset(pairs)))
     return out
 
 

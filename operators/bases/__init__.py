@@ -9,7 +9,6 @@ The quickstart and the tests fine-tune from them; a user points ``embed.model.pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,11 +24,9 @@ class BaseCheckError(RuntimeError):
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from operators.storage import Storage
+
+    return Storage().sha256(str(path))
 
 
 def checked_base(name: str, root: Path = BASES_DIR) -> Path:
