@@ -21,7 +21,7 @@ from typing import Any
 
 from operators.models import ModelLoadError, resolve_model
 from operators.storage import Storage, arrow_filesystem, join, scheme_of
-from operators.training.common import OUTPUT_DIR, STATE_FILE
+from operators.training.common import OUTPUT_DIR, STATE_FILE, checkpoint_problem
 from operators.training.data import (
     build_training_set,
     read_candidates,
@@ -120,22 +120,22 @@ def _write_output(storage: Storage, ckpt_dir: str, output: str) -> dict[str, str
 
 
 def _last_checkpoint(storage: Storage, run_dir: str) -> str | None:
-    """The run's checkpoint with the most steps among the complete ones (state file written last), or None.
+    """The run's checkpoint with the most steps among the whole ones (its manifest matches every file), or None.
 
     Ray Train restores its own run state only while its controller lives; after a kill -9 of the driver the
     same command starts a new Ray Train run, and the loop loads this checkpoint (``resume_from``: v2 has no
-    ``resume_from_checkpoint``)."""
+    ``resume_from_checkpoint``). A kill during Ray Train's copy leaves a checkpoint with some file cut: skipped."""
     best: tuple[int, str] | None = None
     for name in storage.listdir(run_dir):
-        uri = join(run_dir, name, STATE_FILE)
-        if name.startswith("checkpoint_") and storage.exists(uri):
-            try:
-                step = int(storage.read_json(uri).get("step", -1))
-            except ValueError:  # killed while Ray Train was copying this checkpoint: not a complete one
-                log.warning("checkpoint %s: unreadable %s, skipped", name, STATE_FILE)
-                continue
-            if best is None or step > best[0]:
-                best = (step, name)
+        if not name.startswith("checkpoint_"):
+            continue
+        problem = checkpoint_problem(storage, join(run_dir, name))
+        if problem is not None:
+            log.warning("checkpoint %s is not whole (%s): skipped", name, problem)
+            continue
+        step = int(storage.read_json(join(run_dir, name, STATE_FILE)).get("step", -1))
+        if best is None or step > best[0]:
+            best = (step, name)
     return None if best is None else best[1]
 
 

@@ -104,15 +104,33 @@ def test_training_set_never_contains_heldout_queries(tmp_path: Path) -> None:
 
 
 def test_resume_skips_a_checkpoint_killed_while_being_copied(tmp_path: Path) -> None:
-    """A kill -9 during Ray Train's copy of a checkpoint can leave its state file empty or cut: resume takes
-    the newest complete checkpoint instead of failing on it."""
+    """A kill -9 during Ray Train's copy of a checkpoint can leave any of its files missing or cut (CI saw a cut
+    state file, then a cut optimizer file): resume takes the newest whole checkpoint instead of failing on it."""
+    from operators.training.common import MANIFEST_FILE, write_manifest
     from pipelines.train import _last_checkpoint
 
-    for name, text in (("checkpoint_a", json.dumps({"epoch": 0, "step": 5})), ("checkpoint_b", ""),
-                       ("checkpoint_c", '{"epoch": 2, "st')):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "train_state.json").write_text(text)
+    def make(name: str, step: int) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "train_state.json").write_text(json.dumps({"epoch": step // 5 - 1, "step": step}))
+        (d / "optimizer.pt").write_bytes(bytes(range(256)) * 8)
+        (d / "model").mkdir()
+        (d / "model" / "weights.safetensors").write_bytes(b"w" * 999)
+        write_manifest(d)
+        return d
+
+    make("checkpoint_a", 5)
     assert _last_checkpoint(Storage(), str(tmp_path)) == "checkpoint_a"
+    make("checkpoint_b", 10).joinpath("optimizer.pt").write_bytes(bytes(range(256)) * 3)  # cut short
+    make("checkpoint_c", 15).joinpath("train_state.json").write_text('{"epoch": 2, "st')  # cut, and size differs
+    make("checkpoint_d", 20).joinpath("model", "weights.safetensors").unlink()  # not yet copied
+    make("checkpoint_e", 25).joinpath(MANIFEST_FILE).write_text('{"optimizer.pt": {"by')  # the manifest cut
+    make("checkpoint_f", 30).joinpath(MANIFEST_FILE).unlink()  # the manifest not yet copied
+    changed = make("checkpoint_g", 35).joinpath("optimizer.pt")  # same size, other bytes
+    changed.write_bytes(changed.read_bytes()[::-1])
+    assert _last_checkpoint(Storage(), str(tmp_path)) == "checkpoint_a"
+    make("checkpoint_h", 40)
+    assert _last_checkpoint(Storage(), str(tmp_path)) == "checkpoint_h"
 
 
 def test_train_config_is_validated_before_any_work() -> None:
@@ -377,7 +395,7 @@ def test_kill_9_of_train_resumes_from_its_last_checkpoint(trained: TrainedModels
     from safetensors.torch import load_file
 
     from pipelines.quickstart import TRAIN_CLIP_CONFIG, _paths
-    from pipelines.train import run_train
+    from pipelines.train import _last_checkpoint, run_train
 
     train = {"epochs": 3, "batch_size": 16}  # the kill lands after epoch 1 of 3: epochs 2 and 3 are resumed
     ref = run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(tmp_path / "ref"), train={**train, "name": "ref"}))
@@ -390,14 +408,8 @@ def test_kill_9_of_train_resumes_from_its_last_checkpoint(trained: TrainedModels
     cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
     states = root / "training" / "kill9"
 
-    def first_epoch_saved() -> bool:
-        for p in states.glob("*/train_state.json"):
-            try:
-                if json.loads(p.read_text())["epoch"] >= 0:
-                    return True
-            except ValueError:  # Ray Train is still copying this checkpoint into storage
-                continue
-        return False
+    def first_epoch_saved() -> bool:  # a whole checkpoint: one cut by the kill is what resume must skip
+        return _last_checkpoint(Storage(), str(states)) is not None if states.exists() else False
 
     log1 = tmp_path / "killed.log"
     proc = spawn(["train", str(cfg_path)], log1, tmp_path)

@@ -10,7 +10,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from operators.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,9 @@ TRAINABLE_FILE = "trainable.safetensors"  # the trained parameters (resume)
 OPTIMIZER_FILE = "optimizer.pt"  # tensors only: loaded with weights_only=True
 VALIDATION_CUTOFFS = (1, 5, 10)
 OUTPUT_DIR = "model"  # inside each epoch checkpoint: the deliverable, copied as is to train.output
+# Written last into each checkpoint: every other file's size and sha256. Ray Train copies a checkpoint file by
+# file in no set order, so a kill -9 mid-copy can leave any file cut; only this list says a copy is whole.
+MANIFEST_FILE = "checkpoint_files.json"
 
 
 def worker_setup(torch_threads: int) -> tuple[int, int, Any]:
@@ -83,6 +89,38 @@ def save_state(d: Path, module: Any, optimizer: Any, state: dict[str, Any], trai
     (d / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+def write_manifest(d: Path) -> None:
+    """List every file of the checkpoint directory ``d`` with its size and sha256 (call after the last write)."""
+    import hashlib
+
+    files = {p.relative_to(d).as_posix(): {"bytes": p.stat().st_size,
+                                           "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(d.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    (d / MANIFEST_FILE).write_text(json.dumps(files, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(storage: Storage, ckpt: str) -> str | None:
+    """Why the checkpoint at ``ckpt`` is not whole (no or cut manifest, a file missing, cut or changed), or
+    None when every file its manifest lists is there with that size and sha256."""
+    from operators.storage import join
+
+    try:
+        files = json.loads(storage.read_bytes(join(ckpt, MANIFEST_FILE)))
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE}"
+    except ValueError:
+        return f"{MANIFEST_FILE} cut short"
+    for rel, want in sorted(files.items()):
+        uri = join(ckpt, rel)
+        if not storage.exists(uri):
+            return f"{rel} missing"
+        if int(storage.info(uri).get("size", -1)) != want["bytes"]:
+            return f"{rel} has {storage.info(uri).get('size')} bytes, not {want['bytes']}"
+        if storage.sha256(uri) != want["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
 def restore(module: Any, optimizer: Any, config: dict[str, Any]) -> dict[str, Any] | None:
     """The state of Ray Train's latest checkpoint of this run, else of ``config["resume_from"]`` (the last
     checkpoint of a killed earlier run), weights and optimizer loaded; None to start afresh."""
@@ -127,6 +165,7 @@ def end_epoch(rank: int, target: str, epoch: int, epochs: int, state: dict[str, 
     with epoch_checkpoint_dir() as d:
         if rank == 0:
             save(d)
+            write_manifest(d)
         report_epoch(rank, d if rank == 0 else None, row)
 
 
@@ -135,6 +174,7 @@ def report_finished(rank: int, state: dict[str, Any], save: Callable[[Path], Non
     with epoch_checkpoint_dir() as d:
         if rank == 0:
             save(d)
+            write_manifest(d)
         report_epoch(rank, d if rank == 0 else None, state["history"][-1] if state["history"] else {})
 
 
