@@ -1,13 +1,16 @@
 """The no-Ray reference of a nightly run and the checks of a finished run against it (test_run, test_stop,
 test_cluster).
 
-The reference embeds with open_clip's own model and transforms, searches exhaustively with a flat faiss index,
-calls the rerank backend in this process on every (query, doc) pair, then fuses and selects.
+The reference shares no code with the pipeline between the input files and the numbers: it decodes with plain
+PIL (its own rules for modes and rejects), embeds and rerank-scores with open_clip's own model, transforms and
+tokenizer, searches exhaustively with a flat faiss index, and fuses and selects with its own few lines below. A
+bug in the pipeline's decode, preprocessing, clip reranker, min-max/rrf or tie-breaking shows as a difference.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,15 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image, ImageOps
 
 from operators import contracts as R
-from operators import fusion
-from operators.decode import decode_image
 from operators.models import SHIPPED_CONFIGS
 from operators.storage import Storage, join, strip_scheme
 from pipelines import publish as P
-from pipelines.config import Config
-from pipelines.context import reranker_label, reranker_spec
+from pipelines.config import Config, EmbedConfig
+from pipelines.context import reranker_label
 from pipelines.run import STAGES
 from tests.helpers import by_query, read_rows
 
@@ -49,8 +51,69 @@ def run_cfg_dict(root: str, corpus: str, queries: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# brute-force reference: no Ray, no pipeline code between the checkpoints and the numbers
+# brute-force reference: no Ray, no pipeline code between the input files and the numbers
 # ----------------------------------------------------------------------------------------------
+
+
+def plain_decode(data: bytes | None, e: EmbedConfig) -> Image.Image | str:
+    """An 8-bit RGB image, or the reject reason, by the README's decode rules written on plain PIL and numpy."""
+    if data is None:
+        return R.NULL_PAYLOAD
+    if not data:
+        return R.EMPTY_IMAGE
+    if len(data) > e.max_image_bytes:
+        return R.TOO_LARGE
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        return R.BOMB
+    except Exception:  # noqa: BLE001 - no image signature
+        return R.UNDECODABLE
+    if img.format not in e.allowed_formats:
+        return R.UNSUPPORTED
+    if img.width * img.height > e.max_image_pixels:
+        return R.BOMB
+    try:
+        img.load()
+    except OSError:
+        return R.TRUNCATED
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits, not clipped
+        return Image.fromarray(np.floor(np.asarray(img, np.float64) / 257 + 0.5).astype(np.uint8)).convert("RGB")
+    if "A" in img.mode or "transparency" in img.info:  # over white: a / 255 * colour + (1 - a / 255) * 255
+        rgba = np.asarray(img.convert("RGBA"), np.float64)
+        a = rgba[..., 3:] / 255.0
+        return Image.fromarray(np.floor(rgba[..., :3] * a + 255.0 * (1 - a) + 0.5).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def _order(scores: np.ndarray, ids: list[str]) -> list[int]:
+    return sorted(range(len(ids)), key=lambda i: (-float(scores[i]), ids[i]))  # ties: doc_id ascending
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = float(x.max() - x.min())
+    return np.ones_like(x) if span <= 0 else (x - x.min()) / span
+
+
+def ref_fuse(ret: np.ndarray, rr: np.ndarray, ids: list[str], f: dict[str, Any]) -> np.ndarray:
+    """The final score of one query's candidates, by the README's definitions of the fusion methods."""
+    if f["method"] == "none":
+        return rr
+    if f["method"] == "weighted":
+        return f["weight"] * _minmax(rr) + (1 - f["weight"]) * _minmax(ret)
+    assert f["method"] == "rrf", f
+    rank = {m: {j: n + 1 for n, j in enumerate(_order(x, ids))} for m, x in (("rr", rr), ("ret", ret))}
+    return np.array([1 / (f["rrf_k"] + rank["rr"][j]) + 1 / (f["rrf_k"] + rank["ret"][j]) for j in range(len(ids))])
+
+
+def ref_select(final: np.ndarray, ids: list[str], sel: dict[str, Any]) -> list[int]:
+    """Kept candidates, best first: top n, all above the threshold, or up to k above it."""
+    order = _order(final, ids)
+    if sel["mode"] == "top_n":
+        return order[:sel["top_n"]]
+    above = [j for j in order if final[j] >= sel["threshold"]]
+    return above if sel["mode"] == "threshold" else above[:sel["k"]]
 
 
 @dataclass
@@ -73,16 +136,15 @@ class Reference:
         return float(self.retrieval[self.row[q], self.col[d]])
 
     def topk(self, q: str, k: int) -> list[str]:
-        s = self.retrieval[self.row[q]]
-        return [self.doc_ids[i] for i in fusion.order_by(s, self.doc_ids)[:k]]
+        return [self.doc_ids[i] for i in _order(self.retrieval[self.row[q]], self.doc_ids)[:k]]
 
     def expected(self, q: str, cands: list[str]) -> tuple[list[dict[str, Any]], dict[str, tuple[float, ...]]]:
         """Rows this query keeps from candidates ``cands``, and (retrieval, rerank, final) per candidate."""
         i = self.row[q]
         ret = np.array([self.retrieval[i, self.col[d]] for d in cands], np.float64)
         rr = np.array([self.rerank[i, self.col[d]] for d in cands], np.float64)
-        final = fusion.fuse(ret, rr, cands, **self.fusion)
-        keep = fusion.select(final, cands, **self.selection)
+        final = ref_fuse(ret, rr, cands, self.fusion)
+        keep = ref_select(final, cands, self.selection)
         rows = [{"doc_id": cands[j], "rank": n + 1, "retrieval_score": ret[j], "rerank_score": rr[j],
                  "final_score": final[j]} for n, j in enumerate(keep)]
         return rows, {d: (ret[j], rr[j], final[j]) for j, d in enumerate(cands)}
@@ -100,23 +162,21 @@ def reference_model(name: str, seed: int) -> Any:
 
 
 def build_reference(cfg: Config, storage: Storage | None = None) -> Reference:
-    """Embed, search exhaustively, rerank every (query, doc) pair: directly, in this process."""
+    """Decode, embed, search exhaustively, score every (query, doc) pair with the clip reranker's model: directly,
+    in this process, with open_clip and PIL only."""
     import faiss
     import torch
 
-    from operators.rerankers.base import create
-
+    if cfg.rerank.backend != "clip":
+        raise ValueError(f"the reference scores with open_clip: rerank.backend clip, not {cfg.rerank.backend!r}")
     storage = storage or Storage()
-    e = cfg.embed
     seen: set[str] = set()
-    docs: dict[str, tuple[Any, str | None]] = {}
+    docs: dict[str, Image.Image] = {}
     rejects: set[tuple[str, int, str]] = set()
     for uri in storage.ls(cfg.corpus, "*.parquet"):
         t = storage.read_table(uri)
         name = uri.rsplit("/", 1)[-1]
-        caps = t.column("text").to_pylist() if "text" in t.column_names else [None] * t.num_rows
-        for i, (d, img, cap) in enumerate(zip(t.column("doc_id").to_pylist(), t.column("image").to_pylist(),
-                                              caps, strict=True)):
+        for i, (d, img) in enumerate(zip(t.column("doc_id").to_pylist(), t.column("image").to_pylist(), strict=True)):
             if d is None:
                 rejects.add((name, i, R.NULL_ID))
                 continue
@@ -124,31 +184,33 @@ def build_reference(cfg: Config, storage: Storage | None = None) -> Reference:
                 rejects.add((name, i, R.DUPLICATE_ID))
                 continue
             seen.add(d)
-            try:
-                docs[d] = (decode_image(img, e.max_image_pixels, e.allowed_formats, e.max_image_bytes), cap)
-            except R.RejectError as err:
-                rejects.add((name, i, err.error_type))
+            got = plain_decode(img, cfg.embed)
+            if isinstance(got, str):
+                rejects.add((name, i, got))
+            else:
+                docs[d] = got
     qt = pa.concat_tables([storage.read_table(u) for u in storage.ls(cfg.queries, "*.parquet")])
     qids, qtexts = qt.column("query_id").to_pylist(), qt.column("text").to_pylist()
     doc_ids = list(docs)
 
-    model, preprocess, tokenizer = reference_model(e.model.name, e.model.seed)
-    with torch.no_grad():
-        dv = torch.nn.functional.normalize(
-            model.encode_image(torch.stack([preprocess(docs[d][0]) for d in doc_ids])), dim=-1).numpy()
-        qv = torch.nn.functional.normalize(model.encode_text(tokenizer(qtexts)), dim=-1).numpy()
+    def vectors(spec: Any) -> tuple[np.ndarray, np.ndarray]:
+        if spec.pretrained is not None:
+            raise ValueError(f"the reference builds random-init open_clip models, not pretrained {spec.pretrained!r}")
+        model, preprocess, tokenizer = reference_model(spec.name, spec.seed)
+        with torch.no_grad():
+            dv = model.encode_image(torch.stack([preprocess(docs[d]) for d in doc_ids]))
+            qv = model.encode_text(tokenizer(qtexts))
+        return (torch.nn.functional.normalize(dv, dim=-1).numpy(), torch.nn.functional.normalize(qv, dim=-1).numpy())
+
+    dv, qv = vectors(cfg.embed.model)
     index = faiss.IndexFlatIP(dv.shape[1])
     index.add(np.ascontiguousarray(dv, dtype=np.float32))
     dist, ids = index.search(np.ascontiguousarray(qv, dtype=np.float32), len(doc_ids))
     retrieval = np.zeros((len(qids), len(doc_ids)), np.float32)
     for i in range(len(qids)):
         retrieval[i, ids[i]] = dist[i]
-
-    backend = create(reranker_spec(cfg.rerank, cfg))
-    images = [docs[d][0] for d in doc_ids]
-    captions = [docs[d][1] if cfg.rerank.use_caption else None for d in doc_ids]
-    rerank = np.stack([np.asarray(backend.score([q] * len(doc_ids), images, captions), np.float32)
-                       for q in qtexts])
+    rdv, rqv = vectors(cfg.rerank.clip_model)  # the clip reranker: cosine
+    rerank = (rqv @ rdv.T).astype(np.float32)
     return Reference(doc_ids, qids, rejects, retrieval, rerank, cfg.rerank.fusion.model_dump(),
                      cfg.rerank.selection.model_dump())
 

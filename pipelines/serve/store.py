@@ -60,19 +60,24 @@ def load_store(storage: Storage, root: str) -> ResultsStore:
     files = [join(run_dir, rel) for rel in manifest["files"] if rel.startswith("results/")]
     tables = [storage.read_table(u) for u in files]
     t = pa.concat_tables(tables) if tables else RESULTS.empty_table()
-    t = t.sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    q = t.column("query_id").to_numpy(zero_copy_only=False)
-    bounds = np.flatnonzero(np.r_[True, q[1:] != q[:-1], True]) if len(q) else np.array([0])
-    offsets = {str(q[a]): (int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
     run_meta = storage.read_json(join(run_dir, "_RUN.json"))
     stages = storage.read_json(join(run_dir, "stats.json"))["stages"]
     return ResultsStore(
         run_id=manifest["run_id"], created=manifest["created"], run_dir=run_dir, config=run_meta["config"],
-        index_uri=stages.get("index", {}).get("uri"), offsets=offsets,
-        doc_id=t.column("doc_id").combine_chunks().dictionary_encode(),
-        rank=t.column("rank").to_numpy().astype(np.int32),
-        retrieval_score=t.column("retrieval_score").to_numpy().astype(np.float32),
-        rerank_score=t.column("rerank_score").to_numpy().astype(np.float32),
-        final_score=t.column("final_score").to_numpy().astype(np.float32),
+        index_uri=stages.get("index", {}).get("uri"), **sorted_columns(t),
         reranker=t.column("reranker")[0].as_py() if t.num_rows else "",
         clip_vectors=dict(stages.get("rerank", {}).get("clip_vectors") or {}))
+
+
+def sorted_columns(t: pa.Table) -> dict[str, Any]:
+    """A results table as the store holds it: sorted by (query_id, rank), the query id -> row span index, doc ids
+    dictionary-encoded, rank int32 and the scores float32 (``benchmarks/bench_store_memory.py`` measures it)."""
+    t = t.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    q = t.column("query_id").to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(np.r_[True, q[1:] != q[:-1], True]) if len(q) else np.array([0])
+    return {
+        "offsets": {str(q[a]): (int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)},
+        "doc_id": t.column("doc_id").combine_chunks().dictionary_encode(),
+        "rank": t.column("rank").to_numpy().astype(np.int32),
+        **{c: t.column(c).to_numpy().astype(np.float32) for c in ("retrieval_score", "rerank_score", "final_score")},
+    }
