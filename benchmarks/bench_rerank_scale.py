@@ -24,7 +24,7 @@ sides (each a fresh subprocess, one local Ray of the machine's CPUs; ``--rounds`
 
 object-store bytes per pair
     From the blocks the stage's read tasks produce (what Ray Data puts in the object store), built here
-    without Ray from the same candidates: the new source's doc blocks (``_docs_for_shards``), the same docs
+    without Ray from the same candidates: the new source's doc blocks (``docs_for_shards``), the same docs
     after ``DecodeDocs`` (the GPU layout: RGB pixels instead of bytes), and the per-pair layout of the old
     stage (each pair with its doc's content columns: ``_pair_block``'s columns).
 """
@@ -219,8 +219,8 @@ def block_bytes(a: argparse.Namespace) -> dict[str, Any]:
     from operators.contracts import CORPUS, check_shard_schema
     from operators.rerank_ops import (
         DecodeDocs,
-        _docs_for_shards,
         bucket_candidates,
+        docs_for_shards,
         pair_counts,
         row_group_starts,
     )
@@ -244,7 +244,7 @@ def block_bytes(a: argparse.Namespace) -> dict[str, Any]:
         pf = storage.parquet_file(s.source)
         payload = check_shard_schema(pf.schema_arrow, CORPUS, s.source)
         assert row_group_starts(pf)
-        for block in _docs_for_shards([(s.source, payload, files, None, None, None)], None, 64):
+        for block in docs_for_shards([(s.source, payload, files, None, None, None)], None, 64):
             n = pair_counts(block)
             pairs += int(n.sum())
             new += block.nbytes

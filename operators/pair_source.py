@@ -1,7 +1,7 @@
 """Ray Data source of candidate docs (content once, pairs as lists) for the reranker actors, each row group read once.
 
 The only Ray-dependent part of the rerank stage's reading; the readers it schedules
-(:func:`operators.rerank_ops._docs_for_shards`) live with the other rerank operators, which import
+(:func:`operators.rerank_ops.docs_for_shards`) live with the other rerank operators, which import
 without Ray (``benchmarks/gpu_check.py``).
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.rerank_ops import Piece, _docs_for_shards
+from operators.rerank_ops import Piece, docs_for_shards
 from operators.storage import StorageOptions
 
 
@@ -83,7 +83,7 @@ class PairsSource(Datasource):
         tasks = []
         for ranges in self.groups():
             pieces = [self._piece(*r) for r in ranges]
-            read_fn = functools.partial(_docs_for_shards, pieces, self._options, self._block)
+            read_fn = functools.partial(docs_for_shards, pieces, self._options, self._block)
             pairs = sum(int(np.asarray(self._shards[k][4])[lo:hi].sum()) for k, lo, hi in ranges)
             # Blocks are docs (with their pairs): the doc count is unknown before reading.
             tasks.append((pairs, ReadTask(read_fn, BlockMetadata(

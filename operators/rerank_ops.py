@@ -291,8 +291,8 @@ def _doc_blocks(tables: Iterable[pa.Table], block_pairs: int) -> Iterator[pa.Tab
 Piece = tuple[str, str, list[str], int | None, int | None, tuple[str, str] | None]
 
 
-def _docs_for_shards(pieces: list[Piece], storage_options: StorageOptions | None,
-                     block_pairs: int) -> Iterator[pa.Table]:
+def docs_for_shards(pieces: list[Piece], storage_options: StorageOptions | None,
+                    block_pairs: int) -> Iterator[pa.Table]:
     """The candidate docs of several corpus shard pieces (each read once, in order) as one stream of blocks."""
     return _doc_blocks(itertools.chain.from_iterable(
         _shard_doc_tables(uri, payload, files, lo, hi, storage_options, vec)

@@ -12,7 +12,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.shards import ShardPlan, _read_rows
+from operators.shards import ShardPlan, read_rows
 from operators.storage import StorageOptions
 from operators.watchdog import beat
 
@@ -57,7 +57,7 @@ class ShardSource(Datasource):
         opts, idc, batch, extra = self._options, self._id_column, self._rows_per_task, self._extra
 
         def read_fn() -> Iterator[pa.Table]:
-            for block in _read_rows(plan, key, groups, first, idc, opts, batch, extra):
+            for block in read_rows(plan, key, groups, first, idc, opts, batch, extra):
                 beat("read")
                 yield block
 

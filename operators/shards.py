@@ -3,7 +3,7 @@
 Ray Data's ``read_parquet`` does not expose a row's position in its file, and later stages need
 ``(shard, row_index)`` both for reject rows and to fetch a candidate's content without a join, so
 :class:`operators.shard_source.ShardSource` reads row groups itself (pyarrow, streaming ``iter_batches``,
-:func:`_read_rows` here) and adds them.
+:func:`read_rows` here) and adds them.
 Problems found per row at read time (null/duplicate id, null payload, empty text) become reject
 columns that flow down the pipeline with the row.
 """
@@ -126,9 +126,9 @@ def plan_shards(uris: list[str], kind: InputKind, storage: Storage) -> list[Shar
     return plans
 
 
-def _read_rows(plan: ShardPlan, shard_key: str, row_groups: list[int], first_row: int,
-               id_column: str, options: StorageOptions | None, batch_rows: int,
-               extra: tuple[str, ...] = ()) -> Iterator[pa.Table]:
+def read_rows(plan: ShardPlan, shard_key: str, row_groups: list[int], first_row: int,
+              id_column: str, options: StorageOptions | None, batch_rows: int,
+              extra: tuple[str, ...] = ()) -> Iterator[pa.Table]:
     storage = Storage(options)
     pf = storage.parquet_file(plan.uri)
     bad = dict(plan.bad_ids)

@@ -19,11 +19,11 @@ import yaml
 from operators.contracts import SchemaError
 from operators.faiss_shards import IndexConfigError, IndexIntegrityError
 from operators.models import ModelLoadError
+from operators.runs import PublishError
 from operators.shards import InputError
 from operators.storage import StorageError, StorageOptions, redact, storage_error_of
 from operators.watchdog import TERMINATE_REQUESTED, StallError, Terminated
 from pipelines.config import Config, ConfigError, load_config
-from pipelines.publish import PublishError
 
 log = logging.getLogger("mmrerank")
 

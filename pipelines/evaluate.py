@@ -25,15 +25,14 @@ without judgements are ignored; relevance <= 0 means not relevant, and negative 
 from __future__ import annotations
 
 import logging
-import math
 import re
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from operators.metrics import Qrels, Ranking, stage_scores
+from operators.runs import read_stage, resolve_run
 from operators.storage import Storage, join
-from pipelines.publish import LATEST, MANIFEST, PublishError, latest_run, verify_run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,49 +43,12 @@ METRICS_FILE = "metrics.json"
 CUTOFFS = (1, 5, 10)
 SET_METRICS = ("set_precision", "set_recall", "set_f1")
 
-Ranking = dict[str, list[str]]  # query_id -> doc_ids, best first
-Qrels = dict[str, dict[str, int]]  # query_id -> doc_id -> relevance
-
 
 class QrelsError(ValueError):
     """A qrels file does not follow the contract (names the file and the line or row)."""
 
 
 # --- run and qrels loading ----------------------------------------------------------------------------
-
-
-def resolve_run(run: str, storage: Storage) -> tuple[str, dict[str, Any]]:
-    """``(run_dir, manifest)`` for a run directory or a root (its published ``LATEST``), verified."""
-    run = run.rstrip("/")
-    if not storage.exists(run):
-        raise FileNotFoundError(f"{run}: no such run directory or root")
-    if not storage.exists(join(run, MANIFEST)) and storage.exists(join(run, LATEST)):
-        found = latest_run(storage, run)
-        if found is None:  # pragma: no cover - LATEST vanished between the two calls
-            raise PublishError(f"{run}: nothing published (no {LATEST})")
-        log.info("%s is a root: evaluating its published run %s", run, found[0])
-        return found
-    if not storage.exists(join(run, MANIFEST)) and storage.exists(join(run, "runs")):
-        raise PublishError(f"{run}: looks like a root but has no {LATEST}: nothing was published yet")
-    return run, verify_run(storage, run)
-
-
-def _read_stage(storage: Storage, run_dir: str, manifest: dict[str, Any], prefix: str,
-                columns: dict[str, pa.DataType], optional: Iterable[str] = ()) -> pa.Table:
-    """Concatenate the Parquet files the manifest lists under ``prefix`` (only those: they verified)."""
-    opt = set(optional)
-    parts = []
-    for rel in sorted(r for r in manifest["files"] if r.startswith(prefix) and r.endswith(".parquet")):
-        t = storage.read_table(join(run_dir, rel))
-        missing = [c for c in columns if c not in t.column_names and c not in opt]
-        if missing:
-            raise ValueError(f"{join(run_dir, rel)}: required columns {missing} are missing (has {t.column_names})")
-        cols = {c: (t.column(c).cast(typ) if c in t.column_names else pa.nulls(t.num_rows, typ))
-                for c, typ in columns.items()}
-        parts.append(pa.table(cols))
-    if not parts:
-        return pa.schema(list(columns.items())).empty_table()
-    return pa.concat_tables(parts)
 
 
 def _parse_trec_qrels(text: str, uri: str) -> list[tuple[str, str, int, str]]:
@@ -159,11 +121,11 @@ def load_qrels(uri: str, storage: Storage | None = None) -> Qrels:
 
 def _rankings(storage: Storage, run_dir: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Both stages of a run as per-query doc lists (plus the scores export_trec needs)."""
-    cand = _read_stage(storage, run_dir, manifest, "candidates/", {
+    cand = read_stage(storage, run_dir, manifest, "candidates/", {
         "query_id": pa.string(), "rank": pa.int64(), "doc_id": pa.string(), "retrieval_score": pa.float32()})
-    scored = _read_stage(storage, run_dir, manifest, "scored/", {
+    scored = read_stage(storage, run_dir, manifest, "scored/", {
         "query_id": pa.string(), "doc_id": pa.string(), "rerank_score": pa.float32()})
-    res = _read_stage(storage, run_dir, manifest, "results/", {
+    res = read_stage(storage, run_dir, manifest, "results/", {
         "query_id": pa.string(), "rank": pa.int64(), "doc_id": pa.string(), "rerank_score": pa.float32(),
         "final_score": pa.float32(), "reranker": pa.string()}, optional=("final_score", "reranker"))
     if not cand.num_rows:
@@ -208,46 +170,6 @@ def _selection_size(storage: Storage, run_dir: str, kept: Ranking) -> tuple[int,
     return max(longest, 1), "longest kept list"
 
 
-# --- metrics ------------------------------------------------------------------------------------------
-
-
-def _as_run(ranking: Ranking, limit: int | None = None) -> dict[str, dict[str, float]]:
-    """Ranks as strictly decreasing scores, so trec_eval's tie-breaking (docno descending) never applies."""
-    out = {}
-    for q, docs in ranking.items():
-        docs = docs[:limit] if limit is not None else docs
-        if docs:
-            out[q] = {d: float(len(docs) - i) for i, d in enumerate(docs)}
-    return out
-
-
-def _evaluate(qrels: Qrels, ranking: Ranking, measures: set[str], limit: int | None = None) -> dict[str, dict]:
-    import pytrec_eval
-
-    run = _as_run({q: v for q, v in ranking.items() if q in qrels}, limit)
-    if not run:
-        return {}
-    return pytrec_eval.RelevanceEvaluator(qrels, measures, relevance_level=1).evaluate(run)
-
-
-def _stage_scores(qrels: Qrels, ranking: Ranking, chosen: Ranking, cutoffs: list[int]) -> dict[str, dict[str, float]]:
-    """Per judged query: every metric for one stage (``chosen`` is the set for the set metrics)."""
-    full = _evaluate(qrels, ranking, {"recall." + ",".join(map(str, cutoffs)), "ndcg_cut.10"})
-    top10 = _evaluate(qrels, ranking, {"recip_rank"}, limit=10)
-    sets = _evaluate(qrels, chosen, {"set_P", "set_recall", "set_F"})
-    out: dict[str, dict[str, float]] = {}
-    for q in qrels:
-        f, r, s = full.get(q, {}), top10.get(q, {}), sets.get(q, {})
-        row = {f"recall@{c}": f.get(f"recall_{c}", 0.0) for c in cutoffs}
-        row["mrr@10"] = r.get("recip_rank", 0.0)
-        row["ndcg@10"] = f.get("ndcg_cut_10", 0.0)
-        row["set_precision"] = s.get("set_P", 0.0)
-        row["set_recall"] = s.get("set_recall", 0.0)
-        row["set_f1"] = s.get("set_F", 0.0)
-        out[q] = {k: float(v) if math.isfinite(v) else 0.0 for k, v in row.items()}
-    return out
-
-
 def _compute(run: str, qrels: str, k: int | None, storage: Storage | None) -> dict[str, Any]:
     storage = storage or Storage()
     run_dir, manifest = resolve_run(run, storage)
@@ -264,8 +186,8 @@ def _compute(run: str, qrels: str, k: int | None, storage: Storage | None) -> di
     cutoffs = sorted(set(CUTOFFS) | {kk})
     n, n_source = _selection_size(storage, run_dir, r["kept"])
     top_n = {q: docs[:n] for q, docs in r["retrieval"].items()}
-    ret = _stage_scores(judged, r["retrieval"], top_n, cutoffs)
-    rer = _stage_scores(judged, r["rerank"], r["kept"], cutoffs)
+    ret = stage_scores(judged, r["retrieval"], top_n, cutoffs)
+    rer = stage_scores(judged, r["rerank"], r["kept"], cutoffs)
     in_run = set(r["retrieval"]) | set(r["rerank"])
     missing = sorted(q for q in judged if q not in in_run)
     if len(missing) == len(judged):

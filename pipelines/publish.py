@@ -1,6 +1,7 @@
 """Publishing a run: a manifest written last, then ``<root>/LATEST`` advanced by compare-and-swap.
 
-A reader (Serve, notebooks, eval) trusts a run only through :func:`read_latest` / :func:`verify_run`:
+A reader (Serve, notebooks, eval) trusts a run only through :func:`read_latest` / :func:`verify_run`
+(the read side lives in :mod:`operators.runs`, so operators can read a run too; this module re-exports it):
 ``LATEST`` names a run whose ``_MANIFEST.json`` exists, and every file the manifest lists has the
 recorded size (and sha256 when asked). ``LATEST`` is replaced atomically: on S3 with a conditional PUT
 (``If-Match`` the ETag we read, or ``If-None-Match: *`` when there is none), locally under an
@@ -22,8 +23,14 @@ import re
 import time
 from typing import Any
 
+# The read side of a published run; re-exported (the ``as`` names) for the callers that use it from here.
+from operators.runs import LATEST as LATEST
+from operators.runs import MANIFEST as MANIFEST
+from operators.runs import PublishError as PublishError
+from operators.runs import latest_run as latest_run
+from operators.runs import read_latest as read_latest
+from operators.runs import verify_run as verify_run
 from operators.storage import (
-    S3FS_CALL_ATTEMPTS,
     Storage,
     StorageError,
     describe_failure,
@@ -35,13 +42,7 @@ from operators.storage import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_MANIFEST.json"
 TMP = re.compile(r"\.tmp(-\d+)?$")  # Storage.write_bytes' local write-then-rename leftovers
-LATEST = "LATEST"
-
-
-class PublishError(RuntimeError):
-    """A run cannot be published, or a published run does not check out."""
 
 
 def _rel(base: str, uri: str) -> str:
@@ -71,60 +72,6 @@ def write_manifest(storage: Storage, run_dir: str, run_id: str, extra: dict[str,
                 "files": entries, **extra}
     storage.write_json(join(run_dir, MANIFEST), manifest)
     return manifest
-
-
-def verify_run(storage: Storage, run_dir: str, deep: bool = False) -> dict[str, Any]:
-    """The run's manifest, after checking that every listed file is there (sizes; sha256 if ``deep``)."""
-    try:
-        manifest = storage.read_json(join(run_dir, MANIFEST))
-    except FileNotFoundError:
-        raise PublishError(f"{run_dir}: no {MANIFEST}: the run is incomplete") from None
-    for rel, e in manifest["files"].items():
-        uri = join(run_dir, rel)
-        try:
-            size = int(storage.info(uri)["size"])
-        except FileNotFoundError:
-            raise PublishError(f"{run_dir}: {rel} is listed in the manifest but missing") from None
-        if size != e["size"]:
-            raise PublishError(f"{run_dir}: {rel} has {size} bytes, the manifest says {e['size']}")
-        if deep and storage.sha256(uri) != e["sha256"]:
-            raise PublishError(f"{run_dir}: {rel} does not match its sha256")
-    return manifest
-
-
-def read_latest(storage: Storage, root: str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(LATEST content, version token)``; ``(None, None)`` when nothing was published yet."""
-    uri = join(root, LATEST)
-    if scheme_of(root) in ("s3", "s3a"):
-        fs = storage.fs(uri)
-        bucket, key = strip_scheme(uri).split("/", 1)
-        for attempt in range(1, S3FS_CALL_ATTEMPTS + 1):
-            try:
-                r = fs.call_s3("get_object", Bucket=bucket, Key=key)  # retried by botocore
-                body = _sync_read(fs, r["Body"])  # a body cut mid-read: retried here
-                return json.loads(body), r["ETag"]
-            except FileNotFoundError:
-                return None, None
-            except Exception as e:  # noqa: BLE001 - re-raised without secrets
-                if attempt < S3FS_CALL_ATTEMPTS and is_transient(e):
-                    time.sleep(0.1 * attempt)
-                    continue
-                raise StorageError(describe_failure(uri, e, storage.options), transient=is_transient(e)) from None
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        return None, None
-    return json.loads(data), hashlib.sha256(data).hexdigest()
-
-
-def _sync_read(fs: Any, body: Any) -> bytes:
-    from fsspec.asyn import sync
-
-    async def _read() -> bytes:
-        async with body as stream:
-            return await stream.read()
-
-    return sync(fs.loop, _read)
 
 
 def _cas_s3(storage: Storage, uri: str, data: bytes, token: str | None) -> bool:
@@ -210,12 +157,3 @@ def advance_latest(storage: Storage, root: str, run_id: str, retries: int = 10) 
         raise PublishError(f"{uri}: could not advance LATEST to {run_id} after {retries} attempts; "
                            f"last error: {last_error}")
     raise PublishError(f"{uri}: could not advance LATEST after {retries} attempts (concurrent publishers)")
-
-
-def latest_run(storage: Storage, root: str) -> tuple[str, dict[str, Any]] | None:
-    """``(run_dir, manifest)`` of the published run, verified; ``None`` when nothing is published."""
-    current, _ = read_latest(storage, root)
-    if current is None:
-        return None
-    run_dir = join(root, "runs", current["run_id"])
-    return run_dir, verify_run(storage, run_dir)

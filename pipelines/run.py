@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from operators.runs import MANIFEST, read_latest
 from operators.shards import list_shards, plan_shards
 from operators.storage import Storage, join
 from operators.watchdog import raise_if_terminated
@@ -28,7 +29,7 @@ from pipelines.config import Config
 from pipelines.context import RunContext
 from pipelines.embed import KINDS, embed_kind
 from pipelines.index import build_index
-from pipelines.publish import MANIFEST, TMP, advance_latest, list_files, read_latest, write_manifest
+from pipelines.publish import TMP, advance_latest, list_files, write_manifest
 from pipelines.ray_env import ensure_ray
 from pipelines.rerank import run_rerank
 from pipelines.search import new_run_id, run_search

@@ -56,7 +56,7 @@ _STREAM_DOC, _STREAM_QUERY, _STREAM_BAD, _STREAM_BINDING = 0, 1, 2, 3
 # Binding mode: docs come in groups of BINDING_GROUP around one (color, shape) x 2 concept; see make_sample.
 BINDING_GROUP = 4
 
-_QUERY_TEMPLATES = ("a photo of {a}", "{bare}", "a picture with {a}", "an image showing {a}")
+QUERY_TEMPLATES = ("a photo of {a}", "{bare}", "a picture with {a}", "an image showing {a}")
 # Seeds from here on belong to the pretraining stream of the shipped bases (pipelines/pretrain.py):
 # make_sample refuses them, so no sample a test, the quickstart or a benchmark evaluates on was pretrained on.
 PRETRAIN_SEEDS_FROM = 1_000_000
@@ -368,7 +368,7 @@ def _make_queries(seed: int, n: int, clean: list[_Row]) -> list[tuple[str, str, 
         k = int(rng.integers(1, min(2, len(pairs)) + 1))
         chosen = [pairs[int(j)] for j in sorted(rng.permutation(len(pairs))[:k])]
         key = frozenset(chosen)
-        tmpl = _QUERY_TEMPLATES[int(rng.integers(len(_QUERY_TEMPLATES)))]
+        tmpl = QUERY_TEMPLATES[int(rng.integers(len(QUERY_TEMPLATES)))]
         if key in seen and attempts < 50 * max(1, n):  # prefer distinct queries; allow repeats if exhausted
             continue
         seen.add(key)
@@ -378,7 +378,7 @@ def _make_queries(seed: int, n: int, clean: list[_Row]) -> list[tuple[str, str, 
 
 
 def _query_text(rng: np.random.Generator, pairs: Sequence[Pair]) -> str:
-    tmpl = _QUERY_TEMPLATES[int(rng.integers(len(_QUERY_TEMPLATES)))]
+    tmpl = QUERY_TEMPLATES[int(rng.integers(len(QUERY_TEMPLATES)))]
     return tmpl.format(a=_phrase(pairs), bare=_phrase(pairs, articles=False))
 
 

@@ -21,9 +21,9 @@ ANSWER_WORDS = ("Yes", "No", "yes", "no", "True", "False")
 
 def sample_words() -> list[str]:
     """Every word of the sample's captions and query templates and of the RagVL prompts."""
-    from pipelines.sample import _QUERY_TEMPLATES, BACKGROUNDS, COLORS, SHAPES
+    from pipelines.sample import BACKGROUNDS, COLORS, QUERY_TEMPLATES, SHAPES
 
-    text = " ".join([*_QUERY_TEMPLATES, RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, "a an and on background"])
+    text = " ".join([*QUERY_TEMPLATES, RAGVL_PROMPT, RAGVL_PROMPT_CAPTION, "a an and on background"])
     words = set(re.findall(r"[A-Za-z]+", text)) | set(COLORS) | set(BACKGROUNDS) | set(SHAPES)
     words |= set(ANSWER_WORDS)
     return sorted(words) + list(":?.,'!{}")

@@ -88,6 +88,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
+# Seconds of setup + call + teardown per (xdist worker, test module), as the controller receives the reports: the
+# summary shows how the README's two workers were loaded, so `_FIRST` below is ordered by measurement.
+_MODULE_SECONDS: dict[tuple[str, str], float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    gateway = getattr(getattr(report, "node", None), "gateway", None)
+    key = (gateway.id if gateway is not None else "main", report.nodeid.split("::", 1)[0])
+    _MODULE_SECONDS[key] = _MODULE_SECONDS.get(key, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or not _MODULE_SECONDS:  # an xdist worker: the controller prints it
+        return
+    per_worker: dict[str, float] = {}
+    for (worker, _mod), t in _MODULE_SECONDS.items():
+        per_worker[worker] = per_worker.get(worker, 0.0) + t
+    tr = terminalreporter
+    tr.write_sep("-", "test seconds per worker and module (setup + call + teardown)")
+    tr.write_line("  ".join(f"{w} {t:.0f} s" for w, t in sorted(per_worker.items())))
+    for (worker, mod), t in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1])[:20]:
+        tr.write_line(f"{t:8.1f} s  {worker:5}  {mod}")
+
+
 # ----------------------------------------------------------------------------------------------
 # S3: moto server mode on 127.0.0.1
 # ----------------------------------------------------------------------------------------------

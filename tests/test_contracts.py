@@ -50,7 +50,7 @@ from operators import fusion
 from operators.decode import decode_image
 from operators.rerank_ops import DECODED, DecodeDocs, docs_from_pairs, explode, select_per_query
 from operators.search_ops import query_vectors
-from operators.shards import _read_rows, plan_shards
+from operators.shards import plan_shards, read_rows
 from operators.storage import Storage
 
 buf = io.BytesIO()
@@ -73,7 +73,7 @@ with tempfile.TemporaryDirectory() as d:
     pq.write_table(pa.table({"doc_id": ["a", "a", "b"], "image": [png, png, None], "text": ["x", "y", "z"]},
                             schema=C.CORPUS_IMAGE_BYTES), uri)
     (plan,) = plan_shards([uri], C.CORPUS, Storage())
-    (rows,) = list(_read_rows(plan, "k", [0], 0, "doc_id", None, 16))
+    (rows,) = list(read_rows(plan, "k", [0], 0, "doc_id", None, 16))
     assert rows.column(C.ERR_TYPE).to_pylist() == ["", C.DUPLICATE_ID, C.NULL_PAYLOAD]
     assert rows.column(C.ROW).to_pylist() == [0, 1, 2]
 

@@ -266,7 +266,7 @@ def test_doc_blocks_hold_whole_docs_across_row_groups(tmp_path: Path) -> None:
     pairs) and at least block_rows pairs each, only the last fewer, across corpus row groups; every candidate
     comes out once with its own doc's content, and a row the shard lacks is a reject."""
     from operators.contracts import CONTENT_MISSING
-    from operators.rerank_ops import _docs_for_shards, bucket_candidates
+    from operators.rerank_ops import bucket_candidates, docs_for_shards
     from operators.storage import Storage, join
 
     storage = Storage()
@@ -285,7 +285,7 @@ def test_doc_blocks_hold_whole_docs_across_row_groups(tmp_path: Path) -> None:
         cand = _candidates_part(tmp_path, q, rows)
         bucket_candidates(cand, f"part-{q}", str(tmp_path / "run" / "_pairs"), [queries])
     files = storage.ls(join(str(tmp_path / "run" / "_pairs"), "k"), "*.parquet")
-    blocks = list(_docs_for_shards([(corpus, "image", files, None, None, None)], None, 8))
+    blocks = list(docs_for_shards([(corpus, "image", files, None, None, None)], None, 8))
     sizes = [int(pair_counts(b).sum()) for b in blocks]
     assert all(n >= 8 for n in sizes[:-1]) and sizes[-1] > 0 and sum(sizes) == len(want)
     doc_rows = [r for b in blocks for r in b.column("doc_row").to_pylist()]
@@ -304,7 +304,7 @@ def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) 
     short block in all, not one per shard); each shard is still read once, and a shard with enough pairs
     for its own task gets one."""
     from operators.pair_source import PairsSource
-    from operators.rerank_ops import _docs_for_shards, bucket_candidates
+    from operators.rerank_ops import bucket_candidates, docs_for_shards
     from operators.storage import Storage, join
 
     storage = Storage()
@@ -324,7 +324,7 @@ def test_small_corpus_shards_share_a_read_task_and_whole_blocks(tmp_path: Path) 
             "doc_shard": [key] * n_pairs, "doc_row": pa.array(rows, pa.int64())}))
         bucket_candidates(cand, f"part-{key}", str(tmp_path / "run" / "_pairs"), [queries])
         shards.append((corpus, "image", storage.ls(join(str(tmp_path / "run" / "_pairs"), key), "*.parquet")))
-    blocks = list(_docs_for_shards([(*shard, None, None, None) for shard in shards], None, 8))
+    blocks = list(docs_for_shards([(*shard, None, None, None) for shard in shards], None, 8))
     assert [int(pair_counts(b).sum()) for b in blocks] == [8, 8, 8]  # per shard it would be 8, 5, 8, 3
     got = [(d, img) for b in blocks for d, img in zip(b.column("doc_id").to_pylist(),
                                                      b.column("doc_image").to_pylist(), strict=True)]

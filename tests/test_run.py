@@ -636,7 +636,7 @@ def test_write_manifest_leaves_out_interrupted_temp_files(tmp_path: Path) -> Non
 
 def test_scored_parts_of_two_candidate_parts_do_not_overwrite_each_other(tmp_path: Path) -> None:
     """Search writes one candidates part per (query shard, write call); rerank must keep every pair."""
-    from operators.rerank_ops import ScoredSink, _docs_for_shards, bucket_candidates, explode
+    from operators.rerank_ops import ScoredSink, bucket_candidates, docs_for_shards, explode
 
     storage = Storage()
     run_dir = str(tmp_path / "run")
@@ -655,7 +655,7 @@ def test_scored_parts_of_two_candidate_parts_do_not_overwrite_each_other(tmp_pat
     reported = 0
     # Each regrouped candidates file streamed on its own: what separate write tasks of a large run see.
     for pairs_file in storage.ls(join(run_dir, "_pairs", "k"), "*.parquet"):
-        for block in _docs_for_shards([(corpus, "image", [pairs_file], None, None, None)], None, 256):
+        for block in docs_for_shards([(corpus, "image", [pairs_file], None, None, None)], None, 256):
             batch = explode(block)
             batch["rerank_score"] = np.ones(len(batch["doc_id"]), np.float32)
             reported += sum(r["rows_ok"] for r in sink.write_batch(batch))

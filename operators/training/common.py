@@ -44,9 +44,9 @@ def worker_setup(torch_threads: int) -> tuple[int, int, Any]:
 
 def ranking_metrics(qrels: dict[str, dict[str, int]], ranking: dict[str, list[str]]) -> dict[str, float]:
     """Mean recall@1/5/10, MRR@10 and nDCG@10 over every judged query (pytrec_eval, as ``mmrerank eval``)."""
-    from pipelines.evaluate import _stage_scores
+    from operators.metrics import stage_scores
 
-    rows = _stage_scores(qrels, ranking, ranking, list(VALIDATION_CUTOFFS))
+    rows = stage_scores(qrels, ranking, ranking, list(VALIDATION_CUTOFFS))
     names = [f"recall@{c}" for c in VALIDATION_CUTOFFS] + ["mrr@10", "ndcg@10"]
     return {n: round(sum(r[n] for r in rows.values()) / max(1, len(rows)), 6) for n in names}
 

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from operators.fusion import fuse
+from operators.runs import MANIFEST
 from operators.storage import Storage, join, strip_scheme
-from pipelines.publish import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,8 @@ def _metrics(judged: dict[str, int], retrieval: list[str], kept: list[str], by_r
              top_n: int) -> dict[str, Any] | None:
     """This query's retrieval vs rerank metrics, by ``mmrerank eval``'s definitions (pipelines.evaluate):
     rerank ranking = the kept list, then the other scored pairs by rerank score."""
-    from pipelines.evaluate import CUTOFFS, _stage_scores
+    from operators.metrics import stage_scores
+    from pipelines.evaluate import CUTOFFS
 
     rel = {d: max(g, 0) for d, g in judged.items()}
     if not any(rel.values()):
@@ -236,8 +237,8 @@ def _metrics(judged: dict[str, int], retrieval: list[str], kept: list[str], by_r
     seen = set(kept)
     rerank = kept + [d for d in by_rerank if d not in seen]
     cutoffs = sorted(set(CUTOFFS) | {len(retrieval) or 1})
-    ret = _stage_scores({q: rel}, {q: retrieval}, {q: retrieval[:top_n]}, cutoffs)[q]
-    rer = _stage_scores({q: rel}, {q: rerank}, {q: kept}, cutoffs)[q]
+    ret = stage_scores({q: rel}, {q: retrieval}, {q: retrieval[:top_n]}, cutoffs)[q]
+    rer = stage_scores({q: rel}, {q: rerank}, {q: kept}, cutoffs)[q]
     return {"retrieval": ret, "rerank": rer, "relevant": sum(1 for g in rel.values() if g > 0)}
 
 

@@ -299,7 +299,7 @@ class Api:
 
     # -- reload -------------------------------------------------------------------------------------
     def _reload_once(self) -> None:
-        from pipelines.publish import read_latest
+        from operators.runs import read_latest
 
         current, _ = read_latest(self.storage, self.settings.root)
         if current is None:

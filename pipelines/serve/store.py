@@ -51,7 +51,7 @@ class ResultsStore:
 
 def load_store(storage: Storage, root: str) -> ResultsStore:
     """Load and verify the run ``LATEST`` names; raises if it is incomplete or corrupt."""
-    from pipelines.publish import PublishError, latest_run
+    from operators.runs import PublishError, latest_run
 
     found = latest_run(storage, root)
     if found is None:
