@@ -6,7 +6,10 @@ retriever's own candidates) and then, with no-publish nightly runs (``pipelines.
 ``mmrerank eval``'s code (pytrec_eval):
 
 - ``heldout``: the sample's held-out queries (never trained on);
-- ``new-1``, ``new-2``, ...: new binding corpora (other seeds, nothing of them trained on), every query.
+- ``new-1``, ``new-2``, ...: new binding corpora (other seeds, nothing of them trained on), every query;
+- ``off-template``: the held-out queries reworded outside the generator's four templates (``OFF_TEMPLATES``: other
+  lead-ins, "together with" for "and"), same qrels. The tiny reranker reads a closed word-level vocabulary (the
+  generator's words): a word it never saw is one unknown token. The retriever reads open_clip's BPE.
 
 Rows (``reranker-random`` and ``base`` on the held-out queries only): ``retrieval`` (the fine-tuned
 retriever's top-k order), ``reranker`` (the fine-tuned reranker alone, fusion none: the quickstart's run),
@@ -40,6 +43,9 @@ log = logging.getLogger("bench_quality")
 
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10")
 ROWS = ("retrieval", "reranker", "rrf", "reranker-random", "base")
+# Wordings the sample generator never writes (its templates: pipelines.sample.QUERY_TEMPLATES); {p} is the query's
+# colour-shape phrase as the generator wrote it ("a red circle and a blue square" or "red circle and blue square").
+OFF_TEMPLATES = ("show me {p}", "i am looking for {p}", "find pictures that contain {p}", "{p} is what i want")
 NEW_CORPUS_SEED = 1000  # new corpus j of sample seed s: NEW_CORPUS_SEED + 10 * s + j (never a sample seed here)
 
 
@@ -48,6 +54,36 @@ def _metrics(run_dir: str, qrels: str) -> dict[str, dict[str, float]]:
 
     m = evaluate(run_dir, qrels)
     return {"retrieval": {k: m["retrieval"][k] for k in METRICS}, "rerank": {k: m["rerank"][k] for k in METRICS}}
+
+
+def off_template_text(text: str, i: int) -> str:
+    """The query ``text`` reworded: its phrase under another lead-in; every other query also says "together with"."""
+    from pipelines.sample import QUERY_TEMPLATES
+
+    phrase = text
+    for tmpl in QUERY_TEMPLATES:
+        lead = tmpl.split("{")[0]
+        if lead and text.startswith(lead):
+            phrase = text[len(lead):]
+            break
+    if i % 2:
+        phrase = phrase.replace(" and ", " together with ")
+    return OFF_TEMPLATES[i % len(OFF_TEMPLATES)].format(p=phrase)
+
+
+def off_template_queries(queries: str, qrels: str, out: Path) -> str:
+    """The judged queries of ``qrels`` from the sample's ``queries``, reworded, as a queries directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    judged = set(pq.read_table(qrels).column("query_id").to_pylist())
+    t = pq.read_table(queries)
+    t = t.filter(pa.array([q in judged for q in t.column("query_id").to_pylist()]))
+    texts = [off_template_text(x, i) for i, x in enumerate(t.column("text").to_pylist())]
+    t = t.set_column(t.column_names.index("text"), "text", pa.array(texts, pa.string()))
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t, out / "queries-00000.parquet")
+    return str(out)
 
 
 def one_seed(seed: int, work: Path, new_corpora: int, docs: int, queries: int) -> dict[str, dict[str, dict]]:
@@ -65,6 +101,8 @@ def one_seed(seed: int, work: Path, new_corpora: int, docs: int, queries: int) -
     models = {"reranker": ft.vlm.output, "reranker-random": random_neg.output, "base": reranker_dir()}
 
     corpora: dict[str, tuple[str, str]] = {"heldout": (out, ft.heldout_qrels)}
+    reworded = off_template_queries(str(Path(out, "sample", "queries")), ft.heldout_qrels, work / f"seed-{seed}-off")
+    corpora["off-template"] = (out, ft.heldout_qrels)
     for j in range(1, new_corpora + 1):
         new_out = str(work / f"seed-{seed}-new-{j}")
         info = make_sample(str(Path(new_out, "sample")), docs=docs, queries=queries, shards=4,
@@ -80,6 +118,8 @@ def one_seed(seed: int, work: Path, new_corpora: int, docs: int, queries: int) -
         for row, model, fusion in variants:
             c = _merged(DEFAULT_CONFIG, where, embed={"model": ft.retriever},
                         rerank=ft.rerank(model=model, fusion=fusion), ray={"progress_bars": False})
+            if corpus == "off-template":
+                c = c.model_copy(update={"queries": reworded})
             m = _metrics(run(c, publish=False).run_dir, qrels)
             rows.setdefault("retrieval", m["retrieval"])
             rows[row] = m["rerank"]
@@ -90,7 +130,8 @@ def one_seed(seed: int, work: Path, new_corpora: int, docs: int, queries: int) -
 
 def summarize(per_seed: dict[int, dict[str, dict[str, dict]]]) -> list[str]:
     """Markdown table: per corpus kind (held-out / new) and row, mean [min, max] over seeds (and corpora)."""
-    kinds = {"held-out queries": lambda c: c == "heldout", "new corpora": lambda c: c != "heldout"}
+    kinds = {"held-out queries": lambda c: c == "heldout", "held-out, reworded": lambda c: c == "off-template",
+             "new corpora": lambda c: c.startswith("new-")}
     lines = [f"| corpus | row | {' | '.join(METRICS)} | nDCG@10 - retrieval |", "|" + "---|" * (len(METRICS) + 3)]
     for kind, pick in kinds.items():
         for row in ROWS:

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from operators import contracts as R
-from operators.models import SHIPPED_CONFIGS
+from operators.models import SHIPPED_CONFIGS, ModelSpec
 from operators.storage import Storage, join, strip_scheme
 from pipelines import publish as P
 from pipelines.config import Config, EmbedConfig
@@ -48,6 +48,18 @@ def run_cfg_dict(root: str, corpus: str, queries: str) -> dict[str, Any]:
                    "fusion": {"method": "weighted", "weight": 0.7},
                    "selection": {"mode": "top_n", "top_n": TOP_N}},
     }
+
+
+def lean(d: dict[str, Any], one_actor: bool = True) -> dict[str, Any]:
+    """``d`` for the tests of faults and stops (cluster, stop, S3 faults, security): the clip reranker scores
+    with the retriever's own model, so the rerank stage reuses the retrieval vectors instead of embedding the
+    corpus and the queries a second time; with ``one_actor``, one actor per embed and rerank pool. How distinct
+    reranker scores fuse, and the default pools, are test_run's checks; these tests check what a fault does."""
+    d["rerank"]["clip_model"] = dict(d.get("embed", {}).get("model") or ModelSpec().model_dump())
+    if one_actor:
+        d["embed"]["num_actors"] = 1
+        d["rerank"]["num_actors"] = 1
+    return d
 
 
 # ----------------------------------------------------------------------------------------------

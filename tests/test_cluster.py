@@ -39,7 +39,7 @@ from pipelines.config import Config, parse_config
 from pipelines.run import RunReport, run
 from pipelines.sample import SampleInfo, make_sample
 from tests.helpers import any_file, by_query, read_rows
-from tests.reference import check_manifest, run_cfg_dict
+from tests.reference import check_manifest, lean, run_cfg_dict
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -55,8 +55,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")  # this test's own cluster only; the shipped configs keep auth on
     mp.setenv("HF_HUB_OFFLINE", "1")
+    # The GCS health-checks each raylet every second instead of every 3 s (5 misses in a row mark a node dead, each
+    # check still given Ray's default 10 s to answer): a killed node is noticed in ~5 s, not ~15 s.
     c = LocalCluster(str(tmp_path_factory.mktemp("cluster")), workers=2, cpus_per_worker=1,
-                     env={"RAY_AUTH_MODE": "disabled"})
+                     env={"RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "1000"})
     try:
         c.start()
         yield c
@@ -72,7 +74,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> SampleInfo:
 
 
 def _cfg(cluster: LocalCluster, root: Path, sample: SampleInfo, **ray: Any) -> Config:
-    d = run_cfg_dict(str(root), sample.corpus, sample.queries)
+    d = lean(run_cfg_dict(str(root), sample.corpus, sample.queries), one_actor=False)
     d["ray"] = {"address": cluster.address, "progress_bars": False, **ray}
     # Everything must fit on one surviving 1-CPU node.
     d["embed"].update(actor_num_cpus=0.5, decode_num_cpus=0.25, write_num_cpus=0.25)
@@ -128,7 +130,8 @@ def _warm_copy(clean: RunReport, root: Path) -> None:
     """``root`` as a copy of the clean run's root without its runs: the embedding cache (content-addressed) and the
     index are found there, so a run embeds nothing; LATEST is left out too (a run here publishes first)."""
     src = Path(clean.run_dir).parent.parent
-    shutil.copytree(src, root, ignore=lambda d, names: {"runs", P.LATEST} & set(names) if d == str(src) else set())
+    shutil.copytree(src, root, ignore=lambda d, names: {"runs", P.LATEST} & set(names) if d == str(src) else set(),
+                    dirs_exist_ok=True)
 
 
 def _actor_pids(name: str) -> list[int]:
@@ -223,14 +226,17 @@ def test_reranker_actor_dies_mid_batch(cluster: LocalCluster, sample: SampleInfo
 def test_watchdog_fails_a_stalled_stage(cluster: LocalCluster, sample: SampleInfo, clean: RunReport,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "root"
-    cfg = _cfg(cluster, root, sample, stall_timeout_s=10)
+    cfg = _cfg(cluster, root, sample, stall_timeout_s=6)
     with _driver(monkeypatch, "hang:embed_batch"), pytest.raises(StallError) as err:
         run(cfg)
     msg = str(err.value)
-    assert "stage 'embed corpus' stalled" in msg and "stall_timeout_s=10" in msg, msg
+    assert "stage 'embed corpus' stalled" in msg and "stall_timeout_s=6" in msg, msg
     assert not (root / P.LATEST).exists()
     assert not list(root.glob(f"runs/*/{P.MANIFEST}"))
-    # The cluster is usable again afterwards: the hung actor was torn down with the stage.
+    # The cluster is usable again afterwards: the hung actor was torn down with the stage. The same root, with
+    # the failed run's leftovers, gets the clean run's embedding cache and index (content-addressed): this run
+    # checks the cluster and the resume over a failed run, not a second cold embedding.
+    _warm_copy(clean, root)
     with _driver(monkeypatch, None):
         rep = run(_cfg(cluster, root, sample))
     _assert_same_results(rep, clean)

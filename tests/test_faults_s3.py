@@ -59,7 +59,7 @@ FAULTS = {"drop_p": 0.2, "req_drop_p": 0.05, "resp_drop_p": 0.05}
 TRANSIENT_RETRIES = 10
 # moto's server answers `Connection: close`: every request is a new connection, so this delays every request
 # (~250 in a warm run; kept short for the 2-core budget).
-CONNECT_DELAY_S = 0.15
+CONNECT_DELAY_S = 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,10 +136,13 @@ def _cfg(root: str, sample: SampleInfo, **storage: Any) -> Config:
         "root": root, "corpus": sample.corpus, "queries": sample.queries,
         "storage": storage,
         "ray": {"num_cpus": 2, "progress_bars": False},
-        "embed": {"batch_size": 8, "rows_per_read_task": 16, "write_batch_size": 16},
+        "embed": {"batch_size": 8, "rows_per_read_task": 16, "write_batch_size": 16, "num_actors": 1},
         "index": {"factory": "Flat", "shards": 2},
         "search": {"k": K, "searcher_num_cpus": 0.25},
-        "rerank": {"backend": "clip", "batch_size": 8, "select_buckets": 2,
+        # The retriever's own model reranks (its vectors reused, no second embedding), one actor per pool: the
+        # faults are what this module checks (tests.reference.lean).
+        "rerank": {"backend": "clip", "batch_size": 8, "select_buckets": 2, "num_actors": 1,
+                   "clip_model": {"name": "mmr-tiny", "seed": 0},
                    "fusion": {"method": "weighted", "weight": 0.7},
                    "selection": {"mode": "top_n", "top_n": TOP_N}},
     })

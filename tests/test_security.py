@@ -51,6 +51,7 @@ import pytest
 import yaml
 
 from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server, free_port
+from tests.reference import lean
 
 # Config-borne credentials (moto accepts any): must never show up anywhere either.
 CFG_ACCESS_KEY_ID = "cfg-key-id-SEC-4417"
@@ -113,7 +114,7 @@ def _cfg(root: str, sample: Any, storage: dict[str, Any] | None = None) -> dict[
     }
     if storage:
         d["storage"] = storage
-    return d
+    return lean(d)
 
 
 def _cfg_storage(s3: S3Server) -> dict[str, Any]:

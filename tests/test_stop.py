@@ -26,11 +26,11 @@ from pipelines import publish as P
 from pipelines.config import parse_config
 from pipelines.sample import SampleInfo, make_sample
 from tests.helpers import any_file, cli_cmd, cli_env, kill_tree, log_tail, wait_until, write_yaml
-from tests.reference import build_reference, check_against_reference, check_manifest, run_cfg_dict
+from tests.reference import build_reference, check_against_reference, check_manifest, lean, run_cfg_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-STALL_S = 8.0
+STALL_S = 5.0
 # Ray's start, the model load and the shutdown on a loaded 2-core machine: a hang guard, not a speed claim.
 MARGIN_S = 300.0
 
@@ -105,7 +105,7 @@ def _no_run_published(root: Path) -> None:
 def test_a_hung_stage_fails_the_run_however_it_was_started(background: bool, sample: SampleInfo, tmp_path: Path,
                                                            no_ray_in_this_process: None) -> None:
     root = tmp_path / "root"
-    d = run_cfg_dict(str(root), sample.corpus, sample.queries)
+    d = lean(run_cfg_dict(str(root), sample.corpus, sample.queries))
     d["ray"]["stall_timeout_s"] = STALL_S
     log_path = tmp_path / "run.log"
     proc = _start(write_yaml(tmp_path / "run.yaml", d), log_path, tmp_path, "hang:embed_batch", background)
@@ -129,7 +129,7 @@ def test_a_hung_stage_fails_the_run_however_it_was_started(background: bool, sam
 def test_sigterm_mid_stage_stops_cleanly_then_the_run_resumes(sample: SampleInfo, tmp_path: Path,
                                                               no_ray_in_this_process: None) -> None:
     root = tmp_path / "root"
-    d = run_cfg_dict(str(root), sample.corpus, sample.queries)
+    d = lean(run_cfg_dict(str(root), sample.corpus, sample.queries))
     cfg_path = write_yaml(tmp_path / "run.yaml", d)
     log_path = tmp_path / "terminated.log"
     # Slow scoring calls keep the rerank stage running while the signal arrives: a call is now a block of whole
