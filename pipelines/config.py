@@ -222,6 +222,9 @@ class RerankConfig(_Strict):
     negative_token: str = "No"
     use_caption: bool = True
     max_length: int = Field(default=512, gt=0)
+    # vlm_yesno: each doc's image and prompt prefix computed once and shared by its queries (same scores).
+    prefix_sharing: Literal["auto", "on", "off"] = Field(
+        default="auto", description="vlm_yesno: auto = where the model supports it, on = error if unsupported")
     batch_size: int = Field(default=16, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -257,6 +260,10 @@ class RerankConfig(_Strict):
             raise ValueError("trust_remote_code needs a pinned revision (a commit hash)")
         if self.prompt is not None and "{query}" not in self.prompt:
             raise ValueError("prompt must contain {query}")
+        if self.prefix_sharing == "on" and self.backend != "vlm_yesno":
+            raise ValueError(f"prefix_sharing: on is for the vlm_yesno backend, not {self.backend!r}")
+        if self.prefix_sharing == "on" and self.options.get("image_position") == "last":
+            raise ValueError("prefix_sharing: on needs the image before the query (options.image_position: first)")
         return self
 
 

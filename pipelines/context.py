@@ -22,7 +22,7 @@ def reranker_spec(rc: RerankConfig, cfg: Config, storage_options: StorageOptions
         lora_adapter=rc.lora_adapter, clip_model=clip,
         prompt=rc.prompt or RAGVL_PROMPT_CAPTION, prompt_no_caption=rc.prompt_no_caption or RAGVL_PROMPT,
         positive_token=rc.positive_token, negative_token=rc.negative_token, use_caption=rc.use_caption,
-        max_length=rc.max_length, extra=dict(rc.options))
+        max_length=rc.max_length, prefix_sharing=rc.prefix_sharing, extra=dict(rc.options))
 
 
 def reranker_label(rc: RerankConfig) -> str:

@@ -49,10 +49,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def root(sample: SampleInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One search (k=10 over 8 queries: docs recur across queries) whose candidates every test reranks."""
-    r = tmp_path_factory.mktemp("root")
+def searched(sample: SampleInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One search (k=10 over 8 queries: docs recur across queries), nothing reranked yet: read-only, copied."""
+    r = tmp_path_factory.mktemp("searched")
     run_search(_cfg(r, sample), run_id="base")
+    return r
+
+
+@pytest.fixture(scope="module")
+def root(searched: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``searched`` whose candidates every per-pair test reranks (sharing its clip cache)."""
+    r = tmp_path_factory.mktemp("root") / "r"
+    shutil.copytree(searched, r)
     return r
 
 
@@ -149,12 +157,14 @@ def test_each_candidate_doc_is_decoded_once(sample: SampleInfo, models: dict[str
         assert (res.pairs_in, res.docs_in, res.docs_decoded) == (len(cands), n_docs, n_docs)
 
 
-def test_clip_encodes_the_corpus_once_then_reuses_the_cache(sample: SampleInfo, tmp_path: Path) -> None:
+def test_clip_encodes_the_corpus_once_then_reuses_the_cache(sample: SampleInfo, searched: Path,
+                                                            tmp_path: Path) -> None:
     """clip: the first night encodes every corpus row once (whole shards into the cache), decodes nothing at
-    rerank time; a second night over the same corpus encodes no image and gives the same scores."""
+    rerank time; a second night over the same corpus encodes no image and gives the same scores. On a fresh copy
+    of the searched root: no clip reranker vectors cached yet."""
     root = tmp_path / "root"
+    shutil.copytree(searched, root)
     cfg = _cfg(root, sample)
-    run_search(cfg, run_id="base")
     first = _rerank(root, "n1", cfg)
     rows = sum(pq.ParquetFile(u).metadata.num_rows for u in sample.shard_uris)
     assert (first.clip_images_embedded, first.docs_decoded) == (rows, 0) and first.docs_in < first.pairs_in

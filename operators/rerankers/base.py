@@ -42,6 +42,9 @@ class RerankerSpec:
     negative_token: str = "No"
     use_caption: bool = True
     max_length: int = 512
+    # vlm_yesno: share each doc's image + prompt prefix (one vision pass, one prefix KV cache) across its
+    # queries: "auto" (where the model supports it), "on" (error if it cannot), "off" (every pair in full).
+    prefix_sharing: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -62,6 +62,23 @@ that the answer can only be \\"yes\\" or \\"no\\"."), ``image_position`` (``"fir
 On ``cuda`` the model runs in ``precision`` (fp16/bf16) through :func:`operators.rerankers.hf.load_model`,
 which also enforces safetensors, a pinned ``revision`` with ``trust_remote_code`` and applies
 ``lora_adapter`` with peft (merged); scores are computed in fp32 from the two logits.
+
+Prefix sharing (``rerank.prefix_sharing``, :meth:`VlmYesNoReranker._score_shared`): the rerank stage hands a
+backend whole docs, so one ``score`` call holds several queries per doc image. With the image first in the
+prompt, every pair of a doc starts with the same tokens (system turn, image, caption when the template puts
+it before the query). Those tokens are run ONCE per (image, caption) group in a ``score`` call: the vision
+encoder once per distinct image, the shared prefix once into a KV cache (``DynamicCache``); the cache is then
+expanded along the batch (``batch_select_indices``) and only each pair's own tokens (the query and the rest
+of the template) are run against it, all pairs of the call in one batch. The prefix is the longest common
+token prefix of the group's own full tokenizations (cut one token short of the shortest, so each pair keeps
+its last token), so the concatenation is each pair's exact input and, attention being causal, the shared
+keys/values are the ones the full sequence computes. Positions: the prefixes' 3-D M-RoPE ids come from the
+model's ``get_rope_index`` (left-padded batch, the image's rope delta per prefix); a suffix token at index
+``t`` of the full sequence gets ``t + delta`` on all three axes, exactly as ``get_rope_index`` gives text
+after the image. Suffixes are left-padded (pads sit between the prefix and the suffix, masked out), so the
+answer logit is read at each row's own last real token. ``auto`` uses it for Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL with the image first (and falls back to the per-pair path elsewhere, with one log line saying why),
+``on`` raises at construction where it cannot, ``off`` is the per-pair path (the reference).
 """
 
 from __future__ import annotations
@@ -74,10 +91,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from operators.rerankers.base import Reranker, RerankerLoadError, RerankerSpec, register
+from operators.rerankers.base import Reranker, RerankerLoadError, RerankerSpec, distinct_images, register
 from operators.rerankers.hf import load_model, load_processor
 
 log = logging.getLogger(__name__)
+
+PREFIX_SHARING_MODES = ("auto", "on", "off")
+# ``config.model_type``s whose prefix cache can be shared: M-RoPE from ``model.model.get_rope_index``, image
+# features passed to ``forward`` as ``mm_encoder_outputs`` (Qwen3-VL's deepstack features included).
+PREFIX_SHARING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def resolve_token_id(tokenizer: Any, word: str, field: str = "positive_token") -> int:
@@ -147,9 +169,23 @@ class VlmYesNoReranker(Reranker):
             raise RerankerLoadError(f"rerank: token ids {self.pos_id}/{self.neg_id} are outside the model's "
                                     f"output vocabulary ({vocab_size})")
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        log.info("vlm_yesno: %s, positive %r -> %d, negative %r -> %d, chat template: %s",
+        token = getattr(self.processor, "image_token", None)
+        image_ids = tok.encode(token, add_special_tokens=False) if isinstance(token, str) else []
+        self._image_id: int | None = int(image_ids[0]) if len(image_ids) == 1 else None
+        mode = spec.prefix_sharing
+        if mode not in PREFIX_SHARING_MODES:
+            raise ValueError(f"rerank.prefix_sharing: 'auto', 'on' or 'off', got {mode!r}")
+        why_not = None if mode == "off" else self.prefix_sharing_unsupported()
+        if why_not is not None and mode == "on":
+            raise ValueError(f"rerank.prefix_sharing: on, but {why_not}; set rerank.prefix_sharing to auto "
+                             "(scores each pair with its full prompt where sharing is unsupported) or off")
+        if why_not is not None:
+            log.info("vlm_yesno: rerank.prefix_sharing auto: per-pair scoring, %s", why_not)
+        self.prefix_sharing = mode != "off" and why_not is None
+        self._checked_model = self.model  # the model the check passed for (training swaps in a peft-wrapped one)
+        log.info("vlm_yesno: %s, positive %r -> %d, negative %r -> %d, chat template: %s, prefix sharing: %s",
                  type(self.model).__name__, spec.positive_token, self.pos_id, spec.negative_token,
-                 self.neg_id, self.has_chat_template)
+                 self.neg_id, self.has_chat_template, self.prefix_sharing)
 
     # ------------------------------------------------------------------------------------------
     # prompt construction (public so that tests and users can see exactly what the model reads)
@@ -206,6 +242,13 @@ class VlmYesNoReranker(Reranker):
 
     def _score(self, queries: Sequence[str], images: Sequence[Image.Image | None],
                captions: Sequence[str | None]) -> np.ndarray:
+        if self.prefix_sharing and self.model is self._checked_model:  # another model: the per-pair path
+            return self._score_shared(queries, images, captions)  # type: ignore[arg-type] - score() checked
+        return self._score_pairs(queries, images, captions)
+
+    def _score_pairs(self, queries: Sequence[str], images: Sequence[Image.Image | None],
+                     captions: Sequence[str | None]) -> np.ndarray:
+        """The per-pair path (the reference): each pair's full prompt, one left-padded forward pass."""
         import torch
 
         texts = [self.build_text(self.build_prompt(q, c)) for q, c in zip(queries, captions, strict=True)]
@@ -230,3 +273,165 @@ class VlmYesNoReranker(Reranker):
             pair = logits[:, [self.pos_id, self.neg_id]].float()
             p = torch.softmax(pair, dim=-1)[:, 0]
         return p.cpu().numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------------------------------
+    # prefix sharing: each doc image's vision pass and prompt prefix once per call (module docstring)
+    # ------------------------------------------------------------------------------------------
+
+    def prefix_sharing_unsupported(self) -> str | None:
+        """Why this model/prompt layout cannot share prefixes (``None``: it can)."""
+        if self.image_last:
+            return ("the image comes after the query (rerank.options.image_position: last), so no "
+                    "query-independent prompt prefix holds the image")
+        model_type = getattr(self.model.config, "model_type", None)
+        if model_type not in PREFIX_SHARING_MODEL_TYPES:
+            return (f"{type(self.model).__name__} (model_type {model_type!r}) is not one of the supported "
+                    f"architectures ({', '.join(PREFIX_SHARING_MODEL_TYPES)})")
+        if any("lora_" in name for name, _ in self.model.named_parameters()):
+            return "the model carries an unmerged LoRA adapter"  # load_model merges; a wrapped model does not
+        inner = getattr(self.model, "model", None)
+        if not (callable(getattr(inner, "get_rope_index", None))
+                and callable(getattr(self.model, "get_image_features", None))):
+            return f"{type(self.model).__name__} has no get_rope_index / get_image_features in this transformers"
+        params = inspect.signature(self.model.forward).parameters
+        missing = [p for p in ("mm_encoder_outputs", "past_key_values", "position_ids", "logits_to_keep")
+                   if p not in params]
+        if missing:
+            return f"{type(self.model).__name__}.forward takes no {', '.join(missing)} in this transformers"
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        if attn not in ("sdpa", "eager"):
+            return f"attention implementation {attn!r} (only sdpa and eager are supported with padded caches)"
+        if self._image_id is None:
+            return f"the processor's image token {getattr(self.processor, 'image_token', None)!r} is not a single token"
+        # The path tokenizes texts itself and expands the image token; it must give the processor's exact ids.
+        try:
+            probe = Image.new("RGB", (56, 56), (127, 96, 64))
+            text = self.build_text(self.build_prompt("probe query", "probe caption"))
+            want = self.processor(text=[text], images=[probe], return_tensors="pt",
+                                  **self.processor_kwargs)["input_ids"][0].tolist()
+            ids = self._token_ids([text])[0]
+            k = ids.index(self._image_id)  # type: ignore[arg-type]
+            n = self._image_token_counts(self._image_inputs([probe])["image_grid_thw"])[0]
+            got = ids[:k] + ids[k:k + 1] * n + ids[k + 1:]
+        except Exception as e:  # noqa: BLE001 - any failure means: not supported
+            return f"the probe pair failed to tokenize ({type(e).__name__}: {e})"
+        if got != want:
+            return "its own tokenization of a probe pair differs from the processor's input ids"
+        return None
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """The texts' token ids as the processor's tokenizer call makes them, the image slot one token."""
+        return [list(x) for x in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def _image_inputs(self, images: Sequence[Image.Image]) -> Any:
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.processor(images=rgb, return_tensors="pt", **self.processor_kwargs)
+
+    def _image_token_counts(self, grid: Any) -> list[int]:
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        return [int(g.prod()) // merge ** 2 for g in grid]
+
+    def _shared_plan(self, ids: list[list[int]], images: Sequence[Image.Image],
+                     captions: Sequence[str | None]) -> tuple[list[tuple[list[int], int, int, int]], list[int],
+                                                              list[Image.Image]]:
+        """Groups of pairs sharing a prefix: ``(pairs, image index, prefix length, image slot)`` in unexpanded
+        token ids, the pairs left to the per-pair path, and the distinct images the groups use."""
+        image_id = self._image_id
+        video_id = getattr(self.processor, "video_token_id", None)
+        uniq, img_of = distinct_images(images)
+        groups: dict[tuple[int, str | None], list[int]] = {}
+        alone: list[int] = []
+        for i, seq in enumerate(ids):
+            if seq.count(image_id) != 1 or (video_id is not None and video_id in seq):
+                alone.append(i)  # e.g. an image token typed into a query: the processor's own path
+                continue
+            groups.setdefault((img_of[i], captions[i] if self.spec.use_caption else None), []).append(i)
+        plan: list[tuple[list[int], int, int, int]] = []
+        used: dict[int, int] = {}
+        for (u, _), rows in groups.items():
+            seqs = [ids[i] for i in rows]
+            first, shortest = seqs[0], min(len(s) for s in seqs)
+            n = shortest - 1  # every pair keeps at least its last token (its answer logit) in the suffix
+            for s in seqs[1:]:
+                n = next((j for j in range(n) if s[j] != first[j]), n)
+            k = first.index(image_id)  # type: ignore[arg-type]
+            if n <= k:  # the image is not inside the shared prefix (e.g. a query before it)
+                alone.extend(rows)
+                continue
+            plan.append((rows, used.setdefault(u, len(used)), n, k))
+        return plan, sorted(alone), [uniq[u] for u in sorted(used, key=used.__getitem__)]
+
+    def _score_shared(self, queries: Sequence[str], images: Sequence[Image.Image],
+                      captions: Sequence[str | None]) -> np.ndarray:
+        """Scores equal to :meth:`_score_pairs`', each (image, caption) prefix computed once (module docstring)."""
+        import torch
+
+        texts = [self.build_text(self.build_prompt(q, c)) for q, c in zip(queries, captions, strict=True)]
+        ids = self._token_ids(texts)
+        plan, alone, used_images = self._shared_plan(ids, images, captions)
+        if all(len(rows) == 1 for rows, _, _, _ in plan) and len(used_images) == len(plan):
+            # nothing to share (each image scored once, e.g. one query over many docs): one forward, not two
+            return self._score_pairs(queries, images, captions)
+        out = np.full(len(texts), np.nan, dtype=np.float32)
+        if alone:
+            out[alone] = self._score_pairs([queries[i] for i in alone], [images[i] for i in alone],
+                                           [captions[i] for i in alone])
+        if not plan:
+            return out
+        dev, image_id = self.device, self._image_id
+        pad = self.tokenizer.pad_token_id
+        img = self._image_inputs(used_images)
+        grid = img["image_grid_thw"]
+        n_img = self._image_token_counts(grid)
+
+        # 1. the prefixes (one row per group, left-padded), the vision encoder once per distinct image
+        prefixes = [ids[rows[0]][:k] + [image_id] * n_img[u] + ids[rows[0]][k + 1:n]
+                    for rows, u, n, k in plan]
+        lp = max(len(p) for p in prefixes)
+        p_ids = torch.full((len(plan), lp), pad, dtype=torch.long)
+        p_mask = torch.zeros((len(plan), lp), dtype=torch.long)
+        for g, p in enumerate(prefixes):
+            p_ids[g, lp - len(p):] = torch.tensor(p)
+            p_mask[g, lp - len(p):] = 1
+        p_ids, p_mask = p_ids.to(dev), p_mask.to(dev)
+        group_grid = grid[[u for _, u, _, _ in plan]].to(dev)
+        positions, deltas = self.model.model.get_rope_index(
+            p_ids, mm_token_type_ids=((p_ids == image_id) & p_mask.bool()).to(torch.int),
+            image_grid_thw=group_grid, attention_mask=p_mask)
+        with torch.inference_mode():
+            feats = self.model.get_image_features(img["pixel_values"].to(dev, dtype=self.model.dtype),
+                                                  grid.to(dev), return_dict=True)
+            chosen = [u for _, u, _, _ in plan]  # the image of each prefix row, in row order
+            per_group = type(feats)(**dict(feats.items()))
+            per_group.pooler_output = tuple(feats.pooler_output[u] for u in chosen)
+            if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL
+                per_group.deepstack_features = [tuple(layer[u] for u in chosen) for layer in feats.deepstack_features]
+            cache = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=positions,
+                               mm_encoder_outputs={"image": per_group}, use_cache=True,
+                               logits_to_keep=1).past_key_values
+
+            # 2. every pair's own tokens against its group's cache rows, left-padded: the last column is each
+            #    row's last real token; positions continue the prefix's (index in the full sequence + delta)
+            rows = [i for r, _, _, _ in plan for i in r]
+            group_of = [g for g, (r, _, _, _) in enumerate(plan) for _ in r]
+            suffixes = [ids[i][plan[g][2]:] for i, g in zip(rows, group_of, strict=True)]
+            ls = max(len(s) for s in suffixes)
+            s_ids = torch.full((len(rows), ls), pad, dtype=torch.long)
+            s_mask = torch.zeros((len(rows), ls), dtype=torch.long)
+            s_pos = torch.zeros((len(rows), ls), dtype=torch.long)
+            nxt = [len(p) + int(d) for p, d in zip(prefixes, deltas.view(-1).tolist(), strict=True)]
+            for r, (s, g) in enumerate(zip(suffixes, group_of, strict=True)):
+                s_ids[r, ls - len(s):] = torch.tensor(s)
+                s_mask[r, ls - len(s):] = 1
+                s_pos[r] = nxt[g]  # pads: any position (masked out)
+                s_pos[r, ls - len(s):] = nxt[g] + torch.arange(len(s))
+            index = torch.tensor(group_of, dtype=torch.long, device=dev)
+            cache.batch_select_indices(index)  # prefix rows -> one row per pair (a gather, no recompute)
+            mask = torch.cat([p_mask[index], s_mask.to(dev)], dim=1)
+            logits = self.model(input_ids=s_ids.to(dev), attention_mask=mask,
+                                position_ids=s_pos.to(dev).unsqueeze(0).expand(3, -1, -1),
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            pair = logits[:, [self.pos_id, self.neg_id]].float()
+            p = torch.softmax(pair, dim=-1)[:, 0]
+        out[rows] = p.cpu().numpy().astype(np.float32)
+        return out
