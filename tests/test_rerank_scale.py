@@ -84,8 +84,9 @@ def _read(d: Path) -> list[dict[str, Any]]:
     return pq.read_table(files).to_pylist() if files else []
 
 
-def _reference(cfg: Config, run: Path) -> dict[tuple[str, str, int], tuple[float | None, str]]:
-    """(query, doc shard, doc row) -> (score, reject type) for every candidate pair, pair by pair."""
+def _reference(cfg: Config, run: Path) -> tuple[dict[tuple[str, str, int], tuple[float | None, str]], bool]:
+    """(query, doc shard, doc row) -> (score, reject type) for every candidate pair, pair by pair; and whether
+    the backend reads images."""
     corpus = {s.key: pq.read_table(s.source) for s in embed_kind(cfg, "corpus").shards}
     qt = pq.read_table(cfg.queries)
     qtext = dict(zip(qt.column("query_id").to_pylist(), qt.column("text").to_pylist(), strict=True))
@@ -102,7 +103,7 @@ def _reference(cfg: Config, run: Path) -> dict[tuple[str, str, int], tuple[float
             continue
         cap = row.get("text") if cfg.rerank.use_caption else None
         out[key] = (float(backend.score([qtext[c["query_id"]]], [img], [cap])[0]), "")
-    return out
+    return out, backend.needs_image
 
 
 def _kept(scored: list[dict[str, Any]], cfg: Config) -> dict[str, list[str]]:
@@ -116,21 +117,16 @@ def _kept(scored: list[dict[str, Any]], cfg: Config) -> dict[str, list[str]]:
     return out
 
 
-CASES = [("clip", {}), ("blip_itm", {}), ("cross_encoder", {}), ("vlm_yesno", {}),
-         ("vlm_yesno", {"decode_in_actor": False})]
-
-
-@pytest.mark.parametrize(("backend", "extra"), CASES, ids=["clip", "blip_itm", "cross_encoder", "vlm_yesno",
-                                                           "vlm_yesno-decode-tasks"])
-def test_scores_and_kept_lists_equal_the_per_pair_path(backend: str, extra: dict[str, Any], sample: SampleInfo,
-                                                       models: dict[str, str], root: Path) -> None:
-    kw = {"model": models[backend]} if backend in models else {}
-    cfg = _cfg(root, sample, backend=backend, selection={"mode": "top_n", "top_n": 4}, **kw, **extra)
-    run_id = f"fid-{backend}-{len(extra)}"
-    res = _rerank(root, run_id, cfg)
-    run = root / "runs" / run_id
-    ref = _reference(cfg, run)
+def _check_per_pair(cfg: Config, res: RerankResult, run: Path) -> None:
+    """The stage's scores, rejects and kept lists equal the per-pair reference's; each distinct candidate doc was
+    decoded at most once (exactly once where the backend reads images, whether in the actor or in decode tasks)."""
+    ref, needs_image = _reference(cfg, run)
     assert res.pairs_in == len(ref) and res.pairs_scored + res.pairs_rejected == res.pairs_in
+    cands = _read(run / "candidates")
+    n_docs = len({(c["doc_shard"], c["doc_row"]) for c in cands})
+    assert len(cands) > n_docs  # docs recur across queries
+    decoded = n_docs if needs_image and cfg.rerank.backend != "clip" else 0  # clip: vectors from the cache
+    assert (res.pairs_in, res.docs_in, res.docs_decoded) == (len(cands), n_docs, decoded)
     scored = _read(run / "scored")
     got = {(r["query_id"], r["doc_shard"], r["doc_row"]): r["rerank_score"] for r in scored}
     want = {k: s for k, (s, err) in ref.items() if not err}
@@ -146,28 +142,35 @@ def test_scores_and_kept_lists_equal_the_per_pair_path(backend: str, extra: dict
     assert published == {q: v for q, v in _kept(ref_scored, cfg).items() if v}
 
 
-def test_each_candidate_doc_is_decoded_once(sample: SampleInfo, models: dict[str, str], root: Path) -> None:
-    """N distinct candidate docs over P > N pairs: exactly N decodes, in the actor or in decode tasks."""
-    cands = _read(root / "runs" / "base" / "candidates")
-    n_docs = len({(c["doc_shard"], c["doc_row"]) for c in cands})
-    assert len(cands) > n_docs  # docs recur across queries
-    for in_actor in (True, False):
-        cfg = _cfg(root, sample, backend="blip_itm", model=models["blip_itm"], decode_in_actor=in_actor)
-        res = _rerank(root, f"dec-{in_actor}", cfg)
-        assert (res.pairs_in, res.docs_in, res.docs_decoded) == (len(cands), n_docs, n_docs)
+# clip's case is test_clip_encodes_the_corpus_once_then_reuses_the_cache (its first night is checked here too).
+# The decode-once counts ride along: blip decodes in the actor, the second vlm case in decode tasks.
+CASES = [("blip_itm", {"decode_in_actor": True}), ("cross_encoder", {}), ("vlm_yesno", {}),
+         ("vlm_yesno", {"decode_in_actor": False})]
+
+
+@pytest.mark.parametrize(("backend", "extra"), CASES, ids=["blip_itm", "cross_encoder", "vlm_yesno",
+                                                           "vlm_yesno-decode-tasks"])
+def test_scores_and_kept_lists_equal_the_per_pair_path(backend: str, extra: dict[str, Any], sample: SampleInfo,
+                                                       models: dict[str, str], root: Path) -> None:
+    cfg = _cfg(root, sample, backend=backend, selection={"mode": "top_n", "top_n": 4}, model=models[backend],
+               **extra)
+    run_id = f"fid-{backend}-{len(extra)}"
+    _check_per_pair(cfg, _rerank(root, run_id, cfg), root / "runs" / run_id)
 
 
 def test_clip_encodes_the_corpus_once_then_reuses_the_cache(sample: SampleInfo, searched: Path,
                                                             tmp_path: Path) -> None:
     """clip: the first night encodes every corpus row once (whole shards into the cache), decodes nothing at
-    rerank time; a second night over the same corpus encodes no image and gives the same scores. On a fresh copy
-    of the searched root: no clip reranker vectors cached yet."""
+    rerank time, and its scores and kept lists equal the per-pair path (the model itself, not the cache); a
+    second night over the same corpus encodes no image and gives the same scores. On a fresh copy of the
+    searched root: no clip reranker vectors cached yet."""
     root = tmp_path / "root"
     shutil.copytree(searched, root)
-    cfg = _cfg(root, sample)
+    cfg = _cfg(root, sample, selection={"mode": "top_n", "top_n": 4})
     first = _rerank(root, "n1", cfg)
     rows = sum(pq.ParquetFile(u).metadata.num_rows for u in sample.shard_uris)
     assert (first.clip_images_embedded, first.docs_decoded) == (rows, 0) and first.docs_in < first.pairs_in
+    _check_per_pair(cfg, first, root / "runs" / "n1")
     second = _rerank(root, "n2", cfg)
     assert (second.clip_images_embedded, second.docs_decoded) == (0, 0)
     s1, s2 = (sorted((r["query_id"], r["doc_id"], r["rerank_score"]) for r in _read(root / "runs" / n / "scored"))

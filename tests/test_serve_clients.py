@@ -24,13 +24,11 @@ import yaml
 httpx = pytest.importorskip("httpx")
 cohere = pytest.importorskip("cohere")
 
-from tests.helpers import RELOAD_DEADLINE_S, serve_app, wait_for  # noqa: E402
+from tests.helpers import RELOAD_DEADLINE_S, QuickstartRun, serve_app, wait_for  # noqa: E402
 
-DOCS, QUERIES, SHARDS = 16, 3, 1
 N_DOCS = 5  # documents per rerank call
 MAX_DOCUMENTS = 8
 ATOL = 1e-5  # server (batched, through Ray) vs the reranker called directly here
-RUN_IDS = {"clip": "r-clip", "cross_encoder": "r-ce"}
 
 
 @dataclass
@@ -39,6 +37,7 @@ class Stack:
     base: str
     client: Any  # httpx.Client bound to base
     cfgs: dict[str, Any] = field(default_factory=dict)  # backend -> its run's Config
+    run_ids: dict[str, str] = field(default_factory=dict)  # backend -> its run's id
 
 
 @dataclass
@@ -67,29 +66,24 @@ def _config(out: Path, backend: str) -> Any:
     data.update(root=str(out / "out"), corpus=str(out / "sample" / "corpus"), queries=str(out / "sample" / "queries"))
     data.pop("qrels", None)
     data["ray"]["progress_bars"] = False
-    # One actor / index shard per stage: each actor start imports torch, which is most of a run this small.
-    data["embed"]["num_actors"] = 1
-    data["index"]["shards"] = 1
-    data["rerank"]["num_actors"] = 1
-    if backend == "cross_encoder":
-        data["rerank"].update(backend="cross_encoder", model=str(save_tiny_bert(out / "tiny-ce")), batch_size=8)
+    if backend == "cross_encoder":  # one actor: its start imports torch, most of a rerank this small
+        data["rerank"].update(backend="cross_encoder", model=str(save_tiny_bert(out / "tiny-ce")), batch_size=8,
+                              num_actors=1)
     return parse_config(data, str(DEFAULT_CONFIG))
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, ray_serve: None) -> Iterator[Stack]:
-    from pipelines.run import run
-    from pipelines.sample import make_sample
-
-    out = tmp_path_factory.mktemp("serve-clients")
-    make_sample(str(out / "sample"), docs=DOCS, queries=QUERIES, shards=SHARDS, seed=0)
-    cfg = _config(out, "clip")
-    assert run(cfg, run_id=RUN_IDS["clip"]).published
-    with serve_app(cfg.root, healthy=lambda body: body.get("run_id") == RUN_IDS["clip"],
+def stack(tmp_path_factory: pytest.TempPathFactory, quickstart_run: QuickstartRun, ray_serve: None) -> Iterator[Stack]:
+    """The session's quickstart run (clip, the shipped config; copied: this module publishes a second run into
+    its root), served by one app for the module."""
+    qs = quickstart_run.copy(tmp_path_factory.mktemp("serve-clients") / "qs")
+    cfg = _config(qs.out, "clip")
+    with serve_app(cfg.root, healthy=lambda body: body.get("run_id") == qs.run_id,
                    max_documents=MAX_DOCUMENTS) as settings:
         base = f"http://{settings.host}:{settings.port}"
         with httpx.Client(base_url=base, timeout=60.0) as client:
-            yield Stack(out=out, base=base, client=client, cfgs={"clip": cfg})
+            yield Stack(out=qs.out, base=base, client=client, cfgs={"clip": cfg},
+                        run_ids={"clip": qs.run_id, "cross_encoder": "r-ce"})
 
 
 def _data_uri(data: bytes) -> str:
@@ -123,7 +117,7 @@ def served(request: pytest.FixtureRequest, stack: Stack) -> Served:
     from pipelines.run import run
 
     backend = request.param
-    run_id = RUN_IDS[backend]
+    run_id = stack.run_ids[backend]
     if backend not in stack.cfgs:
         stack.cfgs[backend] = _config(stack.out, backend)
         assert run(stack.cfgs[backend], run_id=run_id).published
