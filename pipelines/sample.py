@@ -2,57 +2,46 @@
 
 Used by tests, benchmarks and the quickstart: ``make_sample(out)`` writes a small corpus that follows the
 data contracts in :mod:`operators.contracts`, with known relevance judgements and, on request, a documented
-mix of broken and odd rows. ``python -m pipelines.sample OUT`` does the same from a shell.
+mix of broken and odd rows. ``python -m pipelines.sample OUT`` (``mmrerank make-sample``) does the same from
+a shell. The pictures are drawn by :mod:`pipelines.sample_images`, the broken and odd rows come from
+:mod:`pipelines.bad_rows`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import io
 import logging
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from operators import contracts as C
 from operators.contracts import CORPUS_IMAGE_BYTES, CORPUS_IMAGE_URI, QRELS, QUERIES
 from operators.storage import Storage, join, scheme_of, strip_scheme
+from pipelines.bad_rows import BOMB_SIZE, MARKUP_CASES, XSS_FLAG  # noqa: F401 - part of the sample's description
+from pipelines.bad_rows import bad_rows as adversarial_rows
+from pipelines.sample_images import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    Pair,
+    encode,
+    phrase,
+    place,
+    random_scene,
+    render,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROW_GROUP_SIZE = 32
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 60),
-    "blue": (30, 60, 220),
-    "yellow": (240, 210, 30),
-    "purple": (130, 50, 170),
-    "orange": (245, 130, 20),
-    "pink": (240, 110, 180),
-    "cyan": (30, 200, 210),
-}
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (255, 255, 255),
-    "black": (0, 0, 0),
-    "gray": (128, 128, 128),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-BOMB_SIZE = (20000, 20000)  # 400M pixels: over PIL's own 2 * MAX_IMAGE_PIXELS limit, so open() refuses it
-# The markup bad rows would set window.<XSS_FLAG> if a page ever ran them (the explorer tests check it does not).
-XSS_FLAG = "mmrXss"
-MARKUP_CASES = ("markup_caption_script", "markup_id_img")
-
 # Independent random streams (numpy SeedSequence keys), so adding bad rows never changes clean docs.
-_STREAM_DOC, _STREAM_QUERY, _STREAM_BAD, _STREAM_BINDING = 0, 1, 2, 3
+_STREAM_DOC, _STREAM_QUERY, _STREAM_BINDING = 0, 1, 3  # 2: the bad rows' (pipelines/bad_rows.py)
 # Binding mode: docs come in groups of BINDING_GROUP around one (color, shape) x 2 concept; see make_sample.
 BINDING_GROUP = 4
 
@@ -61,9 +50,6 @@ QUERY_TEMPLATES = ("a photo of {a}", "{bare}", "a picture with {a}", "an image s
 # make_sample refuses them, so no sample a test, the quickstart or a benchmark evaluates on was pretrained on.
 PRETRAIN_SEEDS_FROM = 1_000_000
 _STREAM_PRETRAIN = 4
-
-Pair = tuple[str, str]  # (color, shape)
-
 
 @dataclass(frozen=True)
 class SampleInfo:
@@ -110,150 +96,6 @@ class _Row:
     bad: dict[str, Any] | None = None
 
 
-# --- drawing ------------------------------------------------------------------------------------------
-
-
-def _article(color: str) -> str:
-    return "an" if color[0] in "aeiou" else "a"
-
-
-def _phrase(pairs: Sequence[Pair], articles: bool = True) -> str:
-    items = [f"{_article(c)} {c} {s}" if articles else f"{c} {s}" for c, s in pairs]
-    if len(items) == 1:
-        return items[0]
-    return ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _caption(pairs: Sequence[Pair], background: str) -> str:
-    return f"{_phrase(pairs)} on {_article(background)} {background} background"
-
-
-def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        return [(cx, cy - r), (cx - 0.866 * r, cy + 0.5 * r), (cx + 0.866 * r, cy + 0.5 * r)]
-    if shape == "star":
-        pts = []
-        for i in range(10):
-            rad = r if i % 2 == 0 else 0.45 * r
-            ang = -np.pi / 2 + i * np.pi / 5
-            pts.append((round(cx + rad * np.cos(ang), 2), round(cy + rad * np.sin(ang), 2)))
-        return pts
-    raise ValueError(shape)
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill: Any) -> None:
-    box = [cx - r, cy - r, cx + r, cy + r]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "cross":
-        t = max(1, round(0.35 * r))
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
-    else:
-        draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
-
-
-@dataclass(frozen=True)
-class _Scene:
-    pairs: tuple[Pair, ...]  # drawing order, distinct
-    background: str
-    boxes: tuple[tuple[int, int, int], ...]  # (cx, cy, r) per pair
-
-    @property
-    def caption(self) -> str:
-        return _caption(self.pairs, self.background)
-
-
-def _random_scene(rng: np.random.Generator, size: tuple[int, int]) -> _Scene:
-    """1-3 distinct (color, shape) pairs, each in its own cell of a 2x2 grid so none is hidden."""
-    colors = list(COLORS)
-    k = int(rng.integers(1, 4))
-    pairs: list[Pair] = []
-    while len(pairs) < k:
-        p = (colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))])
-        if p not in pairs:
-            pairs.append(p)
-    return _place(rng, size, pairs)
-
-
-def _place(rng: np.random.Generator, size: tuple[int, int], pairs: Sequence[Pair]) -> _Scene:
-    """A seeded background and one 2x2-grid cell per pair (at most 4 pairs)."""
-    w, h = size
-    backgrounds = list(BACKGROUNDS)
-    k = len(pairs)
-    background = backgrounds[int(rng.integers(len(backgrounds)))]
-    cells = rng.permutation(4)[:k]
-    cw, ch = w / 2, h / 2
-    boxes = []
-    for cell in cells:
-        x0, y0 = (int(cell) % 2) * cw, (int(cell) // 2) * ch
-        r = max(2, int(rng.uniform(0.30, 0.46) * min(cw, ch)))
-        cx = int(x0 + rng.uniform(r, max(r, cw - r)))
-        cy = int(y0 + rng.uniform(r, max(r, ch - r)))
-        boxes.append((cx, cy, r))
-    return _Scene(tuple(pairs), background, tuple(boxes))
-
-
-def _render(scene: _Scene, size: tuple[int, int], palette: dict[str, Any] | None = None) -> Image.Image:
-    pal: dict[str, Any] = dict(palette or {**COLORS, **BACKGROUNDS})
-    img = Image.new("RGB", size, pal[scene.background])
-    draw = ImageDraw.Draw(img)
-    for (color, shape), (cx, cy, r) in zip(scene.pairs, scene.boxes, strict=True):
-        _draw_shape(draw, shape, cx, cy, r, pal[color])
-    return img
-
-
-def _encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "JPEG":
-        kw.setdefault("quality", 90)
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-# --- broken / odd images ------------------------------------------------------------------------------
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-@functools.lru_cache(maxsize=1)
-def _bomb_png() -> bytes:
-    """A valid mode-"1" PNG of BOMB_SIZE, all black: ~50 KB on disk, 400M pixels once decoded.
-
-    Built by hand (never allocated as an image); the size is readable from the IHDR header alone.
-    """
-    w, h = BOMB_SIZE
-    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
-    row = b"\0" * (1 + (w + 7) // 8)  # filter byte + packed bits
-    co = zlib.compressobj(9)
-    block = row * 1000
-    parts = [co.compress(block) for _ in range(h // 1000)]
-    parts.append(co.compress(row * (h % 1000)))
-    parts.append(co.flush())
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts))
-            + _png_chunk(b"IEND", b""))
-
-
-def _truncate_jpeg(data: bytes) -> bytes:
-    """Cut a JPEG halfway through its entropy-coded data: headers intact, so open() works, load() fails."""
-    sos = data.find(b"\xff\xda")
-    if sos < 0:
-        raise ValueError("not a baseline JPEG")
-    sos_end = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
-    return data[: sos_end + (len(data) - sos_end) // 2]
-
-
-def _exif_rotated(upright: Image.Image) -> bytes:
-    """Stored pixels rotated 90 degrees counter-clockwise; EXIF orientation 6 says "rotate 90 CW to view"."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return _encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif.tobytes())
-
-
 # --- layout helpers -----------------------------------------------------------------------------------
 
 
@@ -287,9 +129,9 @@ def _clean_docs(seed: int, docs: int, image_size: int) -> list[_Row]:
     rows = []
     for i in range(docs):
         rng = np.random.default_rng([seed, _STREAM_DOC, i])  # doc i does not depend on `docs`
-        scene = _random_scene(rng, (image_size, image_size))
+        scene = random_scene(rng, (image_size, image_size))
         fmt = "JPEG" if i % 2 else "PNG"
-        data = _encode(_render(scene, (image_size, image_size)), fmt)
+        data = encode(render(scene, (image_size, image_size)), fmt)
         rows.append(_Row(_doc_id(i), _doc_id(i), data, ".jpg" if fmt == "JPEG" else ".png", scene.caption,
                          frozenset(scene.pairs)))
     return rows
@@ -331,9 +173,9 @@ def _binding_docs(seed: int, docs: int, image_size: int) -> list[_Row]:
         pairs = _binding_pairs(seed, i)
         rng = np.random.default_rng([seed, _STREAM_DOC, i])
         order = [pairs[int(j)] for j in rng.permutation(len(pairs))]  # the caption's order is no clue
-        scene = _place(rng, size, order)
+        scene = place(rng, size, order)
         fmt = "JPEG" if i % 2 else "PNG"
-        data = _encode(_render(scene, size), fmt)
+        data = encode(render(scene, size), fmt)
         rows.append(_Row(_doc_id(i), _doc_id(i), data, ".jpg" if fmt == "JPEG" else ".png", scene.caption,
                          frozenset(scene.pairs)))
     return rows
@@ -372,14 +214,14 @@ def _make_queries(seed: int, n: int, clean: list[_Row]) -> list[tuple[str, str, 
         if key in seen and attempts < 50 * max(1, n):  # prefer distinct queries; allow repeats if exhausted
             continue
         seen.add(key)
-        text = tmpl.format(a=_phrase(chosen), bare=_phrase(chosen, articles=False))
+        text = tmpl.format(a=phrase(chosen), bare=phrase(chosen, articles=False))
         out.append((f"q-{len(out):05d}", text, key))
     return out
 
 
 def _query_text(rng: np.random.Generator, pairs: Sequence[Pair]) -> str:
     tmpl = QUERY_TEMPLATES[int(rng.integers(len(QUERY_TEMPLATES)))]
-    return tmpl.format(a=_phrase(pairs), bare=_phrase(pairs, articles=False))
+    return tmpl.format(a=phrase(pairs), bare=phrase(pairs, articles=False))
 
 
 @dataclass(frozen=True)
@@ -425,8 +267,8 @@ def pretrain_group(seed: int, g: int, image_size: int = 64) -> PretrainGroup:
     size = (image_size, image_size)
     docs = []
     for pairs, relevant in variants:
-        scene = _place(rng, size, [pairs[int(j)] for j in rng.permutation(len(pairs))])
-        docs.append((_render(scene, size), scene.caption, relevant))
+        scene = place(rng, size, [pairs[int(j)] for j in rng.permutation(len(pairs))])
+        docs.append((render(scene, size), scene.caption, relevant))
     return PretrainGroup(_query_text(rng, query), docs, tuple(query), [frozenset(p) for p, _r in variants])
 
 
@@ -437,139 +279,6 @@ def _qrels(queries: list[tuple[str, str, frozenset[Pair]]], judged: list[_Row]) 
             if r.pairs is not None and r.doc_id is not None and qpairs <= r.pairs:
                 rows.append((qid, r.doc_id, 2 if r.pairs == qpairs else 1))
     return rows
-
-
-# --- bad rows -----------------------------------------------------------------------------------------
-
-
-def _bad_rows(seed: int, first_slot: int, image_size: int, shards: int, image_uri: bool,
-              blocks: list[list[_Row]]) -> list[tuple[int, int, _Row]]:
-    """The bad/odd rows as (shard, insert position among that shard's clean docs, row)."""
-    size = (image_size, image_size)
-    specs: list[tuple[str, str, str | None, str]] = [
-        ("empty_image", "reject", C.EMPTY_IMAGE, "zero-byte image"),
-        ("undecodable", "reject", C.UNDECODABLE, "random bytes, no image signature"),
-        ("truncated_image", "reject", C.TRUNCATED,
-         "JPEG cut halfway through its scan data: header opens, load() raises"),
-        ("decompression_bomb", "reject", C.BOMB,
-         f"mode-1 PNG whose header declares {BOMB_SIZE[0]}x{BOMB_SIZE[1]} pixels (~50 KB file)"),
-        ("unsupported_format", "reject", C.UNSUPPORTED,
-         "PPM image: PIL opens it but the format is not in the allowed set"),
-        ("null_id", "reject", C.NULL_ID, "doc_id is null (image is valid)"),
-        ("duplicate_id_same_shard", "reject", C.DUPLICATE_ID,
-         "doc_id repeats an earlier row of the same shard (image is valid)"),
-        ("duplicate_id_cross_shard", "reject", C.DUPLICATE_ID,
-         "doc_id repeats a row of an earlier shard (image is valid)"),
-    ]
-    if shards < 2:
-        specs = [s for s in specs if s[0] != "duplicate_id_cross_shard"]
-    if image_uri:
-        specs.append(("uri_unreadable", "reject", C.URI_UNREADABLE, "image_uri points at a missing file"))
-    specs += [
-        ("cmyk_jpeg", "accept", None, "CMYK JPEG (mode CMYK); convert to RGB"),
-        ("gray16_png", "accept", None, "16-bit grayscale PNG (mode I;16); scale to 8 bits"),
-        ("palette_png_trns", "accept", None, "palette PNG with a transparent colour (mode P + tRNS)"),
-        ("exif_rotated_jpeg", "accept", None,
-         "JPEG stored rotated 90 degrees CCW with EXIF orientation 6; exif_transpose restores it"),
-        ("rgba_png", "accept", None, "RGBA PNG with a half-transparent background"),
-        ("gray_l_png", "accept", None, "8-bit grayscale PNG (mode L)"),
-        ("markup_caption_script", "accept", None,
-         "valid PNG whose caption starts with a <script> element that would set window." + XSS_FLAG),
-        ("markup_id_img", "accept", None,
-         "valid PNG whose doc_id and caption hold an <img> element whose onerror would set window." + XSS_FLAG),
-    ]
-    gray_palette = {"white": (255, 255, 255), "black": (0, 0, 0)}
-    out: list[tuple[int, int, _Row]] = []
-    duplicated: set[str | None] = set()  # each duplicate_id row repeats a different clean doc
-    for k, (case, expect, error_type, why) in enumerate(specs):
-        rng = np.random.default_rng([seed, _STREAM_BAD, k])
-        slot = _doc_id(first_slot + k)
-        scene = _random_scene(rng, size)
-        img = _render(scene, size)
-        shard = k % shards
-        lo = 0
-        doc_id: str | None = slot
-        pairs: frozenset[Pair] | None = None
-        caption = scene.caption
-        ext, data, fmt, mode = ".png", None, None, None
-        if case == "empty_image":
-            data = b""
-        elif case == "undecodable":
-            data = b"\x00NOTANIMAGE" + rng.bytes(245)
-            ext = ".bin"
-        elif case == "truncated_image":
-            data, ext, fmt, mode = _truncate_jpeg(_encode(img, "JPEG")), ".jpg", "JPEG", "RGB"
-        elif case == "decompression_bomb":
-            data, fmt, mode = _bomb_png(), "PNG", "1"
-        elif case == "unsupported_format":
-            data, ext, fmt, mode = _encode(img, "PPM"), ".ppm", "PPM", "RGB"
-        elif case == "null_id":
-            data, fmt, mode, doc_id = _encode(img, "PNG"), "PNG", "RGB", None
-        elif case.startswith("duplicate_id"):
-            data, fmt, mode = _encode(img, "PNG"), "PNG", "RGB"
-            if case == "duplicate_id_cross_shard":
-                shard = shard if shard > 0 else shards - 1
-                earlier = [r for b in blocks[:shard] for r in b if r.doc_id not in duplicated]
-                doc_id = earlier[int(rng.integers(len(earlier)))].doc_id
-            else:
-                j = int(rng.integers(len(blocks[shard])))
-                doc_id, lo = blocks[shard][j].doc_id, j + 1
-            duplicated.add(doc_id)
-        elif case == "uri_unreadable":
-            data = None
-        elif case == "cmyk_jpeg":
-            data, ext, fmt, mode = _encode(img.convert("CMYK"), "JPEG"), ".jpg", "JPEG", "CMYK"
-            pairs = frozenset(scene.pairs)
-        elif case in ("gray16_png", "gray_l_png"):
-            scene = _Scene(tuple(("white", s) for _c, s in scene.pairs), "black", scene.boxes)
-            caption = scene.caption
-            gray = _render(scene, size, gray_palette).convert("L")
-            if case == "gray16_png":
-                gray = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)
-            data, fmt, mode = _encode(gray, "PNG"), "PNG", gray.mode
-            # "white" is no query colour: these docs are judged but match no query.
-            pairs = frozenset(scene.pairs)
-        elif case == "palette_png_trns":
-            # Index 0 is the background and is fully transparent (tRNS); shapes use indices 1..k.
-            pimg = Image.new("P", size, 0)
-            pal = list(BACKGROUNDS[scene.background])
-            pd = ImageDraw.Draw(pimg)
-            for n, ((c, s), (cx, cy, r)) in enumerate(zip(scene.pairs, scene.boxes, strict=True), start=1):
-                pal += list(COLORS[c])
-                _draw_shape(pd, s, cx, cy, r, n)
-            pimg.putpalette(pal)
-            data, fmt, mode = _encode(pimg, "PNG", transparency=0), "PNG", "P"
-            pairs = frozenset(scene.pairs)
-        elif case == "exif_rotated_jpeg":
-            w, h = image_size, max(16, image_size * 3 // 4)  # not square: the rotation shows in the size
-            scene = _random_scene(rng, (w, h))
-            caption = scene.caption
-            data, ext, fmt, mode = _exif_rotated(_render(scene, (w, h))), ".jpg", "JPEG", "RGB"
-            pairs = frozenset(scene.pairs)
-        elif case == "rgba_png":
-            rgba = img.convert("RGBA")
-            alpha = Image.new("L", size, 128)  # shapes opaque, background half transparent
-            mask = Image.new("L", size, 0)
-            md = ImageDraw.Draw(mask)
-            for (_c, s), (cx, cy, r) in zip(scene.pairs, scene.boxes, strict=True):
-                _draw_shape(md, s, cx, cy, r, 255)
-            rgba.putalpha(Image.composite(Image.new("L", size, 255), alpha, mask))
-            data, fmt, mode = _encode(rgba, "PNG"), "PNG", "RGBA"
-            pairs = frozenset(scene.pairs)
-        elif case.startswith("markup_"):
-            # Untrusted text for every consumer that renders ids or captions (the explorer page, notebooks).
-            data, fmt, mode = _encode(img, "PNG"), "PNG", "RGB"
-            pairs = frozenset(scene.pairs)
-            if case == "markup_caption_script":
-                caption = f'<script>window.{XSS_FLAG}="caption"</script> {scene.caption}'
-            else:  # no whitespace in the id (TREC run files are space-separated)
-                doc_id = f"<img/src/onerror=window.{XSS_FLAG}=1>{slot}"
-                caption = f'<img src=x onerror="window.{XSS_FLAG}=1"> {scene.caption}'
-        pos = int(rng.integers(lo, len(blocks[shard]) + 1))
-        bad = {"case": case, "expect": expect, "error_type": error_type, "why": why, "doc_id": doc_id,
-               "image_format": fmt, "image_mode": mode}
-        out.append((shard, pos, _Row(slot, doc_id, data, ext, caption, pairs, bad)))
-    return out
 
 
 # --- entry points -------------------------------------------------------------------------------------
@@ -662,7 +371,8 @@ def make_sample(
     shard_rows: list[list[_Row]] = [list(b) for b in blocks]
     judged = list(clean)
     if bad_rows:
-        extras = _bad_rows(seed, docs, image_size, shards, image_uri, blocks)
+        extras = [(shard, pos, _Row(**vars(r))) for shard, pos, r in
+                  adversarial_rows(seed, docs, image_size, shards, image_uri, blocks, _doc_id)]
         for s in range(shards):
             mine = sorted((pos, k) for k, (sh, pos, _r) in enumerate(extras) if sh == s)
             merged = list(blocks[s])
