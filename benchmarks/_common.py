@@ -303,3 +303,216 @@ def run_side(cmd: Sequence[str], log: Path, what: str, *, result: Path | None = 
             print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
         raise SystemExit(f"[bench] {what} failed (exit {proc.returncode}); see {log}")
     return wall
+
+
+# --- the raw side: N one-thread worker processes (the best plain loop on a CPU box) ---------------------------
+#
+# The pipeline runs as many one-thread actors as the machine has CPUs (on 2 cores: two actors, one torch thread
+# each), which beats one process with all the threads (one OpenMP team stalls at every barrier when any other
+# process takes a core). The fair baseline is the best plain loop, so each benchmark's raw loop runs the same
+# layout: ``workers`` spawned processes with ``torch.set_num_threads(threads)``, each over an equal contiguous
+# slice of the items. ``init(payload, part)`` (model load + reading the slice's bytes) runs before the worker
+# reports ready; ``work(state, part)`` is timed. The clock starts when every worker is ready and stops when the
+# last one finishes: ``steady_s``. ``init``/``work`` must be module-level functions (pickled by reference).
+
+
+def parse_layouts(spec: str, default_workers: int | None = None) -> list[tuple[int, int]]:
+    """``"2x1,1x2"`` -> ``[(2, 1), (1, 2)]`` (workers x torch threads each); ``N`` alone in a term = CPUs."""
+    n = default_workers or cpus()
+    out = []
+    for term in (t.strip().lower() for t in spec.split(",") if t.strip()):
+        w, _, th = term.partition("x")
+        try:
+            out.append((n if w in ("", "n") else int(w), n if th == "n" else int(th or 1)))
+        except ValueError:
+            raise SystemExit(f"bad layout {term!r}: use WORKERSxTHREADS, e.g. 2x1 or 1x2 (N = CPUs)") from None
+    if not out or any(w < 1 or th < 1 for w, th in out):
+        raise SystemExit(f"bad layouts {spec!r}")
+    return out
+
+
+def layout_name(layout: tuple[int, int]) -> str:
+    """``(2, 1)`` -> ``"2 proc x 1 thr"``."""
+    return f"{layout[0]} proc x {layout[1]} thr"
+
+
+def add_layout_arg(ap: argparse.ArgumentParser, flag: str = "--raw-layouts") -> None:
+    """``--raw-layouts``: the raw side's process layouts, each its own row (see :func:`parse_layouts`)."""
+    ap.add_argument(flag, default="Nx1", metavar="WxT,...",
+                    help="raw loop layouts, each a row: W worker processes x T torch threads each; N = CPUs "
+                         "(as many one-thread processes as the pipeline's CPU actors). Default Nx1; "
+                         "'Nx1,1xN' adds the one-process-all-threads row")
+
+
+def split_even(n_items: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[start, stop)`` ranges covering ``n_items`` as evenly as possible."""
+    parts = max(1, min(parts, n_items)) if n_items else 1
+    q, r = divmod(n_items, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + q + (1 if i < r else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def split_groups(group_of: Sequence[Any], parts: int) -> list[tuple[int, int]]:
+    """Like :func:`split_even` over a sequence already sorted by group, but never cutting a group in two.
+
+    (The rerank loops decode each doc once: all pairs of a doc stay in one worker.)
+    """
+    n = len(group_of)
+    cuts = [0]
+    for start, _stop in split_even(n, parts)[1:]:
+        c = max(start, cuts[-1])
+        while 0 < c < n and group_of[c] == group_of[c - 1]:
+            c += 1
+        cuts.append(c)
+    cuts.append(n)
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a] or [(0, 0)]
+
+
+def _worker_main(init: Callable[[Any, Any], Any], work: Callable[[Any, Any], dict[str, Any]], payload: Any,
+                 part: Any, threads: int, idx: int, ready_q: Any, go: Any, out_q: Any) -> None:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        t0 = time.time()
+        state = init(payload, part)
+        ready_q.put((idx, {"init_s": time.time() - t0, "proc_start": proc_start_time(), "t_ready": time.time()}))
+        go.wait()
+        t1, c1 = time.time(), time.process_time()
+        res = work(state, part)
+        out_q.put((idx, {**res, "t0": t1, "t1": time.time(), "cpu_s": time.process_time() - c1,
+                         "torch_threads": torch.get_num_threads()}))
+    except BaseException:  # noqa: BLE001 - sent to the parent, which raises
+        import traceback
+
+        err = traceback.format_exc()
+        ready_q.put((idx, {"error": err}))
+        out_q.put((idx, {"error": err}))
+
+
+def run_workers(init: Callable[[Any, Any], Any], work: Callable[[Any, Any], dict[str, Any]], payload: Any,
+                parts: Sequence[Any], threads: int = 1) -> dict[str, Any]:
+    """Run ``work(init(payload, part), part)`` in one spawned process per part; see the comment above.
+
+    Returns ``startup_s`` (spawn until every worker is ready: interpreter, imports, ``init``), ``steady_s``
+    (all ready until the last one finished), the slowest/fastest worker's busy time, and each worker's result
+    dict (in part order) under ``"workers"``.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready_q, out_q, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    t_spawn = time.time()
+    procs = [ctx.Process(target=_worker_main, args=(init, work, payload, part, threads, i, ready_q, go, out_q),
+                         daemon=True, name=f"bench-worker-{i}") for i, part in enumerate(parts)]
+    for p in procs:
+        p.start()
+
+    def collect(q: Any, into: dict[int, dict[str, Any]]) -> None:
+        import queue
+
+        while len(into) < len(procs):
+            try:
+                i, rec = q.get(timeout=2.0)
+            except queue.Empty:
+                dead = [p.name for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"raw worker(s) {dead} died") from None
+                continue
+            if "error" in rec:
+                raise RuntimeError(f"raw worker {i} failed:\n{rec['error']}")
+            into[i] = {**into.get(i, {}), **rec}
+
+    try:
+        ready: dict[int, dict[str, Any]] = {}
+        collect(ready_q, ready)
+        t_go = time.time()
+        go.set()
+        done: dict[int, dict[str, Any]] = {}
+        collect(out_q, done)
+        done = {i: {**ready[i], **r} for i, r in done.items()}
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    t_end = max(r["t1"] for r in done.values())
+    busy = [r["t1"] - r["t0"] for r in done.values()]
+    return {"workers": len(procs), "threads": threads, "startup_s": t_go - t_spawn, "steady_s": t_end - t_go,
+            "e2e_s": t_end - t_spawn, "init_s_max": max(r["init_s"] for r in ready.values()),
+            "busy_s_max": max(busy), "busy_s_min": min(busy),
+            "steady_cpu_s": sum(r["cpu_s"] for r in done.values()),
+            "workers_out": [done[i] for i in range(len(procs))]}
+
+
+# --- one steady-window rule for both sides, and the markdown table ---------------------------------------------
+
+
+def items_after(batches: Iterable[dict[str, Any]], mark: float, key: str = "rows") -> float:
+    """Items that batches (``t0``, ``t1``, ``key``) finished after ``mark``; a batch straddling it counts pro rata."""
+    n = 0.0
+    for b in batches:
+        if b["t1"] <= mark:
+            continue
+        span = b["t1"] - b["t0"]
+        n += b[key] * (1.0 if b["t0"] >= mark or span <= 0 else (b["t1"] - mark) / span)
+    return n
+
+
+def spread(values: Sequence[float | None], nd: int = 1) -> str:
+    """``median [min, max]`` of the values (``-`` when there are none; the value alone for one)."""
+    import statistics
+
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.{nd}f}"
+    return f"{statistics.median(v):.{nd}f} [{min(v):.{nd}f}, {max(v):.{nd}f}]"
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the non-None values (None when there are none)."""
+    import statistics
+
+    v = [x for x in values if x is not None]
+    return statistics.median(v) if v else None
+
+
+def command_line() -> str:
+    """This benchmark's command as typed (for the table's caption)."""
+    import shlex
+
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(shlex.quote(x) for x in [".venv/bin/python", str(script), *sys.argv[1:]])
+
+
+def markdown_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], rounds: int,
+                   notes: Sequence[str] = ()) -> str:
+    """A ready-to-paste markdown block: heading with the date, the command, the table, notes.
+
+    Cells are ``median [min, max]`` over ``rounds`` alternating rounds (see :func:`spread`).
+    """
+    import datetime
+    import platform
+
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"### {title} ({day}, {platform.node() or 'host'}, {cpus()} CPUs)", "",
+           "```bash", f"{command_line()}", "```", "",
+           f"{rounds} alternating round(s); cells: median [min, max] over the rounds.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    if notes:
+        out.append("")
+        out += list(notes)
+    return "\n".join(out)

@@ -1,4 +1,4 @@
-"""Embedding benchmark: the Ray Data embed pipeline against a plain single-process loop.
+"""Embedding benchmark: the Ray Data embed pipeline against the best plain loop (N one-thread processes).
 
 Both sides embed the same N synthetic corpus images (``pipelines.sample.make_sample``) with the same
 model (an open_clip architecture with seeded random weights, e.g. ``ViT-B-32`` or the shipped
@@ -7,14 +7,19 @@ model (an open_clip architecture with seeded random weights, e.g. ``ViT-B-32`` o
     python benchmarks/bench_embed.py --model ViT-B-32 --images 1000 --batch-size 32
     python benchmarks/bench_embed.py --model mmr-tiny --images 200 --json out.json
     python benchmarks/bench_embed.py --model ViT-B-32 --set embed.decode_num_cpus=0.25
+    python benchmarks/bench_embed.py --model ViT-B-32 --rounds 3 --raw-layouts Nx1,1xN
+    python benchmarks/bench_embed.py --quick --wait-idle 0                       # smoke
 
 Each side runs in its own fresh subprocess, so peak RSS is clean and nothing is shared or warm.
 
-plain loop
-    one process, ``torch.set_num_threads(<usable CPUs>)``: pyarrow reads the shards, PIL decodes
-    (``operators.decode.decode_image``, the pipeline's own semantics), ``operators.models.image_transform``
-    preprocesses, ``build_model`` encodes batches of ``--batch-size`` and the features are L2-normalised.
-    Start-up = ``resolve_model`` + ``build_model``; steady = the loop (read, decode, preprocess, encode).
+plain loop: the best plain loop on this box
+    ``--raw-layouts`` (default ``Nx1``: as many one-thread worker processes as the pipeline has CPU embedder
+    actors, one per CPU; ``Nx1,1xN`` adds the one-process-all-threads row), ``_common.run_workers``. Each
+    spawned worker (``torch.set_num_threads``) resolves and builds the model and reads its equal contiguous
+    slice of the images' bytes (pyarrow) before it reports ready; timed from every worker ready until the last
+    one is done: PIL decodes (``operators.decode.decode_image``, the pipeline's own semantics),
+    ``operators.models.image_transform`` preprocesses, the model encodes batches of ``--batch-size``, the
+    features are L2-normalised. Start-up = spawn until every worker is ready; steady = the timed part.
 
 ray pipeline
     ``pipelines.embed.embed_kind(cfg, "corpus", force=True)`` on a fresh local Ray (``ray.init`` in that
@@ -32,7 +37,7 @@ ray pipeline
     again; they show the warm cost and are never the headline.
 
 peak memory
-    plain loop: ``getrusage(RUSAGE_SELF).ru_maxrss`` of its subprocess. Pipeline: a sampler thread in the
+    plain loop: the sum of its processes' peaks (VmHWM), as below. Pipeline: a sampler thread in the
     driver reads ``/proc/<pid>/status`` of the driver and every process descended from it (the local Ray
     instance: gcs_server, raylet, agents, and the raylet's worker processes) every ``--rss-interval`` s.
     "peak RSS" is the sum of per-process peaks (VmHWM), split into driver / Ray workers (tasks + actor) /
@@ -45,11 +50,19 @@ CPU
     each side records the CPU time of its own processes and the machine's busy time (``/proc/stat``), and
     warns when other processes took more than 5% of the machine: on a shared machine a wall-clock figure
     is only worth something when that share is ~0 (``--wait-idle`` waits for a quiet machine before each
-    side, ``--repeat`` keeps each side's fastest run). "steady CPU per image" (all processes of a side,
+    side). "steady CPU per image" (all processes of a side,
     steady phase only; its ratio plain/pipeline is the pipeline's CPU efficiency) is inflated by other
     load too (torch's OpenMP threads spin while a peer thread is descheduled), so compare quiet runs.
 
-The ratios (pipeline / plain) are printed, never asserted.
+steady window (the rule both sides share)
+    images encoded after the LAST embedder actor (plain: every worker) was ready, a batch straddling that mark
+    pro rata, / the time from the mark to the end (pipeline: ``embed_kind`` returns; plain: the last worker is
+    done). Decode, preprocess and encode fall inside on both sides; reads happen where they happen (the
+    pipeline's read tasks may run while its actors start; the plain workers read before they report ready).
+
+The ratios (pipeline / plain, the plain loop of the same round) are printed, never asserted. ``--rounds N``
+alternates the sides N times; the final markdown table shows median [min, max] over the rounds (the detailed
+report above it is each side's median round). ``--quick``: smoke sizes.
 """
 
 from __future__ import annotations
@@ -57,7 +70,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import threading
@@ -66,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    add_layout_arg,
     add_set_arg,
     apply_sets,
     cpus,
@@ -73,13 +86,20 @@ from _common import (
     event,
     finish_pipeline_side,
     fmt,
+    items_after,
+    layout_name,
     machine_cpu_ticks,
+    markdown_table,
     others_share,
+    parse_layouts,
     parser,
     proc_files,
     read_events,
     run_side,
+    run_workers,
     side_logging,
+    split_even,
+    spread,
     stop_ray,
     timed_actor,
     torch_threads,
@@ -92,82 +112,102 @@ MB = 1024 * 1024
 # --- the plain loop -------------------------------------------------------------------------------------
 
 
-def run_plain(a: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
+def _plain_init(payload: dict[str, Any], part: tuple[int, int]) -> dict[str, Any]:
+    """In a raw worker, before it reports ready: the model, and its slice's image bytes."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from operators.models import ModelSpec, build_model, image_transform, resolve_model
+
+    t0 = time.perf_counter()
+    rm = resolve_model(ModelSpec(name=payload["model"], pretrained=None, seed=payload["seed"]))
+    model, _ = build_model(rm, "cpu", "fp32")
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    items = payload["items"][part[0]:part[1]]  # (shard, row)
+    rows: list[tuple[str, Any]] = []
+    for shard in dict.fromkeys(sh for sh, _ in items):
+        take = [r for sh, r in items if sh == shard]
+        t = pq.read_table(shard, columns=["doc_id", "image"]).take(pa.array(take))
+        rows += zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True)
+    return {"model": model, "tf": image_transform(rm.preprocess), "rows": rows, "dim": rm.embed_dim,
+            "load_s": load_s, "read_s": time.perf_counter() - t1, "batch_size": payload["batch_size"]}
+
+
+def _plain_work(state: dict[str, Any], part: tuple[int, int]) -> dict[str, Any]:
+    """In a raw worker, timed: decode (the pipeline's caps), preprocess, encode batches, L2-normalise."""
+    import numpy as np
     import torch
 
     from operators import decode as R
     from operators.contracts import RejectError
-    from operators.models import ModelSpec, build_model, image_transform, resolve_model
     from pipelines.config import EmbedConfig
+
+    caps = EmbedConfig()  # the pipeline's default decode caps and formats
+    model, tf, bs = state["model"], state["tf"], state["batch_size"]
+    ids: list[str] = []
+    embs: list[np.ndarray] = []
+    buf: list[np.ndarray] = []
+    rejected = 0
+    t_prep = t_enc = 0.0
+    t = time.perf_counter()
+    for k, (doc_id, data) in enumerate(state["rows"]):
+        try:
+            img = R.decode_image(data, caps.max_image_pixels, caps.allowed_formats, caps.max_image_bytes)
+        except RejectError:
+            rejected += 1
+            continue
+        buf.append(tf(img).numpy())
+        ids.append(doc_id)
+        if len(buf) == bs or k == len(state["rows"]) - 1:
+            t2 = time.perf_counter()
+            t_prep += t2 - t
+            with torch.inference_mode():
+                feats = torch.nn.functional.normalize(model.encode_image(torch.from_numpy(np.stack(buf))).float(),
+                                                      dim=-1)
+            embs.append(feats.numpy())
+            buf.clear()
+            t = time.perf_counter()
+            t_enc += t - t2
+    if buf:  # the last rows were rejected after a partial batch
+        with torch.inference_mode():
+            embs.append(torch.nn.functional.normalize(model.encode_image(torch.from_numpy(np.stack(buf))).float(),
+                                                      dim=-1).numpy())
+    emb = np.concatenate(embs) if embs else np.zeros((0, state["dim"]), np.float32)
+    return {"ids": ids, "emb": emb, "rejected": rejected, "decode_preprocess_s": t_prep, "encode_s": t_enc,
+            "load_s": state["load_s"], "read_s": state["read_s"]}
+
+
+def run_plain(a: argparse.Namespace) -> dict[str, Any]:
+    """The best plain loop: ``--plain-layout`` worker processes, each over an equal slice of the images."""
+    import numpy as np
+    import pyarrow.parquet as pq
 
     sampler = ProcSampler(a.rss_interval)
     sampler.start()
-    threads = a.plain_threads or cpus()
-    torch.set_num_threads(threads)
-    caps = EmbedConfig()  # the pipeline's default decode caps and formats
-    shards = sorted(Path(a.corpus).glob("*.parquet"))
-
-    t0 = time.perf_counter()
-    rm = resolve_model(ModelSpec(name=a.model, pretrained=None, seed=a.seed))
-    model, _ = build_model(rm, "cpu", "fp32")
-    tf = image_transform(rm.preprocess)
-    load_s = time.perf_counter() - t0
-
-    ids: list[str] = []
-    embs: list[np.ndarray] = []
-    buf_px: list[np.ndarray] = []
-    buf_ids: list[str] = []
-    rejected = 0
-    t_prep = t_enc = 0.0
-
-    def flush() -> None:
-        nonlocal t_enc
-        t = time.perf_counter()
-        with torch.inference_mode():
-            feats = model.encode_image(torch.from_numpy(np.stack(buf_px)))
-            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-        embs.append(feats.numpy())
-        ids.extend(buf_ids)
-        buf_px.clear()
-        buf_ids.clear()
-        t_enc += time.perf_counter() - t
-
-    t1, c1 = time.perf_counter(), time.process_time()
-    for shard in shards:
-        pf = pq.ParquetFile(shard)
-        for rb in pf.iter_batches(batch_size=a.batch_size, columns=["doc_id", "image"]):
-            t = time.perf_counter()
-            for doc_id, data in zip(rb.column(0).to_pylist(), rb.column(1).to_pylist(), strict=True):
-                try:
-                    img = R.decode_image(data, caps.max_image_pixels, caps.allowed_formats, caps.max_image_bytes)
-                except RejectError:
-                    rejected += 1
-                    continue
-                buf_px.append(tf(img).numpy())
-                buf_ids.append(doc_id)
-                if len(buf_px) == a.batch_size:
-                    t_prep += time.perf_counter() - t
-                    flush()
-                    t = time.perf_counter()
-            t_prep += time.perf_counter() - t
-    if buf_px:
-        flush()
-    loop_s = time.perf_counter() - t1
-    loop_cpu_s = time.process_time() - c1  # this process, the /proc sampler thread included
-
+    workers, threads = parse_layouts(a.plain_layout)[0]
+    items = [(str(shard), r) for shard in sorted(Path(a.corpus).glob("*.parquet"))
+             for r in range(pq.ParquetFile(shard).metadata.num_rows)]
+    slices = split_even(len(items), workers)
+    r = run_workers(_plain_init, _plain_work, {"model": a.model, "seed": a.seed, "batch_size": a.batch_size,
+                                               "items": items}, slices, threads)
     sampler.stop()
-    emb = np.concatenate(embs) if embs else np.zeros((0, rm.embed_dim), np.float32)
+    ws = r["workers_out"]
+    ids = [i for w in ws for i in w["ids"]]
+    emb = np.concatenate([w["emb"] for w in ws])
     np.save(Path(a.workdir) / "plain_embeddings.npy", emb)
     (Path(a.workdir) / "plain_ids.json").write_text(json.dumps(ids))
+    rss = sampler.report()
     return {
-        "side": "plain", "torch_threads": threads, "images": len(ids), "rejected": rejected,
-        "startup_s": load_s, "steady_s": loop_s, "e2e_s": load_s + loop_s,
-        "read_decode_preprocess_s": t_prep, "encode_s": t_enc, "steady_cpu_s": loop_cpu_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_pss_mb": sampler.peak_total_pss_kb / 1024,
-        "rss": sampler.report(),
+        "side": "plain", "layout": [len(slices), threads], "workers": len(slices), "torch_threads": threads,
+        "images": len(ids), "rejected": sum(w["rejected"] for w in ws),
+        "startup_s": r["startup_s"], "steady_s": r["steady_s"], "e2e_s": r["e2e_s"],
+        "model_load_s": max(w["load_s"] for w in ws), "read_s": max(w["read_s"] for w in ws),
+        "read_decode_preprocess_s": max(w["decode_preprocess_s"] for w in ws),
+        "encode_s": max(w["encode_s"] for w in ws), "worker_busy_s": [w["t1"] - w["t0"] for w in ws],
+        "steady_cpu_s": r["steady_cpu_s"], "steady_img_s": len(ids) / r["steady_s"],
+        "e2e_img_s": len(ids) / r["e2e_s"],
+        "peak_rss_mb": rss["sum_of_process_peaks_mb"], "peak_pss_mb": sampler.peak_total_pss_kb / 1024, "rss": rss,
     }
 
 
@@ -188,8 +228,8 @@ def _pss_kb(pid: int) -> int:
 def _role(pid: int, title: str) -> str:
     if pid == os.getpid():
         return "driver"
-    if title.startswith("ray::") or "default_worker.py" in title:
-        return "ray_workers"
+    if title.startswith("ray::") or "default_worker.py" in title or "multiprocessing.spawn" in title:
+        return "ray_workers"  # (the plain loop's worker processes count here too)
     return "ray_system"
 
 
@@ -369,7 +409,10 @@ def _summarise_run(events: list[dict[str, Any]], t_start: float, t_run0: float, 
         out["encode_batch_sizes"] = sorted({e["rows"] for e in enc})
     if dec:
         out["decode_done_after_actor_ready_s"] = dec[-1]["t1"] - ready
-    out["steady_img_s"] = images / out["steady_s"] if out["steady_s"] > 0 else None
+    # The window rule both sides share: images encoded after the LAST actor was ready / the time from then.
+    out["steady_images"] = items_after(enc, ready)
+    out["images_before_ready"] = images - out["steady_images"]
+    out["steady_img_s"] = out["steady_images"] / out["steady_s"] if out["steady_s"] > 0 else None
     out["e2e_img_s"] = images / e2e
     return out
 
@@ -443,16 +486,18 @@ def _ensure_sample(workdir: Path, images: int, shards: int, image_size: int, see
     return info.corpus
 
 
-def _run_side(side: str, a: argparse.Namespace, corpus: str, workdir: Path, rep: int) -> dict[str, Any]:
-    result = workdir / f"result-{side}-{rep}.json"
+def _run_side(side: str, a: argparse.Namespace, corpus: str, workdir: Path, rep: int,
+              layout: str = "") -> dict[str, Any]:
+    tag = f"{side}-{layout}-{rep}" if layout else f"{side}-{rep}"
+    result = workdir / f"result-{tag}.json"
     result.unlink(missing_ok=True)
-    log = workdir / f"{side}-{rep}.log"
+    log = workdir / f"{tag}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--corpus", corpus,
            "--workdir", str(workdir), "--result", str(result), "--model", a.model,
            "--batch-size", str(a.batch_size), "--seed", str(a.seed),
            "--pipeline-runs", str(a.pipeline_runs), "--rss-interval", str(a.rss_interval)]
-    if a.plain_threads:
-        cmd += ["--plain-threads", str(a.plain_threads)]
+    if layout:
+        cmd += ["--plain-layout", layout]
     for s in a.set:
         cmd += ["--set", s]
     if a.wait_idle > 0:
@@ -501,9 +546,6 @@ def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str,
         ("peak PSS, sampled (MB)", "peak_pss_mb", 0),
         ("steady CPU (core-ms / image)", "steady_cpu_ms_per_img", 1),
     ]
-    if plain:
-        plain["steady_img_s"] = plain["images"] / plain["steady_s"]
-        plain["e2e_img_s"] = plain["images"] / plain["e2e_s"]
     for side in (plain, pipe):
         if side and side.get("steady_cpu_s") is not None:
             side["steady_cpu_ms_per_img"] = 1000 * side["steady_cpu_s"] / side["images"]
@@ -521,9 +563,12 @@ def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str,
             out["ratio_cpu_efficiency"] = eff
             print(f"  {'ratio CPU per image (plain/pipe)':32} {eff:>26.3f}")
     if plain:
-        print(f"\n  plain: start-up = resolve_model + build_model; steady = read+decode+preprocess "
-              f"{plain['read_decode_preprocess_s']:.2f} s + encode {plain['encode_s']:.2f} s "
-              f"(torch threads {plain['torch_threads']}); RSS = ru_maxrss of its process")
+        print(f"\n  plain: {plain['workers']} worker process(es) x {plain['torch_threads']} torch thread(s); start-up "
+              f"= spawn + imports + resolve_model + build_model ({plain['model_load_s']:.2f} s) + read the slice "
+              f"({plain['read_s']:.2f} s), until every worker is ready; steady = decode+preprocess "
+              f"{plain['read_decode_preprocess_s']:.2f} s + encode {plain['encode_s']:.2f} s (slowest worker), "
+              f"worker busy {', '.join(f'{x:.2f}' for x in plain['worker_busy_s'])} s; RSS = sum of the processes' "
+              "peaks")
         print("    PSS (both sides): /proc/<pid>/smaps_rollup Pss summed over the side's processes at each "
               "sample; shared pages are split among the processes mapping them, so it is the fair total")
     if pipe:
@@ -560,13 +605,43 @@ def _report(a: argparse.Namespace, plain: dict[str, Any] | None, pipe: dict[str,
         c = side["rss"]["cpu_s"]
         share, warn = others_share(c)
         print(f"  cpu {name}: ours {c['ours']:.1f} s (driver {c['driver']:.1f} of which /proc sampler "
-              f"{side['rss']['sampler_cpu_s']:.1f}, Ray workers {c['ray_workers']:.1f}, Ray system "
+              f"{side['rss']['sampler_cpu_s']:.1f}, {'Ray workers' if name == 'pipeline' else 'loop workers'} "
+              f"{c['ray_workers']:.1f}, Ray system "
               f"{c['ray_system']:.1f}); other processes on the machine "
               f"{c['others']:.1f} s = {100 * share:.0f}% of {c['wall']:.0f} s x {c['cores']} cores{warn}")
     if check:
         print(f"  embeddings: {check['rows_pipeline']}/{check['rows_plain']} rows match by id, max |diff| "
               f"{fmt(check['max_abs_diff'], 7) if check['max_abs_diff'] is not None else '-'}")
     return out
+
+
+def _table(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], layouts: list[str]) -> str:
+    """The markdown table: every side over the rounds, ratios to the first raw layout of the same round."""
+    ref = runs.get(f"plain-{layouts[0]}") if layouts else None
+    rows = []
+    for name, rs in runs.items():
+        what = f"plain loop, {layout_name(parse_layouts(name[6:])[0])}" if name.startswith("plain-") else "ray pipeline"
+
+        def ratio(key: str, rs: list[dict[str, Any]] = rs) -> str:
+            if not ref:
+                return "-"
+            return spread([r[key] / p[key] if r.get(key) and p.get(key) else None for r, p in zip(rs, ref, strict=True)],
+                          3)
+
+        rows.append([what, spread([r["steady_img_s"] for r in rs], 2), ratio("steady_img_s"),
+                     spread([r["e2e_img_s"] for r in rs], 2), ratio("e2e_img_s"),
+                     spread([r["startup_s"] for r in rs], 2), spread([r["steady_s"] for r in rs], 2),
+                     spread([r["peak_pss_mb"] for r in rs], 0)])
+    head = ["side", "steady img/s", "steady ratio", "end-to-end img/s", "e2e ratio", "start-up s", "steady s",
+            "peak PSS MB"]
+    notes = [f"{a.images} images of {a.image_size} px in {a.shards} shards, batch {a.batch_size}"
+             + (f", overrides {a.set}" if a.set else "") + ".",
+             "steady = images encoded after the last embedder actor (plain: every worker) was ready / the time from "
+             "then to the end of embed_kind (plain: the last worker done); decode, preprocess and encode inside on "
+             "both sides, reads where they happen (the pipeline's read tasks may run while its actors start; the "
+             "plain workers read their slice before they report ready). Ratios: to the plain loop ("
+             f"{layout_name(parse_layouts(layouts[0])[0]) if layouts else '-'}) of the same round."]
+    return markdown_table(f"bench_embed: {a.model} (random weights)", head, rows, a.rounds, notes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -581,9 +656,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the full results here")
     add_set_arg(ap, "embed.torch_threads=1")
     ap.add_argument("--sides", default="plain,pipeline", help="which sides to run (comma separated)")
-    ap.add_argument("--plain-threads", type=int, default=0, help="torch threads of the plain loop (0: all CPUs)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run the sides alternately this many times; report each side's fastest run")
+    add_layout_arg(ap)
+    ap.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=1,
+                    help="alternating rounds of every side; the table shows median [min, max]")
+    ap.add_argument("--quick", action="store_true", help="smoke sizes: 32 mmr-tiny images of 64 px, batch 8")
     ap.add_argument("--pipeline-runs", type=int, default=1,
                     help="pipeline runs in one Ray session; the first (cold) is the headline")
     ap.add_argument("--rss-interval", type=float, default=1.0,
@@ -595,7 +671,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--side", choices=["plain", "pipeline"], help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--plain-layout", default="Nx1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.quick and not a.side:
+        a.model, a.images, a.image_size, a.batch_size, a.shards = "mmr-tiny", 32, 64, 8, 2
 
     if a.side:
         side_logging()
@@ -609,23 +688,19 @@ def main(argv: list[str] | None = None) -> None:
     corpus = _ensure_sample(workdir, a.images, a.shards, a.image_size, a.seed)
     print(f"[bench] sample: {a.images} images of {a.image_size}px in {corpus} ({time.time() - t:.1f} s, not timed)")
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in ("plain", "pipeline") if s in sides}
-    for rep in range(a.repeat):
-        for side in runs:
-            runs[side].append(_run_side(side, a, corpus, workdir, rep))
-    # Best of the repeats: interference from other processes only ever slows a side down.
-    best = {s: max(rs, key=lambda r: r["images"] / r["steady_s"]) for s, rs in runs.items()}
-    plain, pipe = best.get("plain"), best.get("pipeline")
+    layouts = [f"{w}x{t}" for w, t in parse_layouts(a.raw_layouts)] if "plain" in sides else []
+    names = [f"plain-{lay}" for lay in layouts] + (["pipeline"] if "pipeline" in sides else [])
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for rep in range(a.rounds):
+        for name in names:
+            side, _, lay = name.partition("-")
+            runs[name].append(_run_side(side, a, corpus, workdir, rep, lay))
+    # The detailed report is of each side's median round (by steady img/s).
+    mid = {n: sorted(rs, key=lambda r: r["steady_img_s"] or 0)[(len(rs) - 1) // 2] for n, rs in runs.items()}
+    plain, pipe = (mid.get(f"plain-{layouts[0]}") if layouts else None), mid.get("pipeline")
     check = _compare_embeddings(workdir, pipe["cache"]) if plain and pipe else None
     out = _report(a, plain, pipe, check)
-    if a.repeat > 1:
-        print(f"\n  best of {a.repeat} runs per side (steady img/s, share of the CPU taken by other processes):")
-        for s, rs in runs.items():
-            cells = []
-            for r in rs:
-                c = r["rss"]["cpu_s"]
-                cells.append(f"{r['images'] / r['steady_s']:.2f} ({100 * c['others'] / (c['wall'] * c['cores']):.0f}%)")
-            print(f"    {s:9} " + "  ".join(cells))
+    print("\n" + _table(a, runs, layouts), flush=True)
     out["all_runs"] = runs
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))

@@ -7,6 +7,8 @@ Backends: ``clip`` (a second open_clip model, ``ViT-B-32`` with seeded random we
     python benchmarks/bench_rerank.py --backends clip --json out.json --workdir /tmp/bench-rerank
     python benchmarks/bench_rerank.py --backends vlm_yesno --set rerank.batch_size=32
     python benchmarks/bench_rerank.py --plain-order query              # raw loop in query order (see below)
+    python benchmarks/bench_rerank.py --rounds 3 --raw-layouts Nx1,1xN # + the one-process-all-threads row
+    python benchmarks/bench_rerank.py --quick --wait-idle 0            # smoke
 
 setup (not timed)
     ``make_sample`` (``--docs`` x ``--image-size`` px images in ``--shards`` shards, ``--queries`` queries), then
@@ -14,17 +16,18 @@ setup (not timed)
     in its own subprocess: ``runs/<id>/candidates`` holds queries x k pairs. Kept in ``--workdir`` and reused
     when the parameters match.
 
-raw loop (one fresh subprocess, no Ray)
-    ``torch.set_num_threads(<usable CPUs>)``; the backend is built exactly as the pipeline's actor builds it
-    (``operators.rerankers.base.create(reranker_spec(cfg.rerank, cfg))``), timed alone as start-up. The loop
-    (timed as steady): pyarrow reads the candidates, the query texts and the corpus rows the candidates point at
-    (image bytes + caption), ``operators.decode.decode_image`` decodes each distinct doc of a batch once (as
-    ``RerankPairs`` does: pairs of one doc share the decoded image), and ``backend.score`` runs on batches of
-    ``rerank.batch_size`` pairs. The pairs go in the pipeline's order by default (corpus shard, then row: how
-    ``PairsSource`` streams them; with two actors each takes runs of consecutive row groups), so the batches
-    hold the same mix of queries; this matters for ``clip``,
-    which encodes each distinct query of a batch once. ``--plain-order query`` puts each query's candidates
-    together instead (what a hand-written loop would do) to show what that order is worth.
+raw loop (one fresh subprocess, no Ray): the best plain loop on this box
+    ``--raw-layouts`` (default ``Nx1``: as many one-thread worker processes as the stage has CPU actors, one per
+    CPU; ``Nx1,1xN`` adds the one-process-all-threads row), ``_common.run_workers``: each worker (spawned,
+    ``torch.set_num_threads``) builds the backend exactly as the pipeline's actor does
+    (``operators.rerankers.base.create(reranker_spec(cfg.rerank, cfg))``) and reads its slice's query texts and
+    the corpus rows its pairs point at (image bytes + caption) before it reports ready. The pairs are cut into
+    equal contiguous slices, never splitting a doc. Timed from every worker ready until the last one is done:
+    per batch of ``rerank.batch_size`` pairs, ``operators.decode.decode_image`` decodes each distinct doc once
+    (as ``RerankPairs`` does) and ``backend.score`` scores. The pairs go in the pipeline's order by default
+    (corpus shard, then row: how ``PairsSource`` streams them), so the batches hold the same mix of queries; this
+    matters for ``clip``, which encodes each distinct query of a batch once. ``--plain-order query`` puts each
+    query's candidates together instead (what a hand-written loop would do) to show what that order is worth.
 
 ray stage (one fresh subprocess)
     ``ray.init`` (timed), then ``pipelines.rerank.run_rerank(cfg, run_id)`` on a copy of the same candidates,
@@ -36,8 +39,11 @@ ray stage (one fresh subprocess)
     * start-up = from before ``ray.init`` until the reranker actor's constructor returns (``ray.init``, driver
       planning, the ``bucket_candidates`` tasks, Ray Data start + actor process start + imports, model load;
       each shown separately). Time to the first scored batch is shown too.
-    * steady = from the actor being ready to the end of the last scored-pairs write: pairs / steady is the
-      steady throughput compared with the raw loop (its idle time waiting for input counts against it).
+    * steady = the window rule both sides share: pairs scored after the LAST actor was ready (a batch straddling
+      that mark counts pro rata) / the time from that mark to the end of the last scored-pairs write (raw: pairs
+      / the time from every worker ready to the last one done). Decode and score fall inside on both sides; reads
+      happen where they happen (the stage's read tasks may run while its actors start; the raw workers read
+      before they report ready). Idle time waiting for input counts against the stage.
     * tail = the rest: the ``select_bucket`` tasks (fusion + selection), row accounting, stats.
     * end-to-end = ``ray.init`` + ``run_rerank`` (``ray.shutdown`` is not counted).
     * ``--pipeline-runs 2`` runs the stage again in the same Ray session (pooled workers, imports done; a new
@@ -53,7 +59,9 @@ quiet machine
     1-minute load average is below ``--max-load`` (default 1.0), and reports the load average before and after
     each side plus the CPU time other processes took while it ran (a warning above 5%).
 
-Ratios (Ray / raw) are printed, never asserted. Target: steady >= 0.9.
+Ratios (Ray / raw, the raw loop of the same round) are printed, never asserted. Target: steady >= 0.9.
+``--rounds N`` alternates the sides N times; the final markdown table shows median [min, max] over the rounds
+(the detailed report above it is each side's median round). ``--quick``: smoke sizes.
 """
 
 from __future__ import annotations
@@ -61,7 +69,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -70,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (  # this script's directory is on sys.path; _common adds the repo root
+    add_layout_arg,
     add_quiet_args,
     add_set_arg,
     apply_sets,
@@ -77,12 +85,19 @@ from _common import (  # this script's directory is on sys.path; _common adds th
     event,
     finish_pipeline_side,
     fmt,
+    items_after,
+    layout_name,
+    markdown_table,
     others_share,
+    parse_layouts,
     parser,
     read_events,
     run_side,
+    run_workers,
     side_env,
     side_logging,
+    split_groups,
+    spread,
     stop_ray,
     timed_actor,
     torch_threads,
@@ -168,88 +183,119 @@ def _pairs_in_order(cand: Any, order: str) -> list[int]:
     return sorted(range(cand.num_rows), key=lambda i: (shards[i], rows[i], i))
 
 
+def _plain_init(payload: dict[str, Any], part: tuple[int, int]) -> dict[str, Any]:
+    """In a raw worker, before it reports ready: the backend, and its slice's queries, doc bytes and captions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from operators.rerankers.base import create
+    from pipelines.context import reranker_spec
+
+    a = argparse.Namespace(**payload["args"])
+    setup, prep = _setup(a), _prepared(a)
+    cfg = _config(a, a.backend, setup)
+    t0 = time.perf_counter()
+    spec = reranker_spec(cfg.rerank, cfg)
+    backend = create(spec, "cpu", "fp32")
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pairs = payload["pairs"][part[0]:part[1]]  # (row index, query text, shard, doc row)
+    docs: dict[tuple[str, int], tuple[Any, Any]] = {}
+    for key in sorted({p[2] for p in pairs}):
+        rows = sorted({p[3] for p in pairs if p[2] == key})
+        ct = pq.read_table(prep["corpus_map"][key], columns=["image", "text"]).take(pa.array(rows))
+        docs.update(zip(((key, r) for r in rows), zip(ct.column("image").to_pylist(), ct.column("text").to_pylist(),
+                                                         strict=True), strict=True))
+    return {"backend": backend, "spec": spec, "cfg": cfg, "docs": docs, "pairs": pairs, "load_s": load_s,
+            "read_s": time.perf_counter() - t1}
+
+
+def _plain_work(state: dict[str, Any], part: tuple[int, int]) -> dict[str, Any]:
+    """In a raw worker, timed: per batch of ``rerank.batch_size`` pairs, decode each distinct doc once, score."""
+    import numpy as np
+
+    from operators import decode as R
+
+    backend, spec, cfg, docs = state["backend"], state["spec"], state["cfg"], state["docs"]
+    caps = cfg.embed
+    pairs = state["pairs"]
+    bs = cfg.rerank.batch_size
+    scores = np.full(len(pairs), np.nan, np.float32)
+    decode_s = score_s = 0.0
+    uniq, batch_s = [], []
+    for b in range(0, len(pairs), bs):
+        chunk = pairs[b:b + bs]
+        t = time.perf_counter()
+        decoded: dict[tuple[str, int], Any] = {}  # one decode per distinct doc of the batch, as RerankPairs does
+        for _, _, key, row in chunk:
+            if (key, row) not in decoded:
+                decoded[key, row] = R.decode_image(docs[key, row][0], caps.max_image_pixels, caps.allowed_formats)
+        images = [decoded[key, row] for _, _, key, row in chunk]
+        captions = [docs[key, row][1] if spec.use_caption else None for _, _, key, row in chunk]
+        queries = [q for _, q, _, _ in chunk]
+        t2 = time.perf_counter()
+        scores[b:b + len(chunk)] = np.asarray(backend.score(queries, images, captions), dtype=np.float32)
+        score_s += time.perf_counter() - t2
+        decode_s += t2 - t
+        batch_s.append(time.perf_counter() - t)
+        uniq.append(len(set(queries)))
+    return {"index": [i for i, _, _, _ in pairs], "scores": scores.tolist(), "decode_s": decode_s,
+            "score_s": score_s, "batch_s": batch_s, "queries_per_batch": uniq, "load_s": state["load_s"],
+            "read_s": state["read_s"]}
+
+
 def run_plain(a: argparse.Namespace) -> dict[str, Any]:
+    """The best plain loop: ``--plain-layout`` worker processes over equal doc-grouped slices of the pairs."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
     from bench_embed import ProcSampler
-
-    from operators import decode as R
-    from operators.rerankers.base import create
-    from pipelines.context import reranker_spec
 
     sampler = ProcSampler(a.rss_interval)
     sampler.start()
     load0 = os.getloadavg()
     setup, prep = _setup(a), _prepared(a)
-    threads = a.plain_threads or cpus()
-    torch.set_num_threads(threads)
-    cfg = _config(a, a.backend, setup)
-    rc, caps = cfg.rerank, cfg.embed
-
-    t0 = time.perf_counter()
-    spec = reranker_spec(rc, cfg)
-    backend = create(spec, "cpu", "fp32")
-    load_s = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
+    workers, threads = parse_layouts(a.plain_layout)[0]
     cand_dir = Path(setup["root"]) / "runs" / prep["run_id"] / "candidates"
     cand = pa.concat_tables([pq.read_table(p) for p in sorted(cand_dir.glob("*.parquet"))])
     qt = pq.read_table(setup["queries"], columns=["query_id", "text"])
     qtext = dict(zip(qt.column("query_id").to_pylist(), qt.column("text").to_pylist(), strict=True))
-    shards = cand.column("doc_shard").to_pylist()
-    content: dict[str, tuple[list[Any], list[Any]]] = {}
-    for key in sorted(set(shards)):
-        ct = pq.read_table(prep["corpus_map"][key], columns=["image", "text"])
-        content[key] = (ct.column("image").to_pylist(), ct.column("text").to_pylist())
-    read_s = time.perf_counter() - t1
-
     order = _pairs_in_order(cand, a.plain_order)
     qids, dids = cand.column("query_id").to_pylist(), cand.column("doc_id").to_pylist()
-    rows = cand.column("doc_row").to_pylist()
-    scores = np.full(cand.num_rows, np.nan, np.float32)
-    decode_s = score_s = 0.0
-    batches, uniq, batch_s = 0, [], []
-    for b in range(0, len(order), rc.batch_size):
-        idx = order[b:b + rc.batch_size]
-        t = time.perf_counter()
-        decoded: dict[tuple[str, int], Any] = {}  # one decode per distinct doc of the batch, as RerankPairs does
-        for i in idx:
-            if (shards[i], rows[i]) not in decoded:
-                decoded[shards[i], rows[i]] = R.decode_image(content[shards[i]][0][rows[i]], caps.max_image_pixels,
-                                                             caps.allowed_formats)
-        images = [decoded[shards[i], rows[i]] for i in idx]
-        captions = [content[shards[i]][1][rows[i]] if spec.use_caption else None for i in idx]
-        queries = [qtext[qids[i]] for i in idx]
-        t2 = time.perf_counter()
-        s = np.asarray(backend.score(queries, images, captions), dtype=np.float32)
-        score_s += time.perf_counter() - t2
-        decode_s += t2 - t
-        scores[idx] = s
-        batch_s.append(time.perf_counter() - t)
-        batches += 1
-        uniq.append(len(set(queries)))
-    loop_s = time.perf_counter() - t1
+    shards, rows = cand.column("doc_shard").to_pylist(), cand.column("doc_row").to_pylist()
+    pairs = [(i, qtext[qids[i]], shards[i], rows[i]) for i in order]
+    # Contiguous slices of the scoring order; in pipeline order a doc's pairs stay in one worker.
+    slices = split_groups([(p[2], p[3]) for p in pairs] if a.plain_order == "pipeline" else list(range(len(pairs))),
+                          workers)
+    r = run_workers(_plain_init, _plain_work, {"args": vars(a), "pairs": pairs}, slices, threads)
     sampler.stop()
 
+    scores = np.full(cand.num_rows, np.nan, np.float32)
+    for w in r["workers_out"]:
+        scores[w["index"]] = w["scores"]
     out_dir = Path(a.workdir) / f"plain-scores-{a.backend}"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "pairs.json").write_text(json.dumps([qids, dids]))
     np.save(out_dir / "scores.npy", scores)
-    pairs = cand.num_rows
+    n = cand.num_rows
+    ws = r["workers_out"]
+    batch_s = sorted(x for w in ws for x in w["batch_s"])
+    uniq = [x for w in ws for x in w["queries_per_batch"]]
+    decode_s, score_s = max(w["decode_s"] for w in ws), max(w["score_s"] for w in ws)
+    rss = sampler.report()
     return {
-        "side": "plain", "backend": a.backend, "torch_threads": threads, "order": a.plain_order,
-        "pairs": pairs, "batches": batches, "queries_per_batch": sum(uniq) / max(1, len(uniq)),
-        "startup_s": load_s, "steady_s": loop_s, "e2e_s": load_s + loop_s,
-        "read_s": read_s, "decode_s": decode_s, "score_s": score_s,
-        "steady_pairs_s": pairs / loop_s, "e2e_pairs_s": pairs / (load_s + loop_s),
-        "score_rate_pairs_s": pairs / (decode_s + score_s),
-        "first_batch_s": batch_s[0] if batch_s else None,
-        "median_batch_s": sorted(batch_s)[len(batch_s) // 2] if batch_s else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_pss_mb": sampler.peak_total_pss_kb / 1024,
-        "rss": sampler.report(), "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()),
+        "side": "plain", "backend": a.backend, "layout": [len(slices), threads], "torch_threads": threads,
+        "workers": len(slices), "order": a.plain_order,
+        "pairs": n, "batches": len(batch_s), "queries_per_batch": sum(uniq) / max(1, len(uniq)),
+        "startup_s": r["startup_s"], "steady_s": r["steady_s"], "e2e_s": r["e2e_s"],
+        "model_load_s": max(w["load_s"] for w in ws), "read_s": max(w["read_s"] for w in ws),
+        "decode_s": decode_s, "score_s": score_s, "worker_busy_s": [w["t1"] - w["t0"] for w in ws],
+        "steady_pairs_s": n / r["steady_s"], "e2e_pairs_s": n / r["e2e_s"],
+        "score_rate_pairs_s": n / sum(w["decode_s"] + w["score_s"] for w in ws) * len(ws),
+        "first_batch_s": ws[0]["batch_s"][0] if ws[0]["batch_s"] else None,
+        "median_batch_s": batch_s[len(batch_s) // 2] if batch_s else None,
+        "peak_rss_mb": rss["sum_of_process_peaks_mb"], "peak_pss_mb": sampler.peak_total_pss_kb / 1024,
+        "rss": rss, "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()),
     }
 
 
@@ -357,7 +403,10 @@ def _summarise(events: list[dict[str, Any]], t_start: float, t_rr0: float, t_rr1
         "select_tasks": len(sel), "select_window_s": (s[1] - s[0]) if s else None,
         "select_start_after_last_write_s": (s[0] - last_write) if s else None,
     }
-    out["steady_pairs_s"] = pairs / steady if steady > 0 else None
+    # The window rule both sides share: pairs scored after the last actor was ready / the time from then.
+    out["steady_pairs"] = items_after(score, ready)
+    out["pairs_before_ready"] = pairs - out["steady_pairs"]
+    out["steady_pairs_s"] = out["steady_pairs"] / steady if steady > 0 else None
     out["e2e_pairs_s"] = pairs / e2e
     out["stage_pairs_s"] = pairs / out["stage_s"]
     return out
@@ -411,25 +460,27 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
 # --- orchestration -----------------------------------------------------------------------------------------
 
 
-def _side_cmd(a: argparse.Namespace, side: str, backend: str, result: Path) -> list[str]:
+def _side_cmd(a: argparse.Namespace, side: str, backend: str, result: Path, layout: str = "") -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--backend", backend,
            "--workdir", a.workdir, "--result", str(result), "--embed-model", a.embed_model,
            "--clip-model", a.clip_model, "--k", str(a.k), "--batch-size", str(a.batch_size),
            "--plain-order", a.plain_order, "--pipeline-runs", str(a.pipeline_runs),
-           "--rss-interval", str(a.rss_interval), "--plain-threads", str(a.plain_threads)]
+           "--rss-interval", str(a.rss_interval), "--plain-layout", layout or "Nx1"]
     for s in a.set:
         cmd += ["--set", s]
     return cmd
 
 
-def _run_side(a: argparse.Namespace, side: str, backend: str, tag: str, quiet: bool = True) -> dict[str, Any]:
+def _run_side(a: argparse.Namespace, side: str, backend: str, tag: str, quiet: bool = True,
+              layout: str = "") -> dict[str, Any]:
     wd = Path(a.workdir)
+    tag = f"{layout}-{tag}" if layout else tag
     result = wd / f"result-{side}-{tag}.json"
     result.unlink(missing_ok=True)
     log = wd / f"{side}-{tag}.log"
     seen = wait_quiet(a.wait_idle, a.max_load) if quiet and a.wait_idle > 0 else None
     print(f"[bench] {side} side ({backend}; log {log}) ...", flush=True)
-    wall = run_side(_side_cmd(a, side, backend, result), log, f"{side} side", result=result, verbose=a.verbose,
+    wall = run_side(_side_cmd(a, side, backend, result, layout), log, f"{side} side", result=result, verbose=a.verbose,
                     env=side_env())
     r = json.loads(result.read_text())
     r["subprocess_wall_s"] = wall
@@ -493,10 +544,12 @@ def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] |
         print(f"  {'ratio decode+score rate only':34} {out['ratio_actor_rate']:>21.3f}   "
               "(actor busy time vs the raw loop's decode+score time)")
     if plain:
-        print(f"  raw: start-up = build the backend; steady = read {plain['read_s']:.2f} s + decode "
-              f"{plain['decode_s']:.2f} s + score {plain['score_s']:.2f} s in {plain['batches']} batches "
-              f"({plain['queries_per_batch']:.1f} distinct queries per batch, order {plain['order']}, "
-              f"torch threads {plain['torch_threads']}); first batch {fmt(plain['first_batch_s'], 2)} s, median "
+        print(f"  raw: {plain['workers']} worker process(es) x {plain['torch_threads']} torch thread(s); start-up = "
+              f"spawn + imports + build the backend ({plain['model_load_s']:.2f} s) + read the slice "
+              f"({plain['read_s']:.2f} s), until every worker is ready; steady = decode {plain['decode_s']:.2f} s + "
+              f"score {plain['score_s']:.2f} s (slowest worker) in {plain['batches']} batches "
+              f"({plain['queries_per_batch']:.1f} distinct queries per batch, order {plain['order']}), worker busy "
+              f"{', '.join(f'{x:.2f}' for x in plain['worker_busy_s'])} s; median batch "
               f"{fmt(plain['median_batch_s'], 3)} s")
     if pipe:
         b = pipe["startup_breakdown_s"]
@@ -542,6 +595,37 @@ def _report_backend(a: argparse.Namespace, backend: str, plain: dict[str, Any] |
     return out
 
 
+def _table(a: argparse.Namespace, backend: str, rs: dict[str, list[dict[str, Any]]], layouts: list[str]) -> str:
+    """The markdown table: every side's figures over the rounds, ratios to the first raw layout's same round."""
+    label = f"clip:{a.clip_model} (random weights)" if backend == "clip" else "vlm_yesno: tiny random Qwen2-VL"
+    ref = rs.get(f"plain-{layouts[0]}") if layouts else None
+    rows = []
+    for name, runs in rs.items():
+        what = (f"raw loop, {layout_name(parse_layouts(name[6:])[0])}" if name.startswith("plain-")
+                else "ray stage")
+
+        def ratio(key: str, runs: list[dict[str, Any]] = runs) -> str:
+            if not ref:
+                return "-"
+            return spread([r[key] / p[key] if r.get(key) and p.get(key) else None
+                           for r, p in zip(runs, ref, strict=True)], 3)
+
+        rows.append([what, spread([r["steady_pairs_s"] for r in runs]), ratio("steady_pairs_s"),
+                     spread([r["e2e_pairs_s"] for r in runs]), ratio("e2e_pairs_s"),
+                     spread([r["startup_s"] for r in runs], 2), spread([r["steady_s"] for r in runs], 2),
+                     spread([r["peak_pss_mb"] for r in runs], 0)])
+    pairs = next(iter(rs.values()))[0]["pairs"] if rs else "-"
+    head = ["side", "steady pairs/s", "steady ratio", "end-to-end pairs/s", "e2e ratio", "start-up s", "steady s",
+            "peak PSS MB"]
+    notes = [f"{pairs} pairs ({a.queries} queries x k={a.k} over {a.docs} docs of {a.image_size} px), batch "
+             f"{a.batch_size}, raw order {a.plain_order}" + (f", overrides {a.set}" if a.set else "") + ".",
+             "steady = pairs scored after the last actor (raw: every worker) was ready / the time from then to the "
+             "last scored write (raw: the last worker done); decode and score inside, reads before it where they "
+             "happened there (raw workers read their slice's bytes while loading the model). Ratios: to the "
+             f"raw loop ({layout_name(parse_layouts(layouts[0])[0]) if layouts else '-'}) of the same round."]
+    return markdown_table(f"bench_rerank: {label}", head, rows, a.rounds, notes)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
     ap.add_argument("--backends", default="clip,vlm_yesno", help="comma separated: clip, vlm_yesno")
@@ -556,10 +640,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="rerank.batch_size, both sides")
     ap.add_argument("--plain-order", choices=["pipeline", "query"], default="pipeline",
                     help="order of the pairs in the raw loop (see the module docstring)")
-    ap.add_argument("--plain-threads", type=int, default=0, help="torch threads of the raw loop (0: all CPUs)")
+    add_layout_arg(ap)
     add_set_arg(ap, "rerank.torch_threads=1")
     ap.add_argument("--sides", default="plain,pipeline")
-    ap.add_argument("--repeat", type=int, default=1, help="run the sides alternately; report each side's best")
+    ap.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=1,
+                    help="alternating rounds of every side; the table shows median [min, max]")
+    ap.add_argument("--quick", action="store_true", help="smoke sizes: 24 docs x 4 queries, k=6, mmr-tiny clip")
     ap.add_argument("--pipeline-runs", type=int, default=1, help="run_rerank runs in one Ray session (first = headline)")
     ap.add_argument("--rss-interval", type=float, default=1.0)
     add_quiet_args(ap)
@@ -569,7 +655,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--side", choices=["prepare", "plain", "pipeline"], help=argparse.SUPPRESS)
     ap.add_argument("--backend", choices=BACKENDS, default="clip", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--plain-layout", default="Nx1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.quick and not a.side:
+        a.docs, a.queries, a.k, a.shards, a.image_size, a.clip_model = 24, 4, 6, 2, 64, "mmr-tiny"
 
     if a.side:
         side_logging()
@@ -603,22 +692,28 @@ def main(argv: list[str] | None = None) -> None:
                               "image_size": a.image_size, "batch_size": a.batch_size, "workdir": a.workdir,
                               "pairs": prep["candidates"], "loadavg_rule": f"1-min load average < {a.max_load}",
                               "backends": {}}
+    layouts = [f"{w}x{t}" for w, t in parse_layouts(a.raw_layouts)] if "plain" in sides else []
+    names = [f"plain-{lay}" for lay in layouts] + (["pipeline"] if "pipeline" in sides else [])
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for backend in backends:
-        results[backend] = {s: [] for s in sides}
-        for rep in range(a.repeat):
-            for side in sides:
-                results[backend][side].append(_run_side(a, side, backend, f"{backend}-{rep}"))
+        results[backend] = {s: [] for s in names}
+        for rnd in range(a.rounds):
+            for name in names:
+                side, _, lay = name.partition("-")
+                results[backend][name].append(_run_side(a, side, backend, f"{backend}-{rnd}", layout=lay))
+    tables = []
     for backend in backends:
-        best = {s: max(rs, key=lambda r: r["steady_pairs_s"] or 0) for s, rs in results[backend].items()}
-        plain, pipe = best.get("plain"), best.get("pipeline")
+        rs = results[backend]
+        # The detailed report is of the median round (by steady pairs/s) of each side.
+        mid = {s: sorted(v, key=lambda r: r["steady_pairs_s"] or 0)[(len(v) - 1) // 2] for s, v in rs.items()}
+        plain = mid.get(f"plain-{layouts[0]}") if layouts else None
+        pipe = mid.get("pipeline")
         check = _check_scores(a, setup, pipe) if plain and pipe else None
         out = _report_backend(a, backend, plain, pipe, check)
-        if a.repeat > 1:
-            print("  all runs (steady pairs/s): " + "; ".join(
-                f"{s}: " + ", ".join(f"{r['steady_pairs_s']:.1f}" for r in rs) for s, rs in results[backend].items()))
-        out["all_runs"] = results[backend]
+        out["all_runs"] = rs
         report["backends"][backend] = out
+        tables.append(_table(a, backend, rs, layouts))
+    print("\n\n" + "\n\n".join(tables), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
         print(f"\n[bench] results written to {a.json}")

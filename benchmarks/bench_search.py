@@ -71,7 +71,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import add_set_arg, apply_sets, descendants, event, proc_files, read_events
+from _common import (
+    add_set_arg,
+    apply_sets,
+    descendants,
+    event,
+    markdown_table,
+    median,
+    proc_files,
+    read_events,
+    spread,
+)
 
 MB = 1024 * 1024
 
@@ -642,14 +652,14 @@ def run_ray(a: argparse.Namespace, root: str, corpus: Any, queries: str, index_b
 
 
 def _inproc_qps(a: argparse.Namespace, s: dict[str, Any]) -> tuple[float, float]:
-    """(reference, best) in-process q/s of one setting: the first thread count, and the fastest."""
-    qps = {th: a.queries / min(ts) for th, ts in s["search_s"].items()}
+    """(reference, best) in-process q/s of one setting (median over runs): the first thread count, and the fastest."""
+    qps = {th: a.queries / (median(ts) or float("nan")) for th, ts in s["search_s"].items()}
     return next(iter(qps.values())), max(qps.values())
 
 
 def _inproc_cpu(s: dict[str, Any]) -> tuple[float, float]:
-    """(reference, best) in-process CPU seconds of one setting's search (least over repeats)."""
-    cpu = {th: min(cs) for th, cs in s["search_cpu_s"].items()}
+    """(reference, best) in-process CPU seconds of one setting's search (median over repeats)."""
+    cpu = {th: median(cs) or float("nan") for th, cs in s["search_cpu_s"].items()}
     return next(iter(cpu.values())), min(cpu.values())
 
 
@@ -752,7 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=2.0, help="point offset norm from its (unit) cluster centre")
     ap.add_argument("--corpus-shards", type=int, default=8, help="embeddings-cache shards of the corpus")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per setting (both sides)")
+    ap.add_argument("--repeats", "--rounds", dest="repeats", type=int, default=1,
+                    help="alternating rounds per setting (paired: in-process reference, Ray run, reference, Ray "
+                         "run, ...); the summary shows median [min, max] over them")
+    ap.add_argument("--quick", action="store_true", help="smoke sizes: 5000 x 64 vectors, 200 queries, S=1,2")
     ap.add_argument("--baseline-threads", type=_ints, default=[],
                     help="faiss thread counts in-process, e.g. 2,1 (default: all cores); the first is the "
                          "reference of 'ratio', the fastest that of 'ratio_best'")
@@ -774,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.baseline_worker:
         print(json.dumps(run_baseline(json.loads(Path(a.baseline_worker).read_text()))))
         return 0
+    if a.quick:
+        a.docs, a.dim, a.queries, a.k, a.shards, a.clusters, a.superclusters, a.corpus_shards = (
+            5000, 64, 200, 10, [1, 2], 50, 5, 2)
 
     import logging
 
@@ -834,8 +850,8 @@ def _main(a: argparse.Namespace, root: str) -> int:
         for th, ts in s["search_s"].items():
             bt = s["batched_search_s"].get(th)
             extra = f", in batches of {base_cfg.search.batch_size}: {bt:.2f}s" if bt is not None else ""
-            print(f"  {_label(s['setting']):<14} threads {th}: search {min(ts):.2f}s (runs {[round(x, 2) for x in ts]})"
-                  f" -> {a.queries / min(ts):.0f} q/s{extra}", flush=True)
+            print(f"  {_label(s['setting']):<14} threads {th}: search {median(ts):.2f}s (runs {[round(x, 2) for x in ts]})"
+                  f" -> {a.queries / median(ts):.0f} q/s{extra}", flush=True)
         print(f"  {_label(s['setting']):<14} recall@{a.k} vs exact {overlap(arrays[f'I{n}'], exact):.4f}", flush=True)
 
     print("ray (run_search):", flush=True)
@@ -844,22 +860,29 @@ def _main(a: argparse.Namespace, root: str) -> int:
     res = ray.cluster_resources()
     ray.shutdown()
 
-    print("\nsummary (best of repeats; ratio = Ray q/s / in-process q/s):")
-    print(f"{'S':>3} {'setting':<14} {'thr':>3} {'startup_s':>9} {'steady_s':>8} {'e2e_s':>7} {'steady_q/s':>10} "
-          f"{'window_q/s':>10} {'inproc_q/s':>10} {'ratio':>6} {'ratio_best':>10} {'ratio_e2e':>9} {'recall@k':>8} "
-          f"{'agree':>7} {'peak_RSS_MB':>11} {'searchers_MB':>12} {'others_cores':>12} {'cpu_ratio':>9} {'cpu_best':>8}")
-    best: dict[tuple[int, str], dict[str, Any]] = {}
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["shards"], _label(r["setting"]))
-        if key not in best or r["steady_s"] < best[key]["steady_s"]:
-            best[key] = r
-    for (shards, lab), r in best.items():
-        print(f"{shards:>3} {lab:<14} {r['searcher_threads']:>3} {r['startup_s']:>9.2f} {r['steady_s']:>8.2f} "
-              f"{r['e2e_s']:>7.2f} {r['steady_qps']:>10.0f} {r['window_qps'] or 0:>10.0f} {r['inproc_qps']:>10.0f} "
-              f"{r['ratio_steady']:>6.2f} {r['ratio_steady_vs_best']:>10.2f} {r['ratio_e2e']:>9.2f} "
-              f"{r['recall_vs_exact']:>8.4f} {r['agreement_vs_inproc']:>7.4f} {r['memory']['peak_total_rss_mb']:>11.0f} "
-              f"{r['memory']['searchers_peak_hwm_mb']:>12.0f} {r['memory']['cpu']['others_cores']:>12.2f} "
-              f"{r['cpu_ratio']:>9.2f} {r['cpu_ratio_best']:>8.2f}")
+        groups.setdefault((r["shards"], _label(r["setting"])), []).append(r)
+    head = ["S", "setting", "threads/searcher", "steady q/s", "in-process q/s", "ratio steady", "ratio e2e",
+            "start-up s", "recall@k", "agreement", "CPU ratio", "peak RSS MB", "others cores"]
+    table = []
+    for (shards, lab), rs in groups.items():
+        table.append([shards, lab, rs[0]["searcher_threads"], spread([r["steady_qps"] for r in rs], 0),
+                      spread([r["inproc_qps"] for r in rs], 0), spread([r["ratio_steady"] for r in rs], 2),
+                      spread([r["ratio_e2e"] for r in rs], 2), spread([r["startup_s"] for r in rs], 2),
+                      spread([r["recall_vs_exact"] for r in rs], 4), spread([r["agreement_vs_inproc"] for r in rs], 4),
+                      spread([r["cpu_ratio"] for r in rs], 2),
+                      spread([r["memory"]["peak_total_rss_mb"] for r in rs], 0),
+                      spread([r["memory"]["cpu"]["others_cores"] for r in rs], 2)])
+    ref = base["threads"][0]
+    notes = [f"{a.docs} x {a.dim} clustered vectors, {a.queries} queries, k={a.k}, factory {a.factory}"
+             + (f", overrides {a.set}" if a.set else "") + f"; in-process: one index.search, {ref} faiss threads"
+             + (", timed again in a fresh subprocess right before each Ray run (the ratio of a round uses its own)"
+                if a.paired else " (median of its runs)") + ".",
+             "steady = run_search's search_s (after the searchers are up); e2e adds start_searchers. ratio = Ray q/s "
+             "/ in-process q/s; CPU ratio = in-process search CPU s / all our processes' CPU s during run_search."]
+    print("\n" + markdown_table("bench_search: Ray run_search against one in-process faiss search", head, table,
+                                a.repeats, notes), flush=True)
     print(f"in-process peak RSS {base['peak_rss_mb']:.0f} MB")
     if a.json:
         Path(a.json).write_text(json.dumps({
