@@ -23,9 +23,13 @@ from typing import Any
 
 import pandas as pd
 
+from operators import layout as L
 from operators.contracts import ALLOWED_FORMATS, DEFAULT_MAX_IMAGE_PIXELS
-from operators.storage import Storage, join, scheme_of, strip_scheme
-from pipelines.evaluate import load_qrels, resolve_run
+from operators.layout import root_of as root_of
+from operators.runs import read_run_json, resolve_run, run_config, run_files
+from operators.shards import list_shards
+from operators.storage import Storage, scheme_of, strip_scheme
+from pipelines.evaluate import load_qrels
 
 CANDIDATE_COLUMNS = ("query_id", "rank", "doc_id", "retrieval_score", "doc_shard", "doc_row")
 SCORED_COLUMNS = ("query_id", "doc_id", "retrieval_rank", "retrieval_score", "rerank_score", "doc_shard",
@@ -53,14 +57,11 @@ class Run:
 
     def files(self, prefix: str, suffix: str = ".parquet") -> list[str]:
         """URIs of the manifest's files under ``prefix`` (sorted)."""
-        rels = sorted(r for r in self.manifest["files"] if r.startswith(prefix) and r.endswith(suffix))
-        return [join(self.run_dir, r) for r in rels]
+        return run_files(self.run_dir, self.manifest, prefix, suffix)
 
     def read_json(self, rel: str) -> Any:
         """A JSON file of the run, only if the manifest lists it."""
-        if rel not in self.manifest["files"]:
-            raise FileNotFoundError(f"{self.run_dir}: {rel} is not listed in the run's manifest")
-        return self.storage.read_json(join(self.run_dir, rel))
+        return read_run_json(self.storage, self.run_dir, self.manifest, rel)
 
     def table(self, prefix: str, columns: Sequence[str]) -> pd.DataFrame:
         """The manifest's Parquet files under ``prefix`` as one DataFrame with ``columns`` (missing -> NA)."""
@@ -76,16 +77,16 @@ class Run:
         return pd.concat(frames, ignore_index=True)
 
     def candidates(self) -> pd.DataFrame:
-        return self.table("candidates/", CANDIDATE_COLUMNS)
+        return self.table(L.prefix(L.CANDIDATES), CANDIDATE_COLUMNS)
 
     def scored(self) -> pd.DataFrame:
-        return self.table("scored/", SCORED_COLUMNS)
+        return self.table(L.prefix(L.SCORED), SCORED_COLUMNS)
 
     def results(self) -> pd.DataFrame:
-        return self.table("results/", RESULT_COLUMNS)
+        return self.table(L.prefix(L.RESULTS), RESULT_COLUMNS)
 
     def rejects(self) -> pd.DataFrame:
-        return self.table("rejects/", REJECT_COLUMNS)
+        return self.table(L.prefix(L.REJECTS), REJECT_COLUMNS)
 
     def qrels_uri(self, qrels: str | None = None) -> str | None:
         """``qrels`` if given, else the run config's ``qrels`` (``None`` if neither)."""
@@ -108,33 +109,12 @@ class Run:
         return out
 
 
-def list_shards(uri: str, storage: Storage) -> list[str]:
-    """Parquet shards at ``uri`` (a file, a directory's ``*.parquet`` sorted, or a glob), as the pipeline
-    lists them (``operators.shards.list_shards``, which would import Ray into the kernel)."""
-    if any(ch in uri for ch in "*?["):
-        prefix = "" if scheme_of(uri) == "file" else f"{scheme_of(uri)}://"
-        return sorted(prefix + p for p in storage.fs(uri).glob(strip_scheme(uri)))
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"input path does not exist: {uri}")
-    if storage.info(uri).get("type") == "file":
-        return [uri]
-    return storage.ls(uri, "*.parquet")
-
-
-def root_of(run_dir: str) -> str:
-    """``<root>`` of ``<root>/runs/<run_id>``."""
-    head, sep, _ = run_dir.rstrip("/").rpartition("/runs/")
-    return head if sep else run_dir
-
-
 def load_run(root: str, storage: Storage | None = None) -> Run:
     """The published run of ``root`` (its ``LATEST``), or the run directory ``root``; verified."""
     storage = storage or Storage()
     run_dir, manifest = resolve_run(root, storage)
-    run = Run(root_of(run_dir), run_dir, manifest["run_id"], manifest, {}, storage)
-    if "_RUN.json" in manifest["files"]:
-        run.config = run.read_json("_RUN.json").get("config", {})
-    return run
+    return Run(root_of(run_dir), run_dir, manifest["run_id"], manifest, run_config(storage, run_dir, manifest),
+               storage)
 
 
 def relevant_docs(qrels: str | None, storage: Storage | None = None) -> dict[str, dict[str, int]]:
@@ -218,7 +198,7 @@ class CorpusImages:
     def shard_source(self, doc_shard: str) -> str | None:
         """The corpus file a cache key was embedded from (its ``_SUCCESS.json`` ``source``)."""
         if doc_shard not in self._sources:
-            pattern = join(self.run.root, "embeddings", "*", "corpus", doc_shard, "_SUCCESS.json")
+            pattern = L.shard_marker(L.any_model_cache_dir(self.run.root, "corpus"), doc_shard)
             fs = self.storage.fs(pattern)
             prefix = "" if scheme_of(pattern) == "file" else f"{scheme_of(pattern)}://"
             source = None

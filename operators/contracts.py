@@ -4,14 +4,67 @@ travel between stages, the decode limits' defaults, and the input-shard checks r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # --- internal columns ---------------------------------------------------------------------------------
 # They travel with every row through the stages (reader -> decode/embed/search/rerank -> sinks).
 ID, ROW, SHARD, SOURCE, ERR_TYPE, ERR_MSG = "id", "_row", "_shard", "_source", "_err_type", "_err_msg"
 # A rerank pair's identity (candidates part, row in it): names scored part files; the live path sets them too.
 PAIR_KEY, PAIR_ROW = "_cand_key", "_cand_row"
+
+# --- the rerank stage's records: pipelines.rerank -> operators.pair_source -> operators.rerank_ops ----------
+# Named tuples: built and unpacked positionally as well (a plain tuple in that order is accepted too).
+
+
+class CacheEntry(NamedTuple):
+    """One corpus shard's entry in an embedding cache (the clip reranker's vectors)."""
+
+    cache: str  # the cache directory (``operators.layout.cache_dir``)
+    key: str  # the shard key inside it
+
+
+class CorpusShard(NamedTuple):
+    """A corpus shard as the rerank stage reads it (from its footer)."""
+
+    uri: str
+    payload: str  # "image" | "image_uri"
+    row_group_starts: list[int]  # first row of each row group, then the row count
+
+
+class ShardPairs(NamedTuple):
+    """One corpus shard's candidate pairs, as the rerank stage hands them to ``PairsSource``."""
+
+    uri: str
+    payload: str
+    bucket_files: list[str]  # the shard's regrouped candidates (``<run>/_pairs/<shard key>/*.parquet``)
+    row_group_starts: list[int]
+    pairs_per_group: np.ndarray  # candidate pairs per corpus row group
+    vectors: CacheEntry | None  # clip backend: the shard's cached vectors (the corpus is then not read)
+
+
+class GroupRange(NamedTuple):
+    """Row groups ``[first, end)`` of one corpus shard in a read task."""
+
+    key: str
+    first: int
+    end: int
+
+
+class Piece(NamedTuple):
+    """A read task's piece of a corpus shard: its rows ``[rows_from, rows_to)`` (None: unbounded)."""
+
+    uri: str
+    payload: str
+    bucket_files: list[str]
+    rows_from: int | None
+    rows_to: int | None
+    vectors: CacheEntry | None
+
 
 # --- reject reasons: the error_type values written to the rejects tables --------------------------------
 # Read time (operators.shards)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from operators import decode as R
+from operators import layout as L
 from operators.contracts import (
     ERR_MSG,
     ERR_TYPE,
@@ -215,7 +216,7 @@ class EmbeddingsSink(PartsSink):
         self.cache, self.dim, self.dtype = cache, dim, dtype
 
     def path(self, what: str, key: str, first_row: int) -> str:
-        return join(self.cache, key, part_name("part" if what == "ok" else "rejects", first_row))
+        return join(L.cache_entry(self.cache, key), part_name("part" if what == "ok" else "rejects", first_row))
 
     def ok_table(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         np_dtype = np.float16 if self.dtype == "float16" else np.float32

@@ -12,17 +12,18 @@ from typing import Any
 
 import numpy as np
 
+from operators import layout as L
 from operators.storage import Storage, join
 
 
 def shard_marker(storage: Storage, cache: str, key: str) -> dict[str, Any]:
     """The ``_SUCCESS.json`` of one cached shard (raises FileNotFoundError when incomplete)."""
-    return storage.read_json(join(cache, key, "_SUCCESS.json"))
+    return storage.read_json(L.shard_marker(cache, key))
 
 
 def part_uris(storage: Storage, cache: str, key: str) -> list[str]:
     """Embedding part files of one cached shard, in row order (only those its marker lists)."""
-    return [join(cache, key, p) for p in shard_marker(storage, cache, key)["parts"]]
+    return [join(L.cache_entry(cache, key), p) for p in shard_marker(storage, cache, key)["parts"]]
 
 
 def read_vectors(storage: Storage, uris: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -46,7 +47,7 @@ def shard_rejects(storage: Storage, cache: str, key: str) -> dict[int, tuple[str
     marker = shard_marker(storage, cache, key)
     out: dict[int, tuple[str, str]] = {}
     for name in marker.get("rejects", []):
-        t = storage.read_table(join(cache, key, name), ["row_index", "error_type", "error_message"])
+        t = storage.read_table(join(L.cache_entry(cache, key), name), ["row_index", "error_type", "error_message"])
         out.update(zip(t.column(0).to_pylist(), zip(t.column(1).to_pylist(), t.column(2).to_pylist(),
                                                      strict=True), strict=True))
     return out

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from operators import layout as L
+from operators.layout import INDEX_MANIFEST as MANIFEST  # re-exported (its home is operators.layout)
+
 log = logging.getLogger(__name__)
 
 
@@ -209,15 +212,10 @@ def faiss_version() -> str:
     return str(faiss.__version__)
 
 
-MANIFEST = "manifest.json"
-
-
 def read_manifest(storage: Any, uri: str) -> dict[str, Any]:
     """The manifest of a complete index (written last by the builder)."""
-    from operators.storage import join
-
     try:
-        return storage.read_json(join(uri, MANIFEST))
+        return storage.read_json(L.index_manifest(uri))
     except FileNotFoundError:
         raise IndexIntegrityError(f"{uri}: no {MANIFEST}: not a complete index") from None
 

@@ -13,7 +13,8 @@ import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.rerank_ops import Piece, docs_for_shards
+from operators.contracts import GroupRange, Piece, ShardPairs
+from operators.rerank_ops import docs_for_shards
 from operators.storage import StorageOptions
 
 
@@ -21,9 +22,8 @@ class PairsSource(Datasource):
     """Read tasks over the corpus shards (each row group read once): their candidate docs, each with its content
     (or, clip backend, its cached vector) and its pairs.
 
-    ``shards``: key -> (corpus uri, payload column, bucket files, row-group starts, pairs per row group,
-    reranker vectors ``(cache dir, shard key)`` or None). Blocks hold whole docs and at least ``block_rows``
-    pairs (the last of a task fewer).
+    ``shards``: corpus shard key -> its :class:`operators.contracts.ShardPairs`. Blocks hold whole docs and at
+    least ``block_rows`` pairs (the last of a task fewer).
     Consecutive shards with few pairs share a read task (at least ``TASK_BLOCKS`` blocks a task), so that a
     shard's last, short block does not give the actor a ragged batch per shard.
 
@@ -35,10 +35,9 @@ class PairsSource(Datasource):
 
     TASK_BLOCKS = 16
 
-    def __init__(self, shards: dict[str, tuple[str, str, list[str], list[int], np.ndarray, tuple[str, str] | None]],
-                 storage_options: StorageOptions | None = None, block_rows: int = 256,
-                 task_rows: int | None = None) -> None:
-        self._shards = shards
+    def __init__(self, shards: dict[str, ShardPairs], storage_options: StorageOptions | None = None,
+                 block_rows: int = 256, task_rows: int | None = None) -> None:
+        self._shards = {k: ShardPairs(*v) for k, v in shards.items()}
         self._options, self._block, self._task_rows = storage_options, block_rows, task_rows
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -47,48 +46,48 @@ class PairsSource(Datasource):
     def get_name(self) -> str:
         return "CandidatePairs"
 
-    def groups(self) -> list[list[tuple[str, int, int]]]:
-        """Per read task, in key order: (shard key, first row group, end row group) ranges with pairs."""
+    def groups(self) -> list[list[GroupRange]]:
+        """Per read task, in key order: the row-group ranges of its shards with pairs."""
         limit = self.TASK_BLOCKS * self._block
         cut = min(limit, self._task_rows) if self._task_rows else None
-        out: list[list[tuple[str, int, int]]] = []
+        out: list[list[GroupRange]] = []
         n = 0
         for key in sorted(self._shards):
-            per_group = np.asarray(self._shards[key][4])
+            per_group = np.asarray(self._shards[key].pairs_per_group)
             if not out or n >= limit or (cut and n >= cut):
                 out.append([])
                 n = 0
             if not cut:  # the whole shard
-                out[-1].append((key, 0, len(per_group)))
+                out[-1].append(GroupRange(key, 0, len(per_group)))
                 n += int(per_group.sum())
                 continue
             lo, last = 0, int(np.flatnonzero(per_group)[-1]) if per_group.any() else 0
             for g, c in enumerate(per_group.tolist()):
                 n += c
                 if n >= cut and g < last:  # pairs remain in the shard's later row groups
-                    out[-1].append((key, lo, g + 1))
+                    out[-1].append(GroupRange(key, lo, g + 1))
                     out.append([])
                     n, lo = 0, g + 1
-            out[-1].append((key, lo, len(per_group)))
+            out[-1].append(GroupRange(key, lo, len(per_group)))
         return out
 
-    def _piece(self, key: str, lo: int, hi: int) -> Piece:
-        uri, payload, files, starts, per_group, vectors = self._shards[key]
+    def _piece(self, r: GroupRange) -> Piece:
+        s = self._shards[r.key]
         # Rows outside the shard stay in its first / last piece (they become rejects there).
-        return (uri, payload, files, None if lo == 0 else int(starts[lo]),
-                None if hi >= len(per_group) else int(starts[hi]), vectors)
+        return Piece(s.uri, s.payload, s.bucket_files, None if r.first == 0 else int(s.row_group_starts[r.first]),
+                     None if r.end >= len(s.pairs_per_group) else int(s.row_group_starts[r.end]), s.vectors)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: object | None = None) -> list[ReadTask]:
         tasks = []
         for ranges in self.groups():
-            pieces = [self._piece(*r) for r in ranges]
+            pieces = [self._piece(r) for r in ranges]
             read_fn = functools.partial(docs_for_shards, pieces, self._options, self._block)
-            pairs = sum(int(np.asarray(self._shards[k][4])[lo:hi].sum()) for k, lo, hi in ranges)
+            pairs = sum(int(np.asarray(self._shards[r.key].pairs_per_group)[r.first:r.end].sum()) for r in ranges)
             # Blocks are docs (with their pairs): the doc count is unknown before reading.
             tasks.append((pairs, ReadTask(read_fn, BlockMetadata(
                 num_rows=None, size_bytes=None, exec_stats=None,
-                input_files=tuple(self._shards[k][0] for k, _, _ in ranges)))))
+                input_files=tuple(self._shards[r.key].uri for r in ranges)))))
         if self._task_rows:  # biggest first: the actors' last tasks are the short ones, they finish together
             tasks.sort(key=lambda t: -t[0])
         return [t for _, t in tasks]

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators import decode as R
+from operators import layout as L
 from operators.contracts import (
     ALLOWED_FORMATS,
     CONTENT_MISSING,
@@ -47,6 +48,8 @@ from operators.contracts import (
     SHARD,
     SOURCE,
     URI_UNREADABLE,
+    CacheEntry,
+    Piece,
     RejectError,
 )
 from operators.fusion import fuse, select
@@ -161,7 +164,7 @@ def _shard_pairs(storage: Any, bucket_files: list[str], rows_from: int | None, r
 
 def _shard_doc_tables(corpus_uri: str, payload: str, bucket_files: list[str], rows_from: int | None,
                       rows_to: int | None, storage_options: StorageOptions | None,
-                      vectors: tuple[str, str] | None = None) -> Iterator[pa.Table]:
+                      vectors: CacheEntry | None = None) -> Iterator[pa.Table]:
     """The candidate docs of one corpus shard (rows ``[rows_from, rows_to)``, None: unbounded), each once with
     its content and its pairs, one table per row group read; docs whose row the shard lacks are rejects.
 
@@ -286,17 +289,12 @@ def _doc_blocks(tables: Iterable[pa.Table], block_pairs: int) -> Iterator[pa.Tab
         yield pa.concat_tables(pending)
 
 
-# A read task's piece of a corpus shard: (corpus uri, payload column, bucket files, first row, end row,
-# reranker vectors (cache dir, shard key) or None).
-Piece = tuple[str, str, list[str], int | None, int | None, tuple[str, str] | None]
-
-
 def docs_for_shards(pieces: list[Piece], storage_options: StorageOptions | None,
                     block_pairs: int) -> Iterator[pa.Table]:
     """The candidate docs of several corpus shard pieces (each read once, in order) as one stream of blocks."""
     return _doc_blocks(itertools.chain.from_iterable(
-        _shard_doc_tables(uri, payload, files, lo, hi, storage_options, vec)
-        for uri, payload, files, lo, hi, vec in pieces), block_pairs)
+        _shard_doc_tables(p.uri, p.payload, p.bucket_files, p.rows_from, p.rows_to, storage_options, p.vectors)
+        for p in map(Piece._make, pieces)), block_pairs)
 
 
 def docs_from_pairs(pairs: pa.Table) -> pa.Table:
@@ -416,7 +414,8 @@ class RerankPairs:
 
     A block holds whole docs, each with its pairs: a doc's image is decoded once (here, or by
     :class:`DecodeDocs` tasks before the actor) and shared by all its pairs, and backends that can compute
-    the image side once per doc do (clip and blip_itm encode each distinct image once per call). With
+    the image side once per doc do (clip and blip_itm encode each distinct image once per call). Model batches
+    end at doc boundaries (:func:`doc_batches`), so a doc's pairs share one such call. With
     ``query_vectors`` (clip backend through the embedding cache) no model is loaded: a doc carries its cached
     vector and a pair's score is its dot product with the query's cached vector.
     """
@@ -497,9 +496,7 @@ class RerankPairs:
             else:
                 pair_images[i] = images[d]  # the doc's one image object, shared by its pairs
         scores = np.full(n, np.nan, dtype=np.float32)
-        idx = [i for i in range(n) if not err_type[i]]
-        for a in range(0, len(idx), self.batch_size):
-            chunk = idx[a:a + self.batch_size]
+        for chunk in doc_batches([i for i in range(n) if not err_type[i]], doc_of, self.batch_size):
             try:
                 scores[chunk] = self._score(chunk, queries, qids, pair_images, captions, doc_of, dvecs, qindex, qvecs)
             except Exception as e:  # noqa: BLE001 - isolate the failing pair(s), keep the rest
@@ -536,6 +533,27 @@ class RerankPairs:
         return s
 
 
+def doc_batches(idx: list[int], doc_of: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Model batches of the pairs ``idx`` (in doc order; ``doc_of[i]``: pair i's doc) that end at doc boundaries:
+    whole docs, at most ``batch_size`` pairs a batch, so each doc's image is encoded in one batch (the
+    prefix-sharing VLM path encodes it once per batch it is in). A doc with more pairs than ``batch_size``
+    fills batches of its own; its last, partial one is topped up with the docs after it."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for _, group in itertools.groupby(idx, key=lambda i: doc_of[i]):
+        pairs = list(group)
+        if cur and len(cur) + len(pairs) > batch_size:
+            out.append(cur)
+            cur = []
+        while len(pairs) > batch_size:
+            out.append(pairs[:batch_size])
+            pairs = pairs[batch_size:]
+        cur += pairs
+    if cur:
+        out.append(cur)
+    return out
+
+
 def bucket_of(query_id: str, buckets: int) -> int:
     return zlib.crc32(query_id.encode()) % buckets
 
@@ -566,8 +584,8 @@ class ScoredSink(PartsSink):
     def path(self, what: str, key: str, first_row: int) -> str:
         bucket, cand = key.split("~", 1)
         if what == "ok":
-            return join(self.out, "scored", f"b{bucket}", f"part-{cand}-{first_row:012d}.parquet")
-        return join(self.out, "rejects", f"rerank-{cand}-{bucket}-{first_row:012d}.parquet")
+            return join(L.scored_bucket(L.stage_dir(self.out, L.SCORED), bucket), f"part-{cand}-{first_row:012d}.parquet")
+        return L.stage_reject(self.out, "rerank", f"{cand}-{bucket}", first_row)
 
     def ok_table(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         return pa.table({
@@ -608,8 +626,8 @@ def select_bucket(bucket: int, scored_dir: str, out: str, fusion: dict[str, Any]
                   reranker: str, run_id: str, storage_options: StorageOptions | None = None) -> dict[str, int]:
     """Ray task: fuse + select for every query of one hash bucket; writes ``results/part-b<bucket>.parquet``."""
     storage = cached_storage(storage_options)
-    files = storage.ls(join(scored_dir, f"b{bucket:05d}"), "*.parquet")
-    name = join(out, "results", f"part-b{bucket:05d}.parquet")
+    files = storage.ls(L.scored_bucket(scored_dir, bucket), "*.parquet")
+    name = L.results_part(out, bucket)
     if not files:
         storage.rm(name)
         return {"rows": 0, "queries": 0}

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators import faiss_shards as F
+from operators import layout as L
 from operators.contracts import (
     BAD_DIMENSION,
     CANDIDATES,
@@ -33,7 +34,7 @@ from operators.contracts import (
     SOURCE,
 )
 from operators.parts import PartsSink, cached_storage
-from operators.storage import Storage, StorageOptions, join
+from operators.storage import Storage, StorageOptions
 from operators.watchdog import beat, maybe_fail
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,8 @@ class CandidatesSink(PartsSink):
 
     def path(self, what: str, key: str, first_row: int) -> str:
         if what == "ok":
-            return join(self.out, "candidates", f"part-{key}-{first_row:012d}.parquet")
-        return join(self.out, "rejects", f"{self.stage}-{key}-{first_row:012d}.parquet")
+            return L.candidates_part(self.out, key, first_row)
+        return L.stage_reject(self.out, self.stage, key, first_row)
 
     def ok_table(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         return self._candidates(pa.table({c: pa.array(np.asarray(batch[c])[mask].tolist())

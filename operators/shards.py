@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 
 from operators import contracts as C
 from operators.contracts import (
-    CORPUS,
     ERR_MSG,
     ERR_TYPE,
     ID,
@@ -33,7 +32,8 @@ from operators.contracts import (
     SchemaError,
     check_shard_schema,
 )
-from operators.storage import Storage, StorageOptions, join, scheme_of
+from operators.layout import cache_dir as cache_dir  # re-exported: the cache's home is operators.layout
+from operators.storage import Storage, StorageOptions, scheme_of
 
 if TYPE_CHECKING:  # Ray only where a Dataset is built: the UDF modules import this one without Ray
     from ray.data import Dataset
@@ -171,14 +171,6 @@ def read_rows(plan: ShardPlan, shard_key: str, row_groups: list[int], first_row:
             }
         )
         start += n
-
-
-def cache_dir(root: str, model_fingerprint: str, kind: str) -> str:
-    return join(root, "embeddings", model_fingerprint[:16], kind)
-
-
-def id_column_for(kind: str) -> str:
-    return CORPUS.id_column if kind == "corpus" else "query_id"
 
 
 def read_source(source: Datasource, num_cpus: float) -> Dataset:

@@ -1,6 +1,6 @@
 """The embedding stage: corpus images and query texts -> per-shard embedding cache on Ray Data.
 
-Layout (per model fingerprint, per input kind)::
+Layout (per model fingerprint, per input kind; paths from :mod:`operators.layout`)::
 
     <root>/embeddings/<model-fp>/model.json
     <root>/embeddings/<model-fp>/<kind>/<shard-key>/part-*.parquet, rejects-*.parquet, _SUCCESS.json
@@ -20,13 +20,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from operators import layout as L
 from operators.contracts import CORPUS, QUERY, InputKind
 from operators.embedders import DecodeImages, EmbeddingsSink, ImageEmbedder, TextEmbedder
 from operators.models import ResolvedModel, resolve_model
 from operators.parts import make_datasink, tiling_errors
 from operators.shard_source import ShardSource
-from operators.shards import ShardPlan, cache_dir, list_shards, plan_shards, read_source
-from operators.storage import Storage, join
+from operators.shards import ShardPlan, list_shards, plan_shards, read_source
+from operators.storage import Storage
 from operators.watchdog import watch
 from pipelines.config import Config
 from pipelines.ray_env import actor_pool, ensure_ray
@@ -119,7 +120,7 @@ def embed_kind(cfg: Config, kind: str, rm: ResolvedModel | None = None, storage:
     e = cfg.embed
     if plans is None:
         plans = plan_shards(list_shards(src, storage), ik, storage)  # schema errors surface here
-    cache = cache_dir(cfg.root, rm.fingerprint, kind)
+    cache = L.cache_dir(cfg.root, rm.fingerprint, kind)
     lim = e.decode_limits
     compute_id = f"{e.device}|{e.precision}|{e.dtype}|{lim.max_pixels}|{lim.max_bytes}|{lim.allowed_formats}"
     keyed = [(p, p.key(f"{rm.fingerprint}|{compute_id}")) for p in plans]
@@ -127,13 +128,13 @@ def embed_kind(cfg: Config, kind: str, rm: ResolvedModel | None = None, storage:
     stats: dict[str, ShardStats] = {}
     todo: list[tuple[ShardPlan, str]] = []
     for plan, key in keyed:
-        marker = join(cache, key, "_SUCCESS.json")
+        marker = L.shard_marker(cache, key)
         if not force and storage.exists(marker):
             m = storage.read_json(marker)
             stats[key] = ShardStats(plan.uri, key, m["rows_in"], m["rows_ok"], m["rows_rejected"], True,
                                     m.get("reject_types", {}))
         else:
-            storage.rm(join(cache, key), recursive=True)  # leftovers of an interrupted attempt
+            storage.rm(L.cache_entry(cache, key), recursive=True)  # leftovers of an interrupted attempt
             todo.append((plan, key))
 
     embed_s = 0.0
@@ -148,9 +149,9 @@ def embed_kind(cfg: Config, kind: str, rm: ResolvedModel | None = None, storage:
         embed_s = time.perf_counter() - t1
         _finalize(storage, cache, todo, results, stats, rm, cfg)
 
-    storage.write_json(join(cfg.root, "embeddings", rm.fingerprint[:16], "model.json"), _model_json(rm))
+    storage.write_json(L.model_json(cfg.root, rm.fingerprint), _model_json(rm))
     ordered = [stats[k] for _, k in keyed]
-    set_uri = join(cache, "sets", f"{_set_key(keyed)}.json")
+    set_uri = L.cache_set(cache, _set_key(keyed))
     result = EmbedResult(kind, rm.fingerprint, cache, set_uri, rm.embed_dim, e.dtype, ordered,
                          time.perf_counter() - t0, embed_s)
     storage.write_json(set_uri, {"input": src, "shards": [asdict(s) for s in ordered], "dim": rm.embed_dim,
@@ -230,7 +231,7 @@ def _finalize(storage: Storage, cache: str, todo: list[tuple[ShardPlan, str]], r
         for r in recs:
             for t, c in r["reject_types"].items():
                 types[t] = types.get(t, 0) + c
-        storage.write_json(join(cache, key, "_SUCCESS.json"), {
+        storage.write_json(L.shard_marker(cache, key), {
             "source": plan.uri, "source_fingerprint": plan.fingerprint, "kind": plan.kind,
             "model_fingerprint": rm.fingerprint, "dim": rm.embed_dim, "dtype": cfg.embed.dtype,
             "rows_in": plan.num_rows, "rows_ok": ok, "rows_rejected": rej, "reject_types": types,

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from operators import layout as L
 from operators.metrics import Qrels, Ranking, stage_scores
-from operators.runs import read_stage, resolve_run
+from operators.runs import read_stage, resolve_run, run_config
 from operators.storage import Storage, join
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = L.METRICS  # written beside the run, after publishing (not in its manifest)
 CUTOFFS = (1, 5, 10)
 SET_METRICS = ("set_precision", "set_recall", "set_f1")
 
@@ -121,11 +122,11 @@ def load_qrels(uri: str, storage: Storage | None = None) -> Qrels:
 
 def _rankings(storage: Storage, run_dir: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Both stages of a run as per-query doc lists (plus the scores export_trec needs)."""
-    cand = read_stage(storage, run_dir, manifest, "candidates/", {
+    cand = read_stage(storage, run_dir, manifest, L.prefix(L.CANDIDATES), {
         "query_id": pa.string(), "rank": pa.int64(), "doc_id": pa.string(), "retrieval_score": pa.float32()})
-    scored = read_stage(storage, run_dir, manifest, "scored/", {
+    scored = read_stage(storage, run_dir, manifest, L.prefix(L.SCORED), {
         "query_id": pa.string(), "doc_id": pa.string(), "rerank_score": pa.float32()})
-    res = read_stage(storage, run_dir, manifest, "results/", {
+    res = read_stage(storage, run_dir, manifest, L.prefix(L.RESULTS), {
         "query_id": pa.string(), "rank": pa.int64(), "doc_id": pa.string(), "rerank_score": pa.float32(),
         "final_score": pa.float32(), "reranker": pa.string()}, optional=("final_score", "reranker"))
     if not cand.num_rows:
@@ -156,11 +157,11 @@ def _group(t: pa.Table) -> Ranking:
     return out
 
 
-def _selection_size(storage: Storage, run_dir: str, kept: Ranking) -> tuple[int, str]:
+def _selection_size(storage: Storage, run_dir: str, manifest: dict[str, Any], kept: Ranking) -> tuple[int, str]:
     """n for the retrieval top-n set: the run config's selection cap, else the longest kept list."""
     longest = max((len(v) for v in kept.values()), default=0)
     try:
-        sel = storage.read_json(join(run_dir, "_RUN.json"))["config"]["rerank"]["selection"]
+        sel = run_config(storage, run_dir, manifest)["rerank"]["selection"]
         if sel.get("mode") == "top_n":
             return int(sel["top_n"]), "rerank.selection.top_n"
         if sel.get("mode") == "top_k_above_threshold":
@@ -184,7 +185,7 @@ def _compute(run: str, qrels: str, k: int | None, storage: Storage | None) -> di
     if kk <= 0:
         raise ValueError(f"k must be positive, got {kk}")
     cutoffs = sorted(set(CUTOFFS) | {kk})
-    n, n_source = _selection_size(storage, run_dir, r["kept"])
+    n, n_source = _selection_size(storage, run_dir, manifest, r["kept"])
     top_n = {q: docs[:n] for q, docs in r["retrieval"].items()}
     ret = stage_scores(judged, r["retrieval"], top_n, cutoffs)
     rer = stage_scores(judged, r["rerank"], r["kept"], cutoffs)
@@ -303,7 +304,7 @@ def export_trec(run: str, out: str | None = None, storage: Storage | None = None
     storage = storage or Storage()
     run_dir, manifest = resolve_run(run, storage)
     r = _rankings(storage, run_dir, manifest)
-    out_dir = (out or join(run_dir, "trec")).rstrip("/")
+    out_dir = (out or L.stage_dir(run_dir, L.TREC)).rstrip("/")
     res = r["res"]
     labels = sorted({x for x in res.column("reranker").to_pylist() if x})
     if len(labels) > 1:

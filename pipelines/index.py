@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from operators import faiss_shards as F
+from operators import layout as L
 from operators.embedding_cache import shard_marker
 from operators.faiss_shards import IndexMismatchError
 from operators.index_ops import build_shard, train_index
@@ -72,7 +73,7 @@ def _check_embeddings(storage: Storage, corpus: EmbedResult) -> None:
 
 def _manifest_ok(storage: Storage, uri: str) -> dict[str, Any] | None:
     try:
-        m = storage.read_json(join(uri, F.MANIFEST))
+        m = storage.read_json(L.index_manifest(uri))
     except FileNotFoundError:
         return None
     for s in m["shards"]:
@@ -97,7 +98,7 @@ def build_index(cfg: Config, corpus: EmbedResult | None = None, storage: Storage
     _check_embeddings(storage, corpus)
     F.check_factory(ic.factory, corpus.dim)
     fp = index_fingerprint(cfg, corpus)
-    uri = join(cfg.root, "indexes", fp[:16])
+    uri = L.index_dir(cfg.root, fp)
     existing = _manifest_ok(storage, uri)
     if existing is not None:
         log.info("index: reusing %s (%d vectors in %d shards, unchanged input)", uri,
@@ -134,7 +135,7 @@ def build_index(cfg: Config, corpus: EmbedResult | None = None, storage: Storage
                 "model_fingerprint": corpus.model_fingerprint, "corpus_set": corpus.set_uri, "ntotal": offset,
                 "train_sample": ic.train_sample, "seed": ic.seed, "shards": entries,
                 "faiss_version": F.faiss_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_json(join(uri, F.MANIFEST), manifest)  # last: the index exists only once this does
+    storage.write_json(L.index_manifest(uri), manifest)  # last: the index exists only once this does
     log.info("index: built %s: %d vectors in %d shards (%s) in %.1fs", uri, offset, len(entries),
              "/".join(str(e["ntotal"]) for e in entries), time.perf_counter() - t0)
     return IndexResult(uri, fp, manifest, False, time.perf_counter() - t0)

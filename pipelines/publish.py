@@ -23,9 +23,12 @@ import re
 import time
 from typing import Any
 
-# The read side of a published run; re-exported (the ``as`` names) for the callers that use it from here.
-from operators.runs import LATEST as LATEST
-from operators.runs import MANIFEST as MANIFEST
+from operators import layout as L
+
+# The layout's names and the read side of a published run; re-exported (the ``as`` names) for the callers
+# that use them from here.
+from operators.layout import LATEST as LATEST
+from operators.layout import MANIFEST as MANIFEST
 from operators.runs import PublishError as PublishError
 from operators.runs import latest_run as latest_run
 from operators.runs import read_latest as read_latest
@@ -58,7 +61,7 @@ def write_manifest(storage: Storage, run_dir: str, run_id: str, extra: dict[str,
     entries: dict[str, Any] = {}
     for uri in list_files(storage, run_dir):
         rel = _rel(run_dir, uri)
-        if rel == MANIFEST or rel.startswith("_pairs/") or TMP.search(rel):
+        if rel == MANIFEST or rel.startswith(L.prefix(L.PAIRS)) or TMP.search(rel):
             continue
         data = storage.read_bytes(uri)
         e: dict[str, Any] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -70,7 +73,7 @@ def write_manifest(storage: Storage, run_dir: str, run_id: str, extra: dict[str,
         entries[rel] = e
     manifest = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "files": entries, **extra}
-    storage.write_json(join(run_dir, MANIFEST), manifest)
+    storage.write_json(L.manifest_uri(run_dir), manifest)
     return manifest
 
 
@@ -121,11 +124,12 @@ def advance_latest(storage: Storage, root: str, run_id: str, retries: int = 10) 
     A conditional write whose outcome is unknown (refused with 412 after a retry, or failed on the
     endpoint) is checked on the next round: when ``LATEST`` holds exactly what we sent, it landed and is
     returned, never written twice. ``retries`` bounds these rounds (concurrent publishers, endpoint
-    failures); every storage request inside has its own bounded retries (``StorageOptions.retries``).
+    failures); every storage request inside has its own retry budget (``StorageOptions.retries`` attempts, then
+    until ``retry_deadline_s`` has passed).
     """
-    run_dir = join(root, "runs", run_id)
+    run_dir = L.run_dir(root, run_id)
     manifest = verify_run(storage, run_dir)
-    uri = join(root, LATEST)
+    uri = L.latest_uri(root)
     sent: list[dict[str, Any]] = []  # contents of our conditional writes that did not report success
     last_error: StorageError | None = None
     for attempt in range(retries):
@@ -134,7 +138,7 @@ def advance_latest(storage: Storage, root: str, run_id: str, retries: int = 10) 
             log.info("published: LATEST -> %s (was %s; the write landed although its response was lost)",
                      run_id, current.get("previous"))
             return current
-        new = {"run_id": run_id, "manifest": join("runs", run_id, MANIFEST), "created": manifest["created"],
+        new = {"run_id": run_id, "manifest": join(L.RUNS, run_id, MANIFEST), "created": manifest["created"],
                "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "previous": current.get("run_id") if current else None}
         data = json.dumps(new, indent=2, sort_keys=True).encode()

@@ -155,7 +155,7 @@ def _trained(out: str, docs: int, queries: int, shards: int) -> RunReport:
 
     ft = fine_tune(out, docs, queries, shards)
     # The reranker's order alone: over seeds and new corpora it beats rank fusion with the weaker retriever
-    # (benchmarks/bench_quality.py, README "Training"); fusion.method: rrf is one --set away.
+    # (benchmarks/bench_quality.py, docs/rerankers-and-training.md "Training"); fusion.method: rrf is one --set away.
     cfg = ft.run_config()
     report = run(cfg)
     log.info("[5/6] nightly run with the fine-tuned retriever and reranker:")

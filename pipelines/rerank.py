@@ -23,7 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from operators.contracts import CANDIDATE_ROWS, CORPUS, ERR_MSG, ERR_TYPE, check_shard_schema
+from operators import layout as L
+from operators.contracts import (
+    CANDIDATE_ROWS,
+    CORPUS,
+    ERR_MSG,
+    ERR_TYPE,
+    CacheEntry,
+    CorpusShard,
+    ShardPairs,
+    check_shard_schema,
+)
 from operators.embedding_cache import part_uris, read_vectors
 from operators.faiss_shards import IndexMismatchError
 from operators.pair_source import PairsSource
@@ -93,12 +103,12 @@ class RerankResult(StageResult):
         return d
 
 
-def _corpus_shards(storage: Storage, corpus: EmbedResult) -> dict[str, tuple[str, str, list[int]]]:
+def _corpus_shards(storage: Storage, corpus: EmbedResult) -> dict[str, CorpusShard]:
     """Per corpus shard key: its uri, payload column and row-group starts (from the footer)."""
     out = {}
     for s in corpus.shards:
         pf = storage.parquet_file(s.source)
-        out[s.key] = (s.source, check_shard_schema(pf.schema_arrow, CORPUS, s.source), row_group_starts(pf))
+        out[s.key] = CorpusShard(s.source, check_shard_schema(pf.schema_arrow, CORPUS, s.source), row_group_starts(pf))
     return out
 
 
@@ -113,21 +123,21 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     storage = storage or Storage(cfg.storage.options())
     opts = cfg.storage.options()
     rc = cfg.rerank
-    out = join(cfg.root, "runs", run_id)
+    out = L.run_dir(cfg.root, run_id)
     spec = spec or reranker_spec(rc, cfg, opts)  # resolves the clip model: a bad spec fails before any work
-    cand_uris = storage.ls(join(out, "candidates"), "*.parquet")
+    cand_uris = storage.ls(L.stage_dir(out, L.CANDIDATES), "*.parquet")
     if not cand_uris:
         raise FileNotFoundError(f"{out}/candidates: no candidates; run `mmrerank search` first")
-    for sub in ("scored", "results", "_pairs"):
-        storage.rm(join(out, sub), recursive=True)  # a re-run of this stage replaces, never appends
-    for old in storage.ls(join(out, "rejects"), "rerank-*.parquet"):
+    for sub in (L.SCORED, L.RESULTS, L.PAIRS):
+        storage.rm(L.stage_dir(out, sub), recursive=True)  # a re-run of this stage replaces, never appends
+    for old in storage.ls(L.stage_dir(out, L.REJECTS), "rerank-*.parquet"):
         storage.rm(old)
 
     res = ensure_ray(cfg.ray)
     t1 = time.perf_counter()
     buckets = rc.select_buckets
     clip_embedded = 0
-    vectors: dict[str, tuple[str, str]] = {}  # clip: per corpus shard key, its entry in the reranker's cache
+    vectors: dict[str, CacheEntry] = {}  # clip: per corpus shard key, its entry in the reranker's cache
     if rc.backend == "none":
         plans = plan_shards(cand_uris, CANDIDATE_ROWS, storage)
         pairs_in = sum(p.num_rows for p in plans)
@@ -137,12 +147,12 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     else:
         corpus = corpus or embed_kind(cfg, "corpus", storage=storage)
         query_uris = list_shards(cfg.queries, storage) if cfg.queries else []
-        pairs_dir = join(out, "_pairs")
+        pairs_dir = L.stage_dir(out, L.PAIRS)
         corpus_map = _corpus_shards(storage, corpus)
         query_vectors = None
         if rc.backend == "clip":
             vectors, query_vectors, clip_embedded = _clip_vectors(cfg, spec, storage, corpus)
-        starts = ray.put({k: v[2] for k, v in corpus_map.items()})
+        starts = ray.put({k: v.row_group_starts for k, v in corpus_map.items()})
         task = ray.remote(bucket_candidates).options(num_cpus=0.25)
         counts = ray.get([task.remote(u, _stem(u), pairs_dir, query_uris, opts, starts) for u in cand_uris])
         per_shard: dict[str, np.ndarray] = {}  # pairs per corpus row group
@@ -154,8 +164,8 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
         if unknown:
             raise IndexMismatchError(f"{out}: candidates point into corpus shards {unknown[:3]} that the current "
                                      "corpus does not have (was the corpus changed after search?)")
-        sources = {k: (*corpus_map[k][:2], storage.ls(join(pairs_dir, k), "*.parquet"), corpus_map[k][2], n,
-                       vectors.get(k)) for k, n in per_shard.items()}
+        sources = {k: ShardPairs(corpus_map[k].uri, corpus_map[k].payload, storage.ls(join(pairs_dir, k), "*.parquet"),
+                                 corpus_map[k].row_group_starts, n, vectors.get(k)) for k, n in per_shard.items()}
         # Two one-thread actors on CPU, as for embed (a 2-thread actor loses time at OpenMP barriers when
         # Ray's processes preempt it), holding at most half the node's CPUs: with 1.5 or 1.25 of 2, Ray
         # Data started the final write 1.6 s after the last batch; with 1.0, 0.07 s (bench_rerank).
@@ -188,7 +198,7 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     with watch("rerank", cfg.ray.stall_timeout_s):
         scored.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     records = sink.results
-    storage.rm(join(out, "_pairs"), recursive=True)
+    storage.rm(L.stage_dir(out, L.PAIRS), recursive=True)
     rerank_s = time.perf_counter() - t1
 
     scored_n = sum(r["rows_ok"] for r in records)
@@ -196,8 +206,9 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     if scored_n + rejected != pairs_in:
         raise RuntimeError(f"{out}: {pairs_in} candidate pairs in, {scored_n} scored + {rejected} rejected out")
     # What was reported must also be what is on storage (a part overwritten by another would not be).
-    stored = sum(storage.parquet_file(join(out, "scored", f"b{r['shard'].split('~')[0]}", r["part"])).metadata.num_rows
-                 for r in records if r["part"])
+    scored_dir = L.stage_dir(out, L.SCORED)
+    stored = sum(storage.parquet_file(join(L.scored_bucket(scored_dir, r["shard"].split("~")[0]), r["part"]))
+                 .metadata.num_rows for r in records if r["part"])
     if stored != scored_n:
         raise RuntimeError(f"{out}: {scored_n} scored pairs written but {stored} on storage (a part was overwritten)")
     docs_in = sum(r.get("docs", 0) for r in records)
@@ -210,14 +221,14 @@ def run_rerank(cfg: Config, run_id: str, storage: Storage | None = None,
     # Per query: fuse and select, one Ray task per hash bucket (only scores travel, not content).
     label = reranker_label(rc)
     sel = ray.remote(select_bucket).options(num_cpus=0.25)
-    counts2 = ray.get([sel.remote(b, join(out, "scored"), out, rc.fusion.model_dump(), rc.selection.model_dump(),
+    counts2 = ray.get([sel.remote(b, scored_dir, out, rc.fusion.model_dump(), rc.selection.model_dump(),
                                   label, run_id, opts) for b in range(buckets)])
     queries_in = len({q for u in cand_uris for q in storage.read_table(u, ["query_id"]).column(0).to_pylist()})
     result = RerankResult(run_id, out, label, pairs_in, scored_n, rejected, queries_in,
                           sum(c["queries"] for c in counts2), sum(c["rows"] for c in counts2), types, 0.0, rerank_s,
                           docs_in, docs_decoded, clip_embedded, {k: list(v) for k, v in vectors.items()})
     result.wall_s = time.perf_counter() - t0
-    storage.write_json(join(out, "rerank_stats.json"), result.to_json())
+    storage.write_json(L.stage_stats(out, "rerank"), result.to_json())
     log.info("rerank (%s): %d pairs over %d docs (%d decoded) -> %d scored, %d rejected; %d/%d queries kept "
              "results (%d rows) in %.1fs", label, pairs_in, docs_in, docs_decoded, scored_n, rejected,
              result.queries_with_results, queries_in, result.results, rerank_s)
@@ -229,7 +240,7 @@ def _decode_in_actor(rc: RerankConfig, device: str) -> bool:
 
 
 def _clip_vectors(cfg: Config, spec: RerankerSpec, storage: Storage,
-                  corpus: EmbedResult) -> tuple[dict[str, tuple[str, str]], Any, int]:
+                  corpus: EmbedResult) -> tuple[dict[str, CacheEntry], Any, int]:
     """The clip reranker's vectors through the embedding cache: per retrieval shard key, the (cache dir, key)
     of the reranker model's entry for the same corpus shard; the query vectors in the object store; and how
     many corpus rows were encoded now (0 on a night over an unchanged corpus).
@@ -246,7 +257,7 @@ def _clip_vectors(cfg: Config, spec: RerankerSpec, storage: Storage,
         "model": rc.clip_model, "dtype": "float32", "device": rc.device, "precision": rc.precision})})
     docs = embed_kind(ecfg, "corpus", spec.clip_model, storage)
     by_source = {s.source: s.key for s in docs.shards}
-    vectors = {s.key: (docs.cache, by_source[s.source]) for s in corpus.shards if s.source in by_source}
+    vectors = {s.key: CacheEntry(docs.cache, by_source[s.source]) for s in corpus.shards if s.source in by_source}
     ids: list[str] = []
     vecs = np.zeros((0, spec.clip_model.embed_dim), np.float32)
     if cfg.queries:

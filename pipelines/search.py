@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from operators import faiss_shards as F
+from operators import layout as L
 from operators.contracts import CACHED_VECTORS, QUERY_VECTORS
 from operators.embedding_cache import part_uris
 from operators.faiss_shards import IndexMismatchError
@@ -123,7 +124,7 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
     opts = cfg.storage.options()
     sc = cfg.search
     run_id = run_id or new_run_id()
-    out = join(cfg.root, "runs", run_id)
+    out = L.run_dir(cfg.root, run_id)
     rm = rm or resolve_model(cfg.embed.model, opts)
     if index is None:
         index = build_index(cfg, embed_kind(cfg, "corpus", rm, storage), storage)
@@ -143,8 +144,8 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
     plans = plan_shards(uris, kind, storage) if uris else []
     keyed = [(p, p.key()) for p in plans]
     queries_in = sum(p.num_rows for p in plans)
-    storage.rm(out + "/candidates", recursive=True)  # a re-run of this run_id replaces, never appends
-    storage.rm(out + "/rejects", recursive=True)
+    storage.rm(L.stage_dir(out, L.CANDIDATES), recursive=True)  # a re-run of this run_id replaces, never appends
+    storage.rm(L.stage_dir(out, L.REJECTS), recursive=True)
 
     res = ensure_ray(cfg.ray)
     searchers = start_searchers(cfg, index, res)
@@ -175,7 +176,7 @@ def run_search(cfg: Config, run_id: str | None = None, storage: Storage | None =
                           types, 0.0, search_s)
     _check_complete(storage, out, result, results, index)
     result.wall_s = time.perf_counter() - t0
-    storage.write_json(join(out, "search_stats.json"), result.to_json())
+    storage.write_json(L.stage_stats(out, "search"), result.to_json())
     log.info("search: %d queries (%d rejected) -> %d candidates (k=%d) in %.1fs; output %s",
              queries_in, rejected, result.candidates, sc.k, search_s, out)
     return result
@@ -185,7 +186,7 @@ def _check_complete(storage: Storage, out: str, result: SearchResult, records: l
                     index: IndexResult) -> None:
     """No part was overwritten, and every searched query got min(k, ntotal) candidates (exact indexes) or
     at most that many (approximate ones may return fewer, e.g. IVF probing few lists)."""
-    parts = [join(out, "candidates", r["part"]) for r in records if r["part"]]
+    parts = [join(L.stage_dir(out, L.CANDIDATES), r["part"]) for r in records if r["part"]]
     rows = sum(storage.parquet_file(p).metadata.num_rows for p in parts)
     if rows != result.candidates:
         raise RuntimeError(f"{out}: {rows} candidate rows on storage, {result.candidates} written")

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from operators import layout as L
 from operators.models import ModelLoadError, resolve_model
 from operators.storage import Storage, arrow_filesystem, join, scheme_of
 from operators.training.common import OUTPUT_DIR, STATE_FILE, checkpoint_problem
@@ -79,13 +80,13 @@ def _fingerprint(cfg: Config) -> str:
 def _checked(cfg: Config) -> tuple[Any, str, str]:
     tc = cfg.train
     if tc is None:
-        raise ConfigError("train: the config has no train section (see README 'Training')")
+        raise ConfigError("train: the config has no train section (see docs/rerankers-and-training.md, 'Training')")
     missing = [k for k in ("corpus", "queries", "qrels") if getattr(cfg, k) is None]
     if missing:
         raise ConfigError(f"train needs {', '.join(missing)} in the config")
     fp = _fingerprint(cfg)
     name = tc.name or f"{tc.target}-{fp[:12]}"
-    return tc, name, tc.output or join(cfg.root, "models", name)
+    return tc, name, tc.output or L.model_dir(cfg.root, name)
 
 
 def _base(cfg: Config, storage: Storage) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -185,11 +186,11 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
               "hard_negatives": tc.negatives != "none", "lora": tc.lora.model_dump(),
               "eval_batch_size": cfg.rerank.batch_size, "storage_options": cfg.storage.options(),
               "torch_threads": max(1, cores // tc.num_workers) if not use_gpu else 0}
-    fs, path = arrow_filesystem(join(cfg.root, "training"), cfg.storage.options())
-    resume = _last_checkpoint(storage, join(cfg.root, "training", name))
+    fs, path = arrow_filesystem(join(cfg.root, L.TRAINING), cfg.storage.options())
+    resume = _last_checkpoint(storage, L.training_dir(cfg.root, name))
     if resume is not None:
         log.info("train %s: resuming from %s", name, resume)
-        config["resume_from"] = join(cfg.root, "training", name, resume)  # Ray Train v2: the loop loads it
+        config["resume_from"] = join(L.training_dir(cfg.root, name), resume)  # Ray Train v2: the loop loads it
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
@@ -198,7 +199,7 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=0)))
     log.info("train %s: %d %s worker(s), checkpoints under %s", name, tc.num_workers, "GPU" if use_gpu else "CPU",
-             join(cfg.root, "training", name))
+             L.training_dir(cfg.root, name))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"train {name}: Ray Train finished without a checkpoint")

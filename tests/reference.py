@@ -68,7 +68,8 @@ def lean(d: dict[str, Any], one_actor: bool = True) -> dict[str, Any]:
 
 
 def plain_decode(data: bytes | None, e: EmbedConfig) -> Image.Image | str:
-    """An 8-bit RGB image, or the reject reason, by the README's decode rules written on plain PIL and numpy."""
+    """An 8-bit RGB image, or the reject reason, by the decode rules (docs/concepts.md, "Reject reasons")
+    written on plain PIL and numpy."""
     if data is None:
         return R.NULL_PAYLOAD
     if not data:
@@ -109,7 +110,8 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 
 def ref_fuse(ret: np.ndarray, rr: np.ndarray, ids: list[str], f: dict[str, Any]) -> np.ndarray:
-    """The final score of one query's candidates, by the README's definitions of the fusion methods."""
+    """The final score of one query's candidates, by the fusion methods' definitions (docs/nightly-run.md,
+    "Reranking")."""
     if f["method"] == "none":
         return rr
     if f["method"] == "weighted":

@@ -142,3 +142,33 @@ def test_checker_resolves_relative_imports_of_a_package() -> None:
     # In operators/__init__.py, ``from .shards import _x`` names operators.shards.
     found = layer_violations("from .shards import _x\n", "operators", "operators/__init__.py", is_package=True)
     assert found == ["operators/__init__.py:1: operators imports private name _x from operators.shards"]
+
+
+# --- the storage layout is spelled once -------------------------------------------------------------------
+
+# Names of the output root's layout (operators/layout.py): no other product module spells them.
+LAYOUT_NAMES = {"runs", "embeddings", "indexes", "LATEST", "_STAGES", "stats.json", "_pairs", "manifest.json"}
+LAYOUT_MARKERS = ("_RUN.json", "_SUCCESS.json", "_MANIFEST.json")  # not even inside a longer string
+
+
+def layout_spellings(source: str, path: str) -> list[str]:
+    """``path:line: 'name'`` for each string constant (docstrings and comments aside) that spells a layout name."""
+    tree = ast.parse(source, filename=path)
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value in LAYOUT_NAMES or any(m in node.value for m in LAYOUT_MARKERS):
+                out.append(f"{path}:{node.lineno}: {node.value!r}")
+    return out
+
+
+def test_only_the_layout_module_spells_the_storage_layout() -> None:
+    files = [p for p in product_files() if p != ROOT / "operators" / "layout.py"] + [ROOT / "notebooks" / "_helpers.py"]
+    found = [f for p in files for f in layout_spellings(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
+    assert not found, "spell these through operators.layout:\n" + "\n".join(found)
+
+
+def test_layout_checker_flags_strings_not_docstrings() -> None:
+    src = '"""Writes ``_RUN.json``."""\nA = "LATEST"\nB = f"{x}/_SUCCESS.json"\nC = "no LATEST yet"\n'
+    assert layout_spellings(src, "m.py") == ["m.py:2: 'LATEST'", "m.py:3: '/_SUCCESS.json'"]

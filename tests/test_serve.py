@@ -204,7 +204,7 @@ def test_lookup_top_n_and_errors(app: App) -> None:
         assert r.status_code == 200, r.text
         _assert_rows_equal(r.json()["results"], rows[:n])
     r = app.get("/v1/results/no-such-query")
-    # The id that was asked for is not echoed (README, security): the body names the run that lacks it.
+    # The id that was asked for is not echoed (docs/security.md): the body names the run that lacks it.
     assert r.status_code == 404 and r.json()["detail"] == f"unknown query_id in run {app.served()}"
     assert "no-such-query" not in r.text
     for bad in (0, -1, LIMITS["max_top_n"] + 1, "abc", 10**30):
@@ -412,7 +412,7 @@ def test_schemathesis_no_5xx(app: App) -> None:
 
 
 def test_error_bodies_never_echo_what_was_sent(app: App) -> None:
-    """README (security): a 4xx names what was wrong and where, never the value that was sent."""
+    """docs/security.md: a 4xx names what was wrong and where, never the value that was sent."""
     marker = "ECHO-7f3a"
     answers = [
         app.get(f"/v1/results/{marker}"),

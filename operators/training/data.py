@@ -91,10 +91,11 @@ def read_candidates(run: str, storage: Storage) -> tuple[str, dict[str, list[str
     """``(run_dir, query_id -> doc ids by rank)`` of a verified run (a run directory or a root)."""
     import pyarrow as pa
 
+    from operators import layout as L
     from operators.runs import read_stage, resolve_run
 
     run_dir, manifest = resolve_run(run, storage)
-    t = read_stage(storage, run_dir, manifest, "candidates/",
+    t = read_stage(storage, run_dir, manifest, L.prefix(L.CANDIDATES),
                    {"query_id": pa.string(), "rank": pa.int64(), "doc_id": pa.string()})
     t = t.sort_by([("query_id", "ascending"), ("rank", "ascending")])
     out: dict[str, list[str]] = {}

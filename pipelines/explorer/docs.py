@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from operators import faiss_shards as F
 from operators.decode import decode_image
-from operators.shards import cache_dir
+from operators.layout import cache_dir
 
 log = logging.getLogger(__name__)
 

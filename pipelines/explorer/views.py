@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from operators import layout as L
 from operators.fusion import fuse
-from operators.runs import MANIFEST
-from operators.storage import Storage, join, strip_scheme
+from operators.runs import read_manifest, read_run_json, run_files
+from operators.storage import Storage, strip_scheme
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class RunView:
 
     def __init__(self, storage: Storage, store: Any) -> None:
         self.storage, self.store = storage, store
-        self.manifest = storage.read_json(join(store.run_dir, MANIFEST))
-        self.stats = storage.read_json(join(store.run_dir, "stats.json"))
+        self.manifest = read_manifest(storage, store.run_dir)  # verified when the store loaded the run
+        self.stats = read_run_json(storage, store.run_dir, self.manifest, L.STATS)
         self.ids = sorted(store.offsets)
         self._texts: dict[str, str] | None = None
         self._qrels: dict[str, dict[str, int]] | None = None
@@ -158,8 +159,7 @@ class RunView:
         return self._qrels.get(query_id, {})
 
     def _files(self, prefix: str) -> list[str]:
-        return [join(self.store.run_dir, rel) for rel in sorted(self.manifest["files"])
-                if rel.startswith(prefix) and rel.endswith(".parquet")]
+        return run_files(self.store.run_dir, self.manifest, prefix)
 
     def query(self, query_id: str) -> dict[str, Any] | None:
         """Retrieval's top-k (every candidate, with its rerank and final score and whether it was kept)
@@ -170,7 +170,7 @@ class RunView:
                 return self._views[query_id]
         kept = self.store.lookup(query_id, None) or []  # a query can keep nothing (threshold selection)
         parts = [_read_query(self.storage, u, query_id, ["rank", "doc_id", "retrieval_score"])
-                 for u in self._files("candidates/")]
+                 for u in self._files(L.prefix(L.CANDIDATES))]
         cand = pa.concat_tables(parts).sort_by("rank") if parts else None
         if cand is None or cand.num_rows == 0:
             return None
@@ -179,7 +179,7 @@ class RunView:
         rr = self.config.get("rerank", {})
         bucket = bucket_of(query_id, int(rr.get("select_buckets", 1)))
         scored = [_read_query(self.storage, u, query_id, ["doc_id", "retrieval_score", "rerank_score"])
-                  for u in self._files(f"scored/b{bucket:05d}/")]
+                  for u in self._files(L.prefix(L.SCORED, L.bucket_name(bucket)))]
         sc = pa.concat_tables(scored) if scored else None
         score_of: dict[str, tuple[float, float]] = {}
         if sc is not None and sc.num_rows:

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from ray import serve
 
 from operators import faiss_shards as F
-from operators.storage import Storage, join
+from operators.storage import Storage
 
 LIVE_SHARD = "live"  # the shard key of a request's pairs (the batch job's is a candidates part)
 
@@ -208,12 +208,13 @@ class Live:
 def _corpus_sources(storage: Storage, root: str, model_fp: str, keys: list[str]) -> dict[str, tuple[str, str]]:
     """Per corpus shard key of the index: its source uri and payload column (from the embeddings cache)."""
     from operators.contracts import CORPUS, check_shard_schema
-    from operators.shards import cache_dir
+    from operators.embedding_cache import shard_marker
+    from operators.layout import cache_dir
 
     cache = cache_dir(root, model_fp, "corpus")
     out = {}
     for k in keys:
-        src = storage.read_json(join(cache, k, "_SUCCESS.json"))["source"]
+        src = shard_marker(storage, cache, k)["source"]
         out[k] = (src, check_shard_schema(storage.parquet_file(src).schema_arrow, CORPUS, src))
     return out
 

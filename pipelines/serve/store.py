@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from operators import layout as L
 from operators.contracts import RESULTS
-from operators.storage import Storage, join
+from operators.runs import read_run_json, read_stage, run_config
+from operators.storage import Storage
 
 
 @dataclass
@@ -57,13 +59,12 @@ def load_store(storage: Storage, root: str) -> ResultsStore:
     if found is None:
         raise PublishError(f"{root}: nothing published yet (no LATEST)")
     run_dir, manifest = found
-    files = [join(run_dir, rel) for rel in manifest["files"] if rel.startswith("results/")]
-    tables = [storage.read_table(u) for u in files]
-    t = pa.concat_tables(tables) if tables else RESULTS.empty_table()
-    run_meta = storage.read_json(join(run_dir, "_RUN.json"))
-    stages = storage.read_json(join(run_dir, "stats.json"))["stages"]
+    t = read_stage(storage, run_dir, manifest, L.prefix(L.RESULTS),
+                   {f.name: f.type for f in RESULTS if f.name != "run_id"})  # the store's columns
+    stages = read_run_json(storage, run_dir, manifest, L.STATS)["stages"]
     return ResultsStore(
-        run_id=manifest["run_id"], created=manifest["created"], run_dir=run_dir, config=run_meta["config"],
+        run_id=manifest["run_id"], created=manifest["created"], run_dir=run_dir,
+        config=run_config(storage, run_dir, manifest),
         index_uri=stages.get("index", {}).get("uri"), **sorted_columns(t),
         reranker=t.column("reranker")[0].as_py() if t.num_rows else "",
         clip_vectors=dict(stages.get("rerank", {}).get("clip_vectors") or {}))
