@@ -21,7 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators.runs import MANIFEST, read_latest
+from operators import layout as L
+from operators.embedding_cache import shard_marker
+from operators.layout import MANIFEST
+from operators.runs import read_latest
 from operators.shards import list_shards, plan_shards
 from operators.storage import Storage, join
 from operators.watchdog import raise_if_terminated
@@ -67,7 +70,7 @@ def config_fingerprint(cfg: Config) -> str:
     """What makes two runs "the same job" for resuming (where it runs and progress bars do not count)."""
     d = cfg.redacted_dump()
     d.pop("ray", None)
-    for k in ("retries", "connect_timeout", "read_timeout"):
+    for k in ("retries", "connect_timeout", "read_timeout", "retry_deadline_s"):
         d.get("storage", {}).pop(k, None)  # how patiently storage is reached, not what is computed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -107,15 +110,14 @@ def start(cfg: Config, storage: Storage, ctx: RunContext | None = None) -> dict[
 def find_unfinished(storage: Storage, cfg: Config) -> str | None:
     """Newest run of this config that started but never wrote its manifest."""
     fp = config_fingerprint(cfg)
-    runs_dir = join(cfg.root, "runs")
     best: tuple[str, str] | None = None
-    for run_id in storage.listdir(runs_dir):
-        run_dir = join(runs_dir, run_id)
+    for run_id in storage.listdir(L.runs_dir(cfg.root)):
+        run_dir = L.run_dir(cfg.root, run_id)
         try:
-            meta = storage.read_json(join(run_dir, "_RUN.json"))
+            meta = storage.read_json(L.run_marker(run_dir))
         except FileNotFoundError:
             continue
-        if meta.get("config_fingerprint") == fp and not storage.exists(join(run_dir, MANIFEST)):
+        if meta.get("config_fingerprint") == fp and not storage.exists(L.manifest_uri(run_dir)):
             if best is None or meta["started"] > best[0]:
                 best = (meta["started"], run_id)
     return best[1] if best else None
@@ -130,17 +132,17 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     resumed = False
     if resume:
         run_id, resumed = resume, True
-        if not storage.exists(join(cfg.root, "runs", resume, "_RUN.json")):
+        if not storage.exists(L.run_marker(L.run_dir(cfg.root, resume))):
             raise ValueError(f"--resume {resume}: no such run under {cfg.root}/runs")
     elif run_id is None:
         found = find_unfinished(storage, cfg)
         run_id, resumed = (found, True) if found else (new_run_id(), False)
     if not RUN_ID.fullmatch(run_id):
         raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
-    run_dir = join(cfg.root, "runs", run_id)
-    if storage.exists(join(run_dir, MANIFEST)):
+    run_dir = L.run_dir(cfg.root, run_id)
+    if storage.exists(L.manifest_uri(run_dir)):
         latest, _ = read_latest(storage, cfg.root)
-        created = storage.read_json(join(run_dir, MANIFEST)).get("created", "")
+        created = storage.read_json(L.manifest_uri(run_dir)).get("created", "")
         if not (resumed and publish and (latest is None or latest.get("created", "") < created)):
             raise ValueError(f"run {run_id} is already complete ({run_dir}/{MANIFEST}); nothing to resume")
         # Complete but never published (the job failed at the LATEST step): publishing is all that is left.
@@ -148,9 +150,9 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
         advance_latest(storage, cfg.root, run_id)
         return RunReport(run_id=run_id, run_dir=run_dir, resumed=True, wall_s=time.perf_counter() - t0,
                          published=True,
-                         stages=storage.read_json(join(run_dir, "stats.json")).get("stages", {}))
-    if storage.exists(join(run_dir, "_RUN.json")):
-        started = storage.read_json(join(run_dir, "_RUN.json"))
+                         stages=storage.read_json(L.stats_uri(run_dir)).get("stages", {}))
+    if storage.exists(L.run_marker(run_dir)):
+        started = storage.read_json(L.run_marker(run_dir))
         if started.get("config_fingerprint") != config_fingerprint(cfg):
             raise ValueError(f"run {run_id} was started with another config (fingerprint "
                              f"{str(started.get('config_fingerprint'))[:12]}, now {config_fingerprint(cfg)[:12]}): "
@@ -159,7 +161,7 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
             if TMP.search(uri):
                 storage.rm(uri)
     else:
-        storage.write_json(join(run_dir, "_RUN.json"), {
+        storage.write_json(L.run_marker(run_dir), {
             "run_id": run_id, "config_fingerprint": config_fingerprint(cfg), "config": cfg.redacted_dump(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     if resumed:
@@ -167,12 +169,12 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     report = RunReport(run_id, run_dir, resumed)
 
     def done(stage: str) -> dict[str, Any] | None:
-        uri = join(run_dir, "_STAGES", f"{stage}.json")
+        uri = L.stage_marker(run_dir, stage)
         return storage.read_json(uri) if storage.exists(uri) else None
 
     def finish(stage: str, stats: dict[str, Any]) -> None:
         report.stages[stage] = stats
-        storage.write_json(join(run_dir, "_STAGES", f"{stage}.json"), stats)
+        storage.write_json(L.stage_marker(run_dir, stage), stats)
         raise_if_terminated()  # the stage's output is whole and kept: a resume skips it
         note = f" ({stats['note']})" if stats.get("note") else ""
         log.info("stage %s done: %s rows in, %s ok, %s rejected in %.1f s%s", stage, stats.get("rows_in"),
@@ -205,7 +207,7 @@ def run(cfg: Config, resume: str | None = None, run_id: str | None = None, publi
     report.wall_s = time.perf_counter() - t0
     stats = {"run_id": run_id, "resumed": resumed, "wall_s": report.wall_s, "stages": report.stages,
              "config_fingerprint": config_fingerprint(cfg)}
-    storage.write_json(join(run_dir, "stats.json"), stats)
+    storage.write_json(L.stats_uri(run_dir), stats)
     write_manifest(storage, run_dir, run_id, {"config_fingerprint": config_fingerprint(cfg),
                                               "reranker": report.stages["rerank"].get("note", "")})
     if publish:
@@ -220,9 +222,8 @@ def _collect_embed_rejects(storage: Storage, run_dir: str, *results: Any) -> int
     n = 0
     for r in results:
         for s in r.shards:
-            marker = storage.read_json(join(r.cache, s.key, "_SUCCESS.json"))
-            for name in marker["rejects"]:
-                t = storage.read_table(join(r.cache, s.key, name))
-                storage.write_table(join(run_dir, "rejects", f"embed_{r.kind}-{s.key}-{name}"), t)
+            for name in shard_marker(storage, r.cache, s.key)["rejects"]:
+                t = storage.read_table(join(L.cache_entry(r.cache, s.key), name))
+                storage.write_table(join(L.stage_dir(run_dir, L.REJECTS), f"embed_{r.kind}-{s.key}-{name}"), t)
                 n += t.num_rows
     return n
