@@ -6,22 +6,30 @@ or from an explicit :class:`StorageOptions`; secrets are never logged, put in st
 are scrubbed from error messages raised here.
 
 Transient endpoint failures (connection refused or reset, timeouts, HTTP 5xx, throttling) are retried
-a bounded number of times with exponential backoff: botocore's ``standard`` retry mode makes up to
-``StorageOptions.retries`` attempts per request (full jitter, ``rand * 2**i`` seconds, at most 20 s
-apart) with ``connect_timeout`` / ``read_timeout`` per attempt, and s3fs re-issues a request once more
-when botocore cannot retry it itself (a response body cut mid-read). Ray Data workers use the same
+with backoff for a time budget, so that a gateway restart is ridden out. Two layers inside each request:
+botocore's ``standard`` retry mode makes its ``StorageOptions.retries`` attempts (full jitter,
+``rand * 2**i`` seconds, at most 20 s apart) with ``connect_timeout`` / ``read_timeout`` per attempt;
+then a ``needs-retry`` handler registered after it (:class:`DeadlineS3FileSystem`) keeps retrying
+(backoff up to ``DEADLINE_BACKOFF_MAX_S``) until ``retry_deadline_s`` has passed since the request's
+first failure, or since the endpoint started failing when that came first (an endpoint that has been
+failing longer than the budget is not waited for again by the next request). s3fs re-issues a call once
+more when botocore cannot retry it itself (a response body cut mid-read). Ray Data workers use the same
 settings: every reader/writer goes through :func:`filesystem` (``arrow_filesystem`` wraps it too, so
-pyarrow never opens its own S3 client). When the attempts are used up the :class:`StorageError` names
-the URI, the endpoint and the retry budget, never a credential.
+pyarrow never opens its own S3 client; a pickled filesystem is rebuilt with its deadline). When the
+budget is spent the :class:`StorageError` names the URI, the endpoint and the budget, never a credential.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import random
 import re
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,11 +44,18 @@ log = logging.getLogger(__name__)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 # Retry defaults (also the config defaults: pipelines/config.py StorageConfig).
-DEFAULT_RETRIES = 5  # attempts per S3 request, the first one included
+DEFAULT_RETRIES = 5  # botocore's attempts per S3 request, the first one included
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0
+# Seconds a transient failure is retried, from the first failure: rides out a gateway restart (~10 s).
+DEFAULT_RETRY_DEADLINE_S = 60.0
+# Backoff once botocore's attempts are spent: base * 2**attempt, capped, times uniform(0.5, 1). The cap
+# bounds how long after an endpoint comes back a waiting request notices.
+DEADLINE_BACKOFF_BASE_S = 0.25
+DEADLINE_BACKOFF_MAX_S = 4.0
 # s3fs' own retry loop around each call: one re-issue for what botocore cannot retry (a body cut
-# mid-read). Kept at 2 so that the two layers multiply to 2 x retries, not retries**2.
+# mid-read). Kept at 2 so that the layers multiply to 2 x retries attempts, not retries**2 (and the
+# re-issue of a request that spent its deadline gives up after its attempts: the endpoint's outage clock).
 S3FS_CALL_ATTEMPTS = 2
 
 
@@ -73,17 +88,18 @@ class StorageOptions:
     secret_access_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
     anon: bool = False
-    # Bounded retries for transient endpoint failures (see the module docstring).
+    # Retries of transient endpoint failures (see the module docstring).
     retries: int = DEFAULT_RETRIES
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout: float = DEFAULT_READ_TIMEOUT_S
+    retry_deadline_s: float = DEFAULT_RETRY_DEADLINE_S
 
     def __post_init__(self) -> None:
-        if not isinstance(self.retries, int) or self.retries < 1:
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 1:
             raise ValueError(f"storage retries must be an integer >= 1, got {self.retries!r}")
-        for name in ("connect_timeout", "read_timeout"):
+        for name in ("connect_timeout", "read_timeout", "retry_deadline_s"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v <= 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"storage {name} must be > 0 seconds, got {v!r}")
 
     def s3fs_kwargs(self) -> dict[str, Any]:
@@ -107,11 +123,12 @@ class StorageOptions:
             kw["anon"] = True
         # Other processes (Ray workers) write and delete objects: never answer from a stale listing.
         kw["use_listings_cache"] = False
-        # Bounded retries with backoff: a flaky endpoint is ridden out, a dead one fails the run (never
-        # hangs it). botocore: `retries` attempts per request; s3fs: S3FS_CALL_ATTEMPTS per call (an
-        # attribute, not a constructor argument: set by `filesystem`).
+        # Retries with backoff: a flaky or restarting endpoint is ridden out, a dead one fails the run after
+        # retry_deadline_s (never hangs it). botocore: `retries` attempts per request, then the deadline
+        # handler of DeadlineS3FileSystem (a constructor argument: part of fsspec's instance-cache key).
         kw["config_kwargs"] = {"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout,
                                "retries": {"total_max_attempts": self.retries, "mode": "standard"}}
+        kw["retry_deadline_s"] = float(self.retry_deadline_s)
         return kw
 
     def resolved_endpoint(self) -> str:
@@ -123,9 +140,10 @@ class StorageOptions:
         return re.sub(r"(://)[^/@]*@", r"\1***@", ep)  # never userinfo
 
     def retry_note(self) -> str:
-        return (f"endpoint {self.resolved_endpoint()}; gave up after retrying with exponential backoff: "
-                f"storage.retries={self.retries} attempts per request (at most {S3FS_CALL_ATTEMPTS * self.retries} "
-                f"per operation), connect_timeout={self.connect_timeout:g}s, read_timeout={self.read_timeout:g}s")
+        return (f"endpoint {self.resolved_endpoint()}; gave up after retrying with backoff for "
+                f"storage.retry_deadline_s={self.retry_deadline_s:g}s since the first failure "
+                f"(storage.retries={self.retries} attempts per request first, "
+                f"connect_timeout={self.connect_timeout:g}s, read_timeout={self.read_timeout:g}s)")
 
     def secrets(self) -> list[str]:
         vals = [self.access_key_id, self.secret_access_key, self.session_token]
@@ -168,13 +186,11 @@ def normalize(uri: str) -> str:
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for ``uri`` (s3fs for s3://, local otherwise)."""
+    """The fsspec filesystem for ``uri`` (:class:`DeadlineS3FileSystem` for s3://, local otherwise)."""
     scheme = scheme_of(uri)
     opts = options or StorageOptions()
     if scheme in ("s3", "s3a"):
-        fs = fsspec.filesystem("s3", **opts.s3fs_kwargs())
-        fs.retries = S3FS_CALL_ATTEMPTS  # s3fs' loop around each call (class default: 5)
-        return fs
+        return _deadline_s3_class()(**opts.s3fs_kwargs())
     if scheme == "file":
         return fsspec.filesystem("file", auto_mkdir=True)
     return fsspec.filesystem(scheme)
@@ -213,6 +229,124 @@ def is_transient(exc: BaseException) -> bool:
                 return True
         e = e.__cause__ or e.__context__
     return False
+
+
+# ----------------------------------------------------------------------------------------------
+# the retry deadline: a botocore needs-retry handler that takes over after the standard one
+# ----------------------------------------------------------------------------------------------
+
+_RETRY_STATUS = {500, 502, 503, 504}
+# endpoint -> [first, last] transient failure of its current outage (time.monotonic). Any answer ends it, and
+# so does a quiet gap (nobody retrying) longer than the budget and _QUIET_GAP_S (more than botocore's 20 s
+# backoff plus an attempt's timeout). Shared by every client of the process, so a request that arrives late
+# in a long outage (or re-issues one that gave up) does not wait a whole budget again.
+_OUTAGES: dict[str, list[float]] = {}
+_QUIET_GAP_S = 60.0
+_WARNED: set[str] = set()  # endpoints whose current outage was logged
+
+
+def _failed_transiently(response: Any, caught_exception: BaseException | None) -> bool:
+    if caught_exception is not None:
+        return is_transient(caught_exception)
+    parsed = response[1] if isinstance(response, tuple) and len(response) > 1 else None
+    if not isinstance(parsed, dict):
+        return False
+    status = parsed.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return parsed.get("Error", {}).get("Code") in _TRANSIENT_CODES or status in _RETRY_STATUS
+
+
+def deadline_retry_delay(deadline_s: float, max_attempts: int, attempts: int, request_dict: dict[str, Any],
+                         response: Any = None, caught_exception: BaseException | None = None,
+                         endpoint: Any = None, now: float | None = None, **_: Any) -> float | None:
+    """botocore ``needs-retry`` handler: seconds to sleep before the next attempt, or None (do not retry).
+
+    Registered after botocore's standard handler, whose delay wins while it still retries; this one decides
+    once that handler declines (its attempts or its retry quota spent). A transient failure is retried until
+    ``deadline_s`` has passed since the request's first failure or since the endpoint started failing,
+    whichever came first; anything else (a success, a 404, a denied request) is not retried and ends the
+    endpoint's outage.
+    """
+    host = re.sub(r"(://)[^/@]*@", r"\1***@", str(getattr(endpoint, "host", "") or ""))
+    now = time.monotonic() if now is None else now
+    if not _failed_transiently(response, caught_exception):
+        outage = _OUTAGES.pop(host, None)
+        if host in _WARNED:
+            _WARNED.discard(host)
+            if outage is not None:
+                log.info("S3 endpoint %s answers again, %.1fs after it started failing", host, now - outage[0])
+        return None
+    context = request_dict.get("context")
+    if not isinstance(context, dict):
+        context = {}
+    first = context.setdefault("mmr_first_failure", now)
+    outage = _OUTAGES.get(host)
+    if outage is None or now - outage[1] > max(deadline_s, _QUIET_GAP_S):
+        outage = _OUTAGES[host] = [now, now]
+        _WARNED.discard(host)
+    outage[1] = now
+    left = deadline_s - (now - min(first, outage[0]))
+    if left <= 0:
+        return None  # botocore raises the last error: a StorageError naming the budget, further up
+    if attempts >= max_attempts and host not in _WARNED:
+        _WARNED.add(host)
+        kind = type(caught_exception).__name__ if caught_exception is not None else "a 5xx or throttling answer"
+        log.warning("S3 endpoint %s failing (%s): retrying with backoff for up to %gs from the first failure "
+                    "(storage.retry_deadline_s)", host, kind, deadline_s)
+    backoff = min(DEADLINE_BACKOFF_MAX_S, DEADLINE_BACKOFF_BASE_S * 2.0 ** min(attempts, 16))
+    return min(left, backoff * random.uniform(0.5, 1.0))
+
+
+_CLASS_LOCK = threading.Lock()
+
+
+def _deadline_s3_class() -> type[fsspec.AbstractFileSystem]:
+    """:class:`DeadlineS3FileSystem`, defined on first use: s3fs (botocore) is a slow import that local-only
+    runs never need."""
+    with _CLASS_LOCK:
+        cls = globals().get("DeadlineS3FileSystem")
+        if cls is not None:
+            return cls
+        import s3fs
+        from fsspec.asyn import sync_wrapper
+
+        class DeadlineS3FileSystem(s3fs.S3FileSystem):
+            """s3fs whose clients retry transient failures until ``retry_deadline_s`` (module docstring)."""
+
+            # s3fs' own loop around a call (its default: 5): one re-issue for a body cut mid-read. A class
+            # attribute, so a filesystem unpickled in a Ray worker has it too.
+            retries = S3FS_CALL_ATTEMPTS
+
+            def __init__(self, *args: Any, retry_deadline_s: float = DEFAULT_RETRY_DEADLINE_S,
+                         **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.retry_deadline_s = float(retry_deadline_s)
+                self._deadline_client: Any = None
+
+            async def set_session(self, refresh: bool = False, kwargs: dict[str, Any] | None = None) -> Any:
+                s3 = await super().set_session(refresh=refresh, kwargs=kwargs or {})
+                if s3 is not self._deadline_client:  # a new client (first use, or refreshed)
+                    retries = (self.config_kwargs or {}).get("retries") or {}
+                    handler = functools.partial(deadline_retry_delay, self.retry_deadline_s,
+                                                int(retries.get("total_max_attempts") or 1))
+                    s3.meta.events.register_last("needs-retry.s3", handler, unique_id="mmr-retry-deadline")
+                    self._deadline_client = s3
+                return s3
+
+            _connect = set_session
+            connect = sync_wrapper(set_session)
+
+        # Picklable by reference (a Ray worker rebuilds it through the module's __getattr__).
+        DeadlineS3FileSystem.__module__, DeadlineS3FileSystem.__qualname__ = __name__, "DeadlineS3FileSystem"
+        # One instance cache with s3fs': clearing S3FileSystem's (after an environment change) clears ours too.
+        DeadlineS3FileSystem._cache = s3fs.S3FileSystem._cache
+        globals()["DeadlineS3FileSystem"] = DeadlineS3FileSystem
+        return DeadlineS3FileSystem
+
+
+def __getattr__(name: str) -> Any:  # unpickling a filesystem (a Ray worker) looks the class up by name
+    if name == "DeadlineS3FileSystem":
+        return _deadline_s3_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def describe_failure(uri: str, exc: BaseException, options: StorageOptions | None = None) -> str:
@@ -336,7 +470,10 @@ class Storage:
             p = self._p(uri)
             if not fs.exists(p):
                 return []
-            return sorted(self._u(uri, f) for f in fs.find(p))
+            # Files only: a gateway with directory entries (SeaweedFS; a "folder" marker on AWS) makes s3fs
+            # return an emptied prefix itself.
+            entries = fs.find(p, detail=True)
+            return sorted(self._u(uri, f) for f, e in entries.items() if e.get("type") != "directory")
         except Exception as e:  # noqa: BLE001
             raise _wrap(uri, self.options, e) from None
 

@@ -24,6 +24,7 @@ from operators.storage import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_READ_TIMEOUT_S,
     DEFAULT_RETRIES,
+    DEFAULT_RETRY_DEADLINE_S,
     StorageOptions,
     normalize,
 )
@@ -47,12 +48,15 @@ class StorageConfig(_Strict):
     secret_access_key: str | None = Field(default=None, repr=False, exclude=True)
     session_token: str | None = Field(default=None, repr=False, exclude=True)
     anon: bool = False
-    # Transient endpoint failures (refused/reset connections, timeouts, 5xx, throttling): attempts per
-    # request with exponential backoff, then a clear error naming the URI and the endpoint.
+    # Transient endpoint failures (refused/reset connections, timeouts, 5xx, throttling): botocore's attempts
+    # per request, then retries with backoff until retry_deadline_s from the first failure (a gateway restart
+    # is ridden out), then a clear error naming the URI, the endpoint and the budget.
     retries: int = Field(default=DEFAULT_RETRIES, ge=1, le=20,
                          description="attempts per S3 request (first one included)")
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0, le=600, description="seconds")
     read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT_S, gt=0, le=3600, description="seconds")
+    retry_deadline_s: float = Field(default=DEFAULT_RETRY_DEADLINE_S, gt=0, le=86400,
+                                    description="seconds a failing S3 request is retried, from its first failure")
 
     def options(self) -> StorageOptions:
         return StorageOptions(
@@ -66,6 +70,7 @@ class StorageConfig(_Strict):
             retries=self.retries,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
+            retry_deadline_s=self.retry_deadline_s,
         )
 
 

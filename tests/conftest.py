@@ -362,3 +362,36 @@ def quickstart_run(request: pytest.FixtureRequest) -> QuickstartRun:
         return QuickstartRun(out / "qs", quickstart(str(out / "qs"), **QUICKSTART_SAMPLE).run_id)
 
     return cached("quickstart", build)
+
+
+# ----------------------------------------------------------------------------------------------
+# S3: SeaweedFS (`weed mini`, tests/seaweed.py) on 127.0.0.1, beside moto
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A SeaweedFS server (master, volume server, filer and S3 gateway in one process) with its own data directory
+    and the test credentials. The session's AWS environment stays moto's: a test gets SeaweedFS through
+    ``any_s3_server`` / ``tests.seaweed.s3_for``, or names its endpoint in the config."""
+    from tests.seaweed import SeaweedServer
+
+    with SeaweedServer(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def any_s3_server(request: pytest.FixtureRequest) -> Any:
+    """Each S3 server in turn (``S3Server`` interface), the AWS environment pointed at it during the test."""
+    from tests.seaweed import s3_for
+
+    return s3_for(request, request.param)
+
+
+@pytest.fixture
+def any_s3_bucket(any_s3_server: Any) -> Iterator[str]:
+    """A fresh, empty bucket on ``any_s3_server``; yields ``s3://<bucket>``; emptied and deleted after."""
+    from tests.seaweed import fresh_bucket
+
+    with fresh_bucket(any_s3_server) as uri:
+        yield uri

@@ -222,7 +222,8 @@ def test_one_request_gives_up_after_bounded_attempts(fault: str, s3_server: S3Se
     uri = f"s3://{bucket}/probe/{fault}.bin"
     direct(s3_server).write_bytes(uri, b"x" * 100)
     retries = 3
-    st = Storage(StorageOptions(retries=retries, connect_timeout=1, read_timeout=0.5))
+    # retry_deadline_s: no waiting past botocore's attempts (the outage budget is test_storage_real's)
+    st = Storage(StorageOptions(retries=retries, connect_timeout=1, read_timeout=0.5, retry_deadline_s=0.01))
     assert st.read_bytes(uri) == b"x" * 100  # healthy: one connection, kept alive
     before = proxy.stats.connections
     if fault == "down":
@@ -319,7 +320,7 @@ def test_publish_against_a_dead_endpoint_fails_clearly_and_leaves_latest(s3_serv
     name = f"mmr-cas-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=name)
     root = f"s3://{name}/root"
-    st = Storage(StorageOptions(retries=2))
+    st = Storage(StorageOptions(retries=2, retry_deadline_s=0.01))
     _fake_run(st, root, "run-a")
     _fake_run(st, root, "run-b")
     P.advance_latest(st, root, "run-a")
@@ -417,7 +418,7 @@ def test_endpoint_down_partway_fails_clearly_and_latest_stays(where: str, clean:
     # Its own retry budget per variant, to see it in the message. (Retry settings are not part of the config
     # fingerprint: both variants are the same job, so the driver variant removes its failed run when it is done.)
     retries = {"driver": 2, "worker": 3}[where]
-    cfg = _cfg(root, sample, retries=retries, connect_timeout=2, read_timeout=5)
+    cfg = _cfg(root, sample, retries=retries, connect_timeout=2, read_timeout=5, retry_deadline_s=0.01)
     assert R.find_unfinished(st, cfg) is None, "a failed run of this config is left over: this run would resume it"
 
     original = R.run_rerank

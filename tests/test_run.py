@@ -234,7 +234,8 @@ def test_cli_fails_fast_on_unreachable_storage(sample: SampleInfo, tmp_path: Pat
     with closed_port() as port:
         cfg = run_cfg_dict(f"s3://{bucket}/root", sample.corpus, sample.queries)
         cfg["storage"] = {"endpoint_url": f"http://127.0.0.1:{port}", "access_key_id": CFG_ACCESS_KEY_ID,
-                          "secret_access_key": CFG_SECRET_ACCESS_KEY, "region": "us-east-1"}
+                          "secret_access_key": CFG_SECRET_ACCESS_KEY, "region": "us-east-1",
+                          "retry_deadline_s": 1}  # a dead endpoint: fail after the attempts, not a minute
         rc, out = _fail_fast(write_yaml(tmp_path / "dead-endpoint.yaml", cfg), tmp_path)
     assert rc == 2, out
     assert f"s3://{bucket}/root" in out and f"127.0.0.1:{port}" in out, out

@@ -1,33 +1,52 @@
-"""operators/storage.py against local paths and a real S3-compatible server (moto server mode)."""
+"""operators/storage.py against local paths and two real S3 servers: moto (server mode) and SeaweedFS.
+
+Every test that talks to S3 runs against both (``root_uri`` here, ``any_s3_server`` / ``any_s3_bucket`` from
+conftest); the retry deadline's handler is checked without a server."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import operators.storage as storage_mod
 from operators.storage import (
+    DEADLINE_BACKOFF_MAX_S,
     Storage,
     StorageError,
     StorageOptions,
     arrow_filesystem,
+    deadline_retry_delay,
+    filesystem,
     join,
     normalize,
     redact,
     scheme_of,
     strip_scheme,
 )
-from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server
+from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server, clear_s3fs_caches, closed_port
+from tests.seaweed import (
+    OTHER_ACCESS_KEY_ID,
+    OTHER_SECRET_ACCESS_KEY,
+    S3_KINDS,
+    SeaweedServer,
+    fresh_bucket,
+    s3_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-# Explicit credentials that differ from the env sentinels; moto accepts any credentials.
-OTHER_ACCESS_KEY_ID = "other-key-id-MMR-5b1c"
-OTHER_SECRET_ACCESS_KEY = "other-secret-MMR-c0de77"
+# OTHER_*: explicit credentials that differ from the env sentinels (moto accepts any; SeaweedFS has them as a
+# second identity).
 ALL_SECRETS = (TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, OTHER_ACCESS_KEY_ID, OTHER_SECRET_ACCESS_KEY)
 
 
@@ -48,6 +67,19 @@ def _bucket(s3_uri: str) -> str:
 def _assert_no_secrets(text: str) -> None:
     for s in ALL_SECRETS:
         assert s not in text, f"secret {s[:6]}... leaked into: {text!r}"
+
+
+@pytest.fixture(params=["local", *S3_KINDS])
+def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty root: a local directory, or ``s3://<fresh bucket>/root`` on moto or on SeaweedFS (the AWS
+    environment pointed at it). Overrides conftest's (local and moto)."""
+    if request.param == "local":
+        root = tmp_path / "root"
+        root.mkdir()
+        yield str(root)
+        return
+    with fresh_bucket(s3_for(request, request.param)) as bucket_uri:
+        yield f"{bucket_uri}/root"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +159,7 @@ def test_exists(root_uri):
     assert not st.exists(join(root_uri, "other"))
 
 
-def test_rm_file_and_recursive(root_uri):
+def test_rm_file_and_recursive(root_uri, request):
     st = Storage()
     for name in ("keep.txt", "tree/a.txt", "tree/deeper/b.txt", "single.txt"):
         st.write_bytes(join(root_uri, name), b"1")
@@ -138,7 +170,11 @@ def test_rm_file_and_recursive(root_uri):
     st.rm(join(root_uri, "tree"), recursive=True)
     assert not st.exists(join(root_uri, "tree/a.txt"))
     assert not st.exists(join(root_uri, "tree/deeper/b.txt"))
-    assert not st.exists(join(root_uri, "tree"))
+    assert st.find(join(root_uri, "tree")) == []
+    # SeaweedFS keeps an emptied prefix as an empty directory (seen > 40 s): exists() and listdir() may still name
+    # it there (find() lists files only). The pipeline trusts files (markers, manifests), never a directory.
+    if request.node.callspec.params["root_uri"] != "seaweedfs":
+        assert not st.exists(join(root_uri, "tree"))
     assert st.ls(root_uri) == [join(root_uri, "keep.txt")]
 
     st.rm(join(root_uri, "never-existed"), recursive=True)  # no error
@@ -230,17 +266,18 @@ def test_arrow_filesystem_kind(s3_bucket, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_env_settings_reach_the_test_server(s3_server: S3Server, s3_bucket):
+def test_env_settings_reach_the_test_server(any_s3_server: S3Server, any_s3_bucket):
     """With no explicit options, endpoint and credentials come from the AWS environment."""
-    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint_url
-    Storage().write_bytes(f"{s3_bucket}/k/v.txt", b"through env")
-    body = s3_server.client().get_object(Bucket=_bucket(s3_bucket), Key="k/v.txt")["Body"].read()
+    assert os.environ["AWS_ENDPOINT_URL"] == any_s3_server.endpoint_url
+    Storage().write_bytes(f"{any_s3_bucket}/k/v.txt", b"through env")
+    body = any_s3_server.client().get_object(Bucket=_bucket(any_s3_bucket), Key="k/v.txt")["Body"].read()
     assert body == b"through env"
 
 
-def test_explicit_options_reach_the_test_server(s3_server: S3Server, s3_bucket):
+def test_explicit_options_reach_the_test_server(any_s3_server: S3Server, any_s3_bucket):
+    s3_bucket = any_s3_bucket
     opts = StorageOptions(
-        endpoint_url=s3_server.endpoint_url,
+        endpoint_url=any_s3_server.endpoint_url,
         region="us-east-1",
         access_key_id=OTHER_ACCESS_KEY_ID,
         secret_access_key=OTHER_SECRET_ACCESS_KEY,
@@ -251,24 +288,24 @@ def test_explicit_options_reach_the_test_server(s3_server: S3Server, s3_bucket):
     st.check_reachable(s3_bucket)
 
 
-def test_check_reachable_ok(s3_bucket, tmp_path):
+def test_check_reachable_ok(any_s3_bucket, tmp_path):
     st = Storage()
-    st.check_reachable(s3_bucket)
-    st.check_reachable(f"{s3_bucket}/some/prefix/that/does/not/exist/yet")
+    st.check_reachable(any_s3_bucket)
+    st.check_reachable(f"{any_s3_bucket}/some/prefix/that/does/not/exist/yet")
     st.check_reachable(str(tmp_path))
 
 
-def test_check_reachable_missing_bucket(s3_server):
+def test_check_reachable_missing_bucket(any_s3_server):
     with pytest.raises(StorageError) as ei:
         Storage().check_reachable("s3://mmr-no-such-bucket-7f3e/prefix")
     assert "mmr-no-such-bucket-7f3e" in str(ei.value)
     _assert_no_secrets(str(ei.value))
 
 
-def test_error_with_explicit_other_credentials_has_no_secrets(s3_server):
+def test_error_with_explicit_other_credentials_has_no_secrets(any_s3_server):
     """Explicit credentials (different from the env ones) + a missing bucket: no secret in the error."""
     opts = StorageOptions(
-        endpoint_url=s3_server.endpoint_url,
+        endpoint_url=any_s3_server.endpoint_url,
         access_key_id=OTHER_ACCESS_KEY_ID,
         secret_access_key=OTHER_SECRET_ACCESS_KEY,
         session_token="other-token-MMR-4242",
@@ -290,11 +327,11 @@ def test_error_with_explicit_other_credentials_has_no_secrets(s3_server):
 
 
 @pytest.mark.parametrize("secret", [TEST_SECRET_ACCESS_KEY, TEST_ACCESS_KEY_ID, OTHER_SECRET_ACCESS_KEY])
-def test_secret_in_error_text_is_scrubbed(s3_bucket, secret):
+def test_secret_in_error_text_is_scrubbed(any_s3_bucket, secret):
     """A secret that does end up in an error message (here: in the path) is replaced by ***."""
     st = Storage(StorageOptions(access_key_id=OTHER_ACCESS_KEY_ID, secret_access_key=OTHER_SECRET_ACCESS_KEY))
     with pytest.raises(StorageError) as ei:
-        st.read_table(f"{s3_bucket}/{secret}/missing.parquet")
+        st.read_table(f"{any_s3_bucket}/{secret}/missing.parquet")
     _assert_no_secrets(str(ei.value))
     assert "/***/missing.parquet" in str(ei.value)
 
@@ -362,12 +399,118 @@ def test_storage_options_s3fs_kwargs():
 
 
 # ----------------------------------------------------------------------------------------------
+# the retry deadline (no server): botocore's needs-retry handler, and the filesystem that registers it
+# ----------------------------------------------------------------------------------------------
+
+ENDPOINT = SimpleNamespace(host="http://127.0.0.1:9")
+
+
+@pytest.fixture
+def no_outages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler's per-process outage record starts empty (and this test's stays its own)."""
+    monkeypatch.setattr(storage_mod, "_OUTAGES", {})
+    monkeypatch.setattr(storage_mod, "_WARNED", set())
+
+
+def _refused() -> BaseException:
+    from botocore.exceptions import EndpointConnectionError
+
+    return EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")
+
+
+def _answer(status: int, code: str | None = None) -> tuple[Any, dict[str, Any]]:
+    parsed: dict[str, Any] = {"ResponseMetadata": {"HTTPStatusCode": status}}
+    if code:
+        parsed["Error"] = {"Code": code}
+    return SimpleNamespace(status_code=status), parsed
+
+
+def _delay(now: float, request: dict[str, Any], attempts: int = 5, deadline: float = 10.0,
+           **kw: Any) -> float | None:
+    kw.setdefault("caught_exception", None if "response" in kw else _refused())
+    return deadline_retry_delay(deadline, 5, attempts=attempts, request_dict=request, endpoint=ENDPOINT, now=now, **kw)
+
+
+def test_deadline_handler_retries_transient_failures_until_the_budget(no_outages: None) -> None:
+    a: dict[str, Any] = {"context": {}}
+    first = _delay(100.0, a)
+    assert first is not None and 0 < first <= DEADLINE_BACKOFF_MAX_S
+    assert _delay(109.5, a) == pytest.approx(0.5)  # never sleeps past the budget
+    assert _delay(110.0, a) is None  # spent: botocore raises the last error
+    # A new request in the same outage does not get a new budget (a re-issue, the next call of a loop).
+    assert _delay(110.5, {"context": {}}) is None
+    # Any answer ends the outage: the next failure starts a new budget.
+    assert _delay(111.0, {"context": {}}, response=_answer(200)) is None
+    assert _delay(112.0, {"context": {}}) is not None
+    # A request keeps its own budget even when others' answers end the endpoint's outage meanwhile.
+    b: dict[str, Any] = {"context": {}}
+    assert _delay(200.0, b) is not None
+    assert _delay(201.0, {"context": {}}, response=_answer(200)) is None
+    assert _delay(210.5, b) is None
+    # Nobody retrying for longer than the quiet gap: a failure much later is a new outage.
+    c: dict[str, Any] = {"context": {}}
+    assert _delay(300.0, c) is not None
+    assert _delay(300.0 + storage_mod._QUIET_GAP_S + 11, {"context": {}}) is not None
+
+
+def test_deadline_handler_retries_only_endpoint_failures(no_outages: None) -> None:
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+    for exc in (ConnectionClosedError(endpoint_url="u"), ReadTimeoutError(endpoint_url="u")):
+        assert _delay(0.0, {"context": {}}, caught_exception=exc) is not None, exc
+    for status, code in ((500, "InternalError"), (503, "SlowDown"), (400, "RequestTimeout"), (502, None)):
+        assert _delay(0.0, {"context": {}}, response=_answer(status, code)) is not None, (status, code)
+    for status, code in ((404, "NoSuchKey"), (403, "AccessDenied"), (412, "PreconditionFailed"), (501, None)):
+        assert _delay(0.0, {"context": {}}, response=_answer(status, code)) is None, (status, code)
+    assert _delay(0.0, {"context": {}}, caught_exception=ValueError("not the endpoint")) is None
+    # Backoff: capped, so a recovered endpoint is noticed soon.
+    assert all(_delay(0.0, {"context": {}}, attempts=n) <= DEADLINE_BACKOFF_MAX_S for n in (1, 8, 40, 400))
+
+
+def test_deadline_filesystem_is_cached_per_budget_and_pickles_with_it() -> None:
+    from operators.storage import S3FS_CALL_ATTEMPTS
+
+    opts = StorageOptions(endpoint_url="http://127.0.0.1:9", retry_deadline_s=7)
+    fs = filesystem("s3://b/k", opts)
+    assert type(fs).__name__ == "DeadlineS3FileSystem"
+    assert (fs.retry_deadline_s, fs.retries) == (7.0, S3FS_CALL_ATTEMPTS)
+    assert filesystem("s3://b/k", opts) is fs  # fsspec's instance cache...
+    assert filesystem("s3://b/k", StorageOptions(endpoint_url="http://127.0.0.1:9", retry_deadline_s=8)) is not fs
+    back = pickle.loads(pickle.dumps(fs))  # as a Ray worker gets it (Ray Data readers and writers)
+    assert type(back) is type(fs) and (back.retry_deadline_s, back.retries) == (7.0, S3FS_CALL_ATTEMPTS)
+    arrow_fs, _ = arrow_filesystem("s3://b/k", opts)
+    assert pickle.loads(pickle.dumps(arrow_fs)).handler.fs.retry_deadline_s == 7.0
+    clear_s3fs_caches()  # ...is s3fs' own: the tests' clearing (after an environment change) reaches it
+    assert filesystem("s3://b/k", opts) is not fs
+
+
+def test_a_refused_request_is_retried_for_the_deadline_not_its_attempts(no_outages: None) -> None:
+    """One botocore attempt per request, 1.5 s budget: the request keeps trying (the handler is registered on the
+    filesystem's client) for the budget, then the error names it."""
+    import time
+
+    with closed_port() as port:
+        st = Storage(StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", retries=1, retry_deadline_s=1.5,
+                                    access_key_id=OTHER_ACCESS_KEY_ID, secret_access_key=OTHER_SECRET_ACCESS_KEY))
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as ei:
+            st.read_bytes("s3://mmr-bucket/x.bin")
+        took = time.monotonic() - t0
+    msg = str(ei.value)
+    assert ei.value.transient and msg.startswith("s3://mmr-bucket/x.bin: "), msg
+    assert f"endpoint http://127.0.0.1:{port}" in msg and "storage.retry_deadline_s=1.5s" in msg, msg
+    _assert_no_secrets(msg)
+    assert 1.5 <= took < 30, took  # not a timing claim beyond: it waited for the budget, and ended
+
+
+# ----------------------------------------------------------------------------------------------
 # Regression: a listings cache made exists/ls/rm blind to writes by other processes
 # (fixed with use_listings_cache=False in StorageOptions.s3fs_kwargs)
 # ----------------------------------------------------------------------------------------------
 
 
-def test_sees_objects_written_by_another_process(s3_server: S3Server, s3_bucket):
+def test_sees_objects_written_by_another_process(any_s3_server: S3Server, any_s3_bucket):
+    s3_server, s3_bucket = any_s3_server, any_s3_bucket
     st = Storage()
     bucket = _bucket(s3_bucket)
     root = f"{s3_bucket}/root"
@@ -394,33 +537,42 @@ def test_sees_objects_written_by_another_process(s3_server: S3Server, s3_bucket)
 
 
 # ----------------------------------------------------------------------------------------------
-# Ray workers reach the test server (AWS_* forwarded by the ray_local fixture)
+# Ray workers reach the test server: moto through the AWS_* the ray_local fixture forwards, SeaweedFS through
+# explicit options (the workers' environment is moto's), as a config's storage section reaches them
 # ----------------------------------------------------------------------------------------------
 
 
-def test_ray_workers_read_s3(s3_server: S3Server, s3_bucket, ray_local):
+@pytest.mark.timeout(300)  # a hang guard: Ray Data's first read on a loaded 2-core box
+def test_ray_workers_read_s3(any_s3_server: S3Server, any_s3_bucket, ray_local):
     import ray
 
+    s3_bucket = any_s3_bucket
     st = Storage()
     table = _table(60)
     st.write_table(f"{s3_bucket}/w/part-0.parquet", table.slice(0, 30))
     st.write_table(f"{s3_bucket}/w/part-1.parquet", table.slice(30))
+    opts = StorageOptions(endpoint_url=any_s3_server.endpoint_url) if isinstance(any_s3_server, SeaweedServer) \
+        else None
 
     @ray.remote
-    def remote_read(uri: str) -> tuple[int, str, str]:
+    def remote_read(uri: str, opts: StorageOptions | None) -> tuple[int, str, float, str]:
         from operators.storage import Storage
 
-        s = Storage()
-        return s.read_table(uri).num_rows, s.sha256(uri), os.environ.get("AWS_ENDPOINT_URL", "")
+        s = Storage(opts)
+        return (s.read_table(uri).num_rows, s.sha256(uri), s.fs(uri).retry_deadline_s,
+                os.environ.get("AWS_ENDPOINT_URL", ""))
 
-    rows, digest, endpoint = ray.get(remote_read.remote(f"{s3_bucket}/w/part-0.parquet"), timeout=60)
+    rows, digest, deadline, env_endpoint = ray.get(remote_read.remote(f"{s3_bucket}/w/part-0.parquet", opts),
+                                                   timeout=60)
     assert rows == 30
     assert digest == st.sha256(f"{s3_bucket}/w/part-0.parquet")
-    assert endpoint == s3_server.endpoint_url
+    assert deadline == StorageOptions().retry_deadline_s
+    if opts is None:
+        assert env_endpoint == any_s3_server.endpoint_url
 
     import ray.data
 
-    fs, path = arrow_filesystem(f"{s3_bucket}/w")
+    fs, path = arrow_filesystem(f"{s3_bucket}/w", opts)
     ds = ray.data.read_parquet(path, filesystem=fs)
     got = pa.concat_tables(ray.get(ds.to_arrow_refs())).select(table.column_names).sort_by("doc_id")
     assert got.equals(table)
