@@ -7,6 +7,8 @@ separate ``ray start`` process tree, stopped by PID (only the processes this scr
 
 Used by the cluster tests (``tests/`` marker ``cluster``) through :class:`LocalCluster`. Token auth is
 whatever Ray's default is; tests that need it off set ``RAY_AUTH_MODE=disabled`` for their own cluster.
+``--dashboard`` starts the head's dashboard on loopback (the job and Serve REST API: ``serve deploy --address``);
+a node can declare GPUs it does not have (``add_worker(num_gpus=1)``): Ray schedules on them as a logical resource.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Node:
     pgid: int
     temp_dir: str
     raylet_pids: list[int] = field(default_factory=list)
-    lost: bool = False  # killed on purpose (a simulated machine failure)
+    lost: bool = False  # killed on purpose (a simulated machine failure) or stopped (stop_node)
 
 
 @dataclass
@@ -58,6 +60,12 @@ class LocalCluster:
     address: str = ""
     nodes: list[Node] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    dashboard: bool = False  # off by default: one process less per cluster when nothing needs its REST API
+    dashboard_address: str = ""  # http://127.0.0.1:<port> once started with dashboard=True
+
+    def _node(self, name: str) -> Node:
+        """The newest node of that name (a failed start that was retried leaves an older, lost one)."""
+        return next(n for n in reversed(self.nodes) if n.name == name)
 
     def _start_node(self, name: str, args: list[str]) -> Node:
         # A short temp dir per node, whatever its name: Ray's socket paths under it (session_<time>_<pid>/
@@ -73,31 +81,90 @@ class LocalCluster:
         Path(self.state).mkdir(parents=True, exist_ok=True)
         port = _free_port()
         self.address = f"127.0.0.1:{port}"
+        dash = ["--include-dashboard=false"]
+        if self.dashboard:
+            dash_port = _free_port()
+            self.dashboard_address = f"http://127.0.0.1:{dash_port}"
+            dash = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
         self.nodes.append(self._start_node("head", [
-            "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0",
-            "--include-dashboard=false", f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
-            f"--ray-client-server-port={_free_port()}"]))
+            "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", *dash,
+            f"--object-store-memory={self.object_store_mb * 1024 * 1024}", f"--ray-client-server-port={_free_port()}"]))
         self._wait(1, timeout_s)
         for i in range(self.workers):
             self.nodes.append(self._start_worker(f"worker{i}"))
         self._wait(1 + self.workers, timeout_s)
+        if self.dashboard:  # it comes up after the GCS: a `serve deploy` right after start() would be refused
+            self._wait_dashboard(timeout_s)
         self.save()
         log.info("local cluster up at %s: head + %d workers", self.address, self.workers)
         return self
 
-    def _start_worker(self, name: str) -> Node:
+    def _start_worker(self, name: str, num_cpus: float | None = None, num_gpus: int = 0) -> Node:
+        # num_gpus > 0 without a GPU: Ray trusts the declared count (a logical resource), sets
+        # CUDA_VISIBLE_DEVICES for the tasks it gives them, and code that checks torch.cuda falls back to CPU.
+        cpus = self.cpus_per_worker if num_cpus is None else num_cpus
         return self._start_node(name, [
-            f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_worker}",
-            "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 1024 * 1024}"])
+            f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+            f"--num-gpus={num_gpus}", f"--object-store-memory={self.object_store_mb * 1024 * 1024}"])
 
-    def add_worker(self, name: str, timeout_s: float = 120) -> Node:
-        """Join one more worker node (as an autoscaler replacing a lost machine would)."""
+    def add_worker(self, name: str, timeout_s: float = 120, num_cpus: float | None = None, num_gpus: int = 0,
+                   retries: int = 1) -> Node:
+        """Join one more worker node (as an autoscaler replacing a lost machine, or adding a GPU one, would).
+
+        A start that fails is retried ``retries`` times: `ray start` gives its raylet a fixed 30 s to register
+        with the GCS and exits when that runs out, which happens on a heavily loaded host."""
         alive = self._alive_nodes()
-        node = self._start_worker(name)
-        self.nodes.append(node)
-        self._wait(alive + 1, timeout_s)
+        for attempt in range(retries + 1):
+            node = self._start_worker(name, num_cpus, num_gpus)
+            self.nodes.append(node)
+            try:
+                self._wait(alive + 1, timeout_s)
+                break
+            except RuntimeError:
+                _killpg(node.pgid, signal.SIGKILL)  # whatever of it is left: it must not register later
+                node.lost = True
+                if attempt == retries:
+                    raise
+                lines = (Path(self.state) / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                log.warning("node %s failed to start (%s); starting it again", name, lines[-1] if lines else "no log")
         self.save()
         return node
+
+    def stop_node(self, name: str, timeout_s: float = 60) -> None:
+        """Stop one node gracefully (SIGTERM to its process group, as ``ray stop`` would) and wait until the
+        cluster no longer counts it: its resources (a declared GPU) are gone before the caller goes on."""
+        node = self._node(name)
+        _killpg(node.pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(node.pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _killpg(node.pgid, signal.SIGKILL)
+        node.lost = True
+        self.save()
+        # At most the nodes not lost: a node killed earlier that the GCS still counts only makes this wait longer.
+        target = sum(not n.lost for n in self.nodes)
+        while (alive := self._alive_nodes()) > target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster counts {alive} nodes, {target} expected, {timeout_s}s after "
+                                   f"stopping {name}")
+            time.sleep(0.5)
+        log.info("stopped node %s", name)
+
+    def _wait_dashboard(self, timeout_s: float) -> None:
+        from urllib.error import URLError
+        from urllib.request import urlopen
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urlopen(f"{self.dashboard_address}/api/version", timeout=5) as r:  # noqa: S310 - our loopback URL
+                    if r.status == 200:
+                        return
+            except (URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no dashboard at {self.dashboard_address} in {timeout_s}s; logs in {self.state}")
+            time.sleep(0.5)
 
     def node_of(self, pid: int) -> str:
         """Name of the node running ``pid`` (a worker or actor process): the node whose raylet is an
@@ -122,7 +189,7 @@ class LocalCluster:
         """SIGKILL a node's raylet, the way a machine failure looks to the rest of the cluster."""
         pid = self.raylet_pid(name)
         os.kill(pid, signal.SIGKILL)
-        next(n for n in self.nodes if n.name == name).lost = True
+        self._node(name).lost = True
         log.warning("killed raylet %d of %s", pid, name)
         return pid
 
@@ -136,12 +203,16 @@ class LocalCluster:
         del ray
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
+    def check_nodes(self) -> None:
+        """Raise if a node's ``ray start`` exited that was not killed or stopped on purpose (a failed start)."""
+        for node in self.nodes:
+            if not _alive(node.pgid) and not node.lost:
+                raise RuntimeError(f"{node.name} exited; see {self.state}/{node.name}.log")
+
     def _wait(self, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for node in self.nodes:
-                if not _alive(node.pgid) and not node.lost:
-                    raise RuntimeError(f"{node.name} exited; see {self.state}/{node.name}.log")
+            self.check_nodes()
             try:
                 if self._alive_nodes() >= n:
                     return
@@ -152,16 +223,12 @@ class LocalCluster:
 
     def raylet_pid(self, name: str) -> int:
         """PID of a node's raylet (to kill one node the way a machine failure would)."""
-        node = next(n for n in self.nodes if n.name == name)
+        node = self._node(name)
         out = subprocess.run(["pgrep", "-g", str(node.pgid), "-f", "raylet/raylet"], capture_output=True, text=True)
         pids = [int(p) for p in out.stdout.split()]
         if not pids:
             raise RuntimeError(f"no raylet found for {name}")
         return pids[0]
-
-    def kill_node(self, name: str) -> None:
-        node = next(n for n in self.nodes if n.name == name)
-        _killpg(node.pgid, signal.SIGKILL)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
@@ -223,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=1)
     p.add_argument("--object-store-mb", type=int, default=200)
+    p.add_argument("--dashboard", action="store_true", help="start the head's dashboard on loopback (serve deploy)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "start":
-        c = LocalCluster(args.state, args.workers, args.cpus_per_worker, args.object_store_mb).start()
+        c = LocalCluster(args.state, args.workers, args.cpus_per_worker, args.object_store_mb,
+                         dashboard=args.dashboard).start()
         sys.stdout.write(c.address + "\n")
     elif args.command == "address":
         sys.stdout.write(LocalCluster.load(args.state).address + "\n")

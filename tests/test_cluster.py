@@ -10,6 +10,10 @@ the same cluster: same candidates, same scores, same results.
   the batch; results equal the clean run's.
 * A stalled stage (``MMR_FAULT_INJECT=hang:...``): the watchdog fails the run with a clear message and
   ``LATEST`` does not move.
+* The shipped RayService's ``serveConfigV2`` (``cluster/kuberay/rayservice.yaml``), with only the results root and
+  the HTTP bind pointed at this host, deployed with the real ``serve deploy`` CLI through the head's dashboard;
+  ``/healthz`` and a lookup over HTTP answer from the clean run. Its ``num_gpus: 1`` is met by a worker node that
+  declares one GPU (a logical resource: no GPU here, the app falls back to CPU), stopped again afterwards.
 
 Stages run with small CPU requests so that the whole pipeline fits on one surviving 1-CPU node.
 """
@@ -17,21 +21,25 @@ Stages run with small CPU requests so that the whole pipeline fits on one surviv
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 import pytest
+import yaml
 
-from cluster.local_cluster import LocalCluster
+from cluster.local_cluster import LocalCluster, _free_port
 from operators.storage import Storage, join
 from operators.watchdog import StallError
 from pipelines import publish as P
@@ -44,6 +52,8 @@ from tests.reference import check_manifest, lean, run_cfg_dict
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
 KILL_DEADLINE_S = 600.0  # a hang guard while waiting for the moment to kill, not a performance claim
+RAYSERVICE = Path(__file__).resolve().parents[1] / "cluster" / "kuberay" / "rayservice.yaml"
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +67,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     mp.setenv("HF_HUB_OFFLINE", "1")
     # The GCS health-checks each raylet every second instead of every 3 s (5 misses in a row mark a node dead, each
     # check still given Ray's default 10 s to answer): a killed node is noticed in ~5 s, not ~15 s.
-    c = LocalCluster(str(tmp_path_factory.mktemp("cluster")), workers=2, cpus_per_worker=1,
+    # The dashboard (on loopback) is the address `serve deploy` talks to.
+    c = LocalCluster(str(tmp_path_factory.mktemp("cluster")), workers=2, cpus_per_worker=1, dashboard=True,
                      env={"RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "1000"})
     try:
         c.start()
@@ -240,6 +251,136 @@ def test_watchdog_fails_a_stalled_stage(cluster: LocalCluster, sample: SampleInf
     with _driver(monkeypatch, None):
         rep = run(_cfg(cluster, root, sample))
     _assert_same_results(rep, clean)
+
+
+# --- the shipped RayService's Serve config on this cluster -----------------------------------------------------------
+
+# Every leaf of the shipped serveConfigV2 the test changes, with its shipped value: only what points outside this host
+# (the results bucket) or would bind where other things on a shared host listen (0.0.0.0:8000; Serve's proxies set
+# SO_REUSEPORT, so another Serve on 8000 would silently share the port). A drift in the manifest fails here.
+SERVE_OVERRIDES: dict[tuple[str | int, ...], Any] = {
+    ("applications", 0, "runtime_env", "env_vars", "MMRERANK_ROOT"): "s3://my-bucket/mmrerank/out",
+    ("http_options", "host"): "0.0.0.0",
+    ("http_options", "port"): 8000,
+}
+
+
+def _leaves(d: Any, path: tuple[str | int, ...] = ()) -> dict[tuple[str | int, ...], Any]:
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _leaves(sub, (*path, key)).items()}
+    if isinstance(d, list):
+        return {k: v for i, sub in enumerate(d) for k, v in _leaves(sub, (*path, i)).items()}
+    return {path: d}
+
+
+def _set(d: Any, path: tuple[str | int, ...], value: Any) -> None:
+    for key in path[:-1]:
+        d = d[key]
+    d[path[-1]] = value
+
+
+def _serve_details(dashboard: str) -> dict[str, Any]:
+    r = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10)  # what `serve status` reads
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def _serve_cli(*args: str) -> str:
+    out = subprocess.run([str(Path(sys.executable).with_name("serve")), *args], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ))  # the module's RAY_AUTH_MODE=disabled
+    assert out.returncode == 0, f"serve {' '.join(args)}: {out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def _poll(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
+    """``check()``'s first truthy answer. LookupError (not there yet) and HTTP or JSON errors (the app is still
+    coming up) mean try again; anything else (a failed deploy, a dead node) fails at once."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            got = check()
+            if got:
+                return got
+        except (LookupError, httpx.HTTPError, ValueError) as e:  # reported when the deadline passes
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not within {timeout_s:.0f}s (last error: {last})")
+
+
+def test_shipped_rayservice_serve_config_deploys_on_the_cluster(cluster: LocalCluster, clean: RunReport,
+                                                                tmp_path: Path) -> None:
+    manifest = yaml.safe_load(RAYSERVICE.read_text())
+    shipped = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    got = _leaves(shipped)
+    assert {k: got.get(k) for k in SERVE_OVERRIDES} == SERVE_OVERRIDES, "the shipped serveConfigV2 moved a key"
+    port = _free_port()
+    root = str(Path(clean.run_dir).parent.parent)  # the clean run's published root (LATEST names it)
+    cfg = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    for key, value in zip(SERVE_OVERRIDES, (root, "127.0.0.1", port), strict=True):
+        _set(cfg, key, value)
+    changed = {k for k, v in _leaves(cfg).items() if got.get(k, object()) != v} | set(got) - set(_leaves(cfg))
+    assert changed == set(SERVE_OVERRIDES)
+    assert "s3://" not in yaml.safe_dump(cfg), "the shipped config points at object storage somewhere else too"
+
+    # A worker node with what one replica of each deployment asks, GPU included (shipped LiveModels: num_gpus 1).
+    asks = [d["ray_actor_options"] for d in cfg["applications"][0]["deployments"]]
+    gpus = sum(a.get("num_gpus", 0) for a in asks)
+    assert gpus == 1
+    gpu_node = cluster.add_worker("serve-gpu", num_cpus=sum(a.get("num_cpus", 1) for a in asks), num_gpus=gpus)
+    try:
+        path = tmp_path / "serve-config.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        _serve_cli("deploy", str(path), "--address", cluster.dashboard_address)
+        log.info("serve deploy %s: accepted", path)
+
+        def running() -> dict[str, Any]:
+            cluster.check_nodes()  # a node that died would otherwise look like a slow deploy
+            app = _serve_details(cluster.dashboard_address)["applications"].get("mmrerank") or {}
+            assert app.get("status") != "DEPLOY_FAILED", app.get("message")
+            if app.get("status") != "RUNNING":  # reported by _poll if it never gets there
+                raise LookupError(f"app {app.get('status')}: {app.get('message')}; deployments "
+                                  f"{ {k: d.get('status') for k, d in (app.get('deployments') or {}).items()} }")
+            return dict(app)
+
+        app = _poll("the app RUNNING", running, 300)
+        log.info("app RUNNING")
+        (replica,) = app["deployments"]["LiveModels"]["replicas"]
+        assert cluster.node_of(replica["pid"]) == gpu_node.name  # its GPU ask was met by the declared GPU
+
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy() -> dict[str, Any]:
+            h = dict(httpx.get(f"{base}/healthz", timeout=10).json())
+            if h["status"] != "ok":
+                raise LookupError(f"/healthz {h}")
+            return h
+
+        # "ok" once the Api replica loaded the run and LiveModels its models (on CPU: torch sees no CUDA here).
+        health = _poll("/healthz ok", healthy, 300)
+        log.info("/healthz: %s", health)
+        assert health["run_id"] == clean.run_id, health
+        want = _results(clean)
+        qid = sorted(want)[0]
+        r = httpx.get(f"{base}/v1/results/{qid}", timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["query_id"] == qid and body["run_id"] == clean.run_id
+        rows = want[qid]
+        assert [x["doc_id"] for x in body["results"]] == [x["doc_id"] for x in rows]
+        assert [x["rank"] for x in body["results"]] == [x["rank"] for x in rows]
+        for col in ("retrieval_score", "rerank_score", "final_score"):  # the stored float32s, through JSON
+            np.testing.assert_array_equal(np.float32([x[col] for x in body["results"]]),
+                                          np.float32([x[col] for x in rows]), err_msg=col)
+        log.info("served %s on the shipped serveConfigV2: %d rows for %s", clean.run_id, len(rows), qid)
+    finally:
+        # Serve down and the GPU node gone: the other tests' runs would otherwise see a GPU and ask for it.
+        try:
+            # What `serve shutdown -y` sends (without a second CLI process's start-up); asynchronous: wait for it.
+            httpx.delete(f"{cluster.dashboard_address}/api/serve/applications/", timeout=60).raise_for_status()
+            _poll("Serve shut down",
+                  lambda: _serve_details(cluster.dashboard_address)["controller_info"].get("node_id") is None, 120)
+        finally:
+            cluster.stop_node(gpu_node.name)
 
 
 def test_node_temp_dir_stays_short_whatever_the_node_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
