@@ -76,7 +76,9 @@ def off_template_queries(queries: str, qrels: str, out: Path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    judged = set(pq.read_table(qrels).column("query_id").to_pylist())
+    from pipelines.evaluate import load_qrels
+
+    judged = set(load_qrels(qrels))  # Parquet or TREC text (training writes the held-out qrels as TREC text)
     t = pq.read_table(queries)
     t = t.filter(pa.array([q in judged for q in t.column("query_id").to_pylist()]))
     texts = [off_template_text(x, i) for i, x in enumerate(t.column("text").to_pylist())]

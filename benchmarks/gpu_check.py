@@ -506,21 +506,23 @@ def _save_vlm(ctx: Ctx, dest: Path) -> Path:
     return dest
 
 
-def _pairs_batch(ctx: Ctx, n: int, offset: int) -> dict[str, Any]:
-    """n pairs of distinct docs, each with its own query text (another doc's caption), image bytes and caption
-    (the raw loop's input; :func:`_doc_block` turns it into what ``PairsSource`` hands ``RerankPairs``)."""
+def _pairs_batch(ctx: Ctx, n: int, offset: int, per_doc: int = 1) -> dict[str, Any]:
+    """n pairs over n / per_doc distinct docs, each pair with its own query text (another doc's caption), the
+    doc's image bytes and caption (the raw loop's input; :func:`_doc_block` turns it into what ``PairsSource``
+    hands ``RerankPairs``). ``per_doc`` > 1: each doc is retrieved by that many queries, as docs recur across
+    queries in a night's candidates (what prefix sharing saves on)."""
     import numpy as np
 
     from operators.contracts import ID
 
-    docs = _cycle(ctx, n, offset)
-    queries = [ctx.captions[(7 * d + 3) % len(ctx.captions)] for d in docs]
+    docs = [d for d in _cycle(ctx, -(-n // per_doc), offset // per_doc) for _ in range(per_doc)][:n]
+    qi = [(7 * d + 3 + 5 * (i % per_doc)) % len(ctx.captions) for i, d in enumerate(docs)]
     m = _meta(n, "cand-0")
-    m[ID] = np.array([f"q{(7 * d + 3) % len(ctx.captions)}" for d in docs], dtype=object)
+    m[ID] = np.array([f"q{q}" for q in qi], dtype=object)
     return m | {
         "doc_id": np.array([f"d{d}" for d in docs], dtype=object), "rank": np.arange(1, n + 1, dtype=np.int32),
         "retrieval_score": np.linspace(1, 0, n, dtype=np.float32), "doc_shard": np.array(["s0"] * n, dtype=object),
-        "doc_row": np.array(docs, dtype=np.int64), "query_text": np.array(queries, dtype=object),
+        "doc_row": np.array(docs, dtype=np.int64), "query_text": np.array([ctx.captions[q] for q in qi], dtype=object),
         "doc_image": np.array([ctx.images[d] for d in docs], dtype=object),
         "doc_image_uri": np.array([None] * n, dtype=object),
         "doc_caption": np.array([ctx.captions[d] for d in docs], dtype=object),
@@ -639,6 +641,45 @@ def check_reranker(ctx: Ctx, backend: str) -> list[Row]:
         row.score_rho = _spearman(low_scores, ref_scores)
     return [row]
 
+
+
+SHARED_PER_DOC = 4  # queries per doc in the prefix-sharing row (the benchmark workload has ~6 on average)
+
+
+def check_vlm_shared(ctx: Ctx) -> list[Row]:
+    """vlm_yesno with ``prefix_sharing: on`` (each doc's image and prompt prefix once, its queries as suffixes)
+    against the raw per-pair loop over the same pairs, SHARED_PER_DOC queries per doc; the stage's per-pair path
+    (``off``) is timed too and noted."""
+    import numpy as np
+
+    from operators.rerank_ops import RerankPairs
+    from operators.rerankers.base import RerankerSpec
+
+    dest = ctx.work / "vlm_yesno"
+    t0 = time.perf_counter()
+    if not (dest / "config.json").is_file():  # the vlm_yesno row saved it already when it ran
+        _save_vlm(ctx, dest)
+    made_s = time.perf_counter() - t0
+    bs = ctx.profile.rerank_batch["vlm_yesno"]
+    spec = RerankerSpec(backend="vlm_yesno", model=str(dest), max_length=512, prefix_sharing="on")
+    rr = RerankPairs(spec, device=ctx.device, precision=ctx.requested, batch_size=bs)
+    batches = [_pairs_batch(ctx, bs, k * bs, SHARED_PER_DOC) for k in range(2)]
+    blocks = [_doc_block(b) for b in batches]
+    raw = _raw_scorer("vlm_yesno", rr, ctx.device)
+    u, r, peak = _rates(ctx, bs, lambda b: rr(blocks[b % 2]), lambda b: raw(batches[b % 2]))
+    shared = np.asarray(_udf(rr, blocks[0])["rerank_score"], np.float32)
+    params = sum(p.numel() for p in rr.backend.model.parameters())
+    off = RerankPairs(RerankerSpec(backend="vlm_yesno", model=str(dest), max_length=512, prefix_sharing="off"),
+                      device=ctx.device, precision=ctx.requested, batch_size=bs)
+    off_rate, _, _ = _rates(ctx, bs, lambda b: off(blocks[b % 2]), lambda b: None)  # a second copy of the weights
+    per_pair = np.asarray(_udf(off, blocks[0])["rerank_score"], np.float32)
+    setup = "tiny vlm_yesno" if ctx.profile is SMALL else "Qwen2-VL-2B-shaped"
+    row = Row("RerankPairs vlm_yesno shared", f"{setup} ({params / 1e6:.3g}M params), {SHARED_PER_DOC} queries/doc",
+              bs, off.backend.precision, u, r, "pairs/s", udf_vs_raw=float(np.abs(shared - raw(batches[0])).max()),
+              peak_mib=peak)
+    row.notes.append(f"prefix_sharing off: {off_rate:.1f} pairs/s ({u / off_rate:.2f}x on/off); max |on - off| "
+                     f"{float(np.abs(shared - per_pair).max()):.2e}; model made {made_s:.1f}s")
+    return [row]
 
 # --- search -------------------------------------------------------------------------------------------------
 
@@ -772,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny models and data (the CPU mode of the test suite)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip the rows that would start after this")
     ap.add_argument("--only", default="", help="comma-separated check names to run (decode, image, fp16, fed, "
-                                               "text, clip, blip_itm, vlm_yesno, search)")
+                                               "text, clip, blip_itm, vlm_yesno, vlm_shared, search)")
     ap.add_argument("--workers", type=int, default=0, help="decode processes (0: CPUs - 1, at most 15)")
     ap.add_argument("--out", help="write the markdown table here (rewritten after every row)")
     ap.add_argument("--json", help="write every figure here")
@@ -811,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         ("search", lambda: check_search(ctx)),
         ("blip_itm", lambda: check_reranker(ctx, "blip_itm")),
         ("vlm_yesno", lambda: check_reranker(ctx, "vlm_yesno")),
+        ("vlm_shared", lambda: check_vlm_shared(ctx)),
     ]
     if profile.fp16_model and device == "cuda" and ctx.precision != "fp16":
         checks.append(("fp16", lambda: check_image_embedder(ctx, profile.fp16_model, (1024,), "fp16")))

@@ -128,7 +128,8 @@ def _last_checkpoint(storage: Storage, run_dir: str) -> str | None:
     ``resume_from_checkpoint``). A kill during Ray Train's copy leaves a checkpoint with some file cut: skipped."""
     best: tuple[int, str] | None = None
     for name in storage.listdir(run_dir):
-        if not name.startswith("checkpoint_"):
+        # Checkpoints are directories; Ray Train keeps its own files beside them (checkpoint_manager_snapshot.json)
+        if not name.startswith("checkpoint_") or storage.info(join(run_dir, name)).get("type") != "directory":
             continue
         problem = checkpoint_problem(storage, join(run_dir, name))
         if problem is not None:

@@ -71,7 +71,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     rows = data["rows"]
     assert {row["check"] for row in rows} == {
         "DecodeImages", "ImageEmbedder", "TextEmbedder", "ImageEmbedder fed", "RerankPairs clip",
-        "RerankPairs blip_itm", "RerankPairs vlm_yesno", "ShardSearcher+SearchRouter"}
+        "RerankPairs blip_itm", "RerankPairs vlm_yesno", "RerankPairs vlm_yesno shared", "ShardSearcher+SearchRouter"}
     assert sorted(row["batch"] for row in rows if row["check"] == "ImageEmbedder") == [16, 32]
     for row in rows:
         assert row["error"] is None, row

@@ -33,6 +33,22 @@ def trained(ray_local: Any, trained_models: TrainedModels) -> TrainedModels:
     return trained_models
 
 
+# One small data-parallel training setting, shared: its 1-worker run is the reference of both the 2-worker run
+# (test_two_workers_match_one) and the killed-and-resumed CLI training (test_kill_9_...), trained once.
+SMALL_TRAIN = {"epochs": 2, "batch_size": 16, "lr": 0.002, "worker_num_cpus": 0.5}
+
+
+@pytest.fixture(scope="module")
+def one_worker(trained: TrainedModels, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``SMALL_TRAIN`` on one Ray Train worker, uninterrupted (a ``TrainReport``)."""
+    from pipelines.quickstart import TRAIN_CLIP_CONFIG
+    from pipelines.train import run_train
+
+    out = tmp_path_factory.mktemp("one-worker")
+    return run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(out / "root"), train={
+        **SMALL_TRAIN, "num_workers": 1, "name": "dp-1", "output": str(out / "dp-1")}))
+
+
 # --- no Ray -------------------------------------------------------------------------------------------
 
 
@@ -119,6 +135,8 @@ def test_resume_skips_a_checkpoint_killed_while_being_copied(tmp_path: Path) -> 
         write_manifest(d)
         return d
 
+    # Ray Train's own file beside the checkpoints (a kill after it was written failed the resume once)
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
     make("checkpoint_a", 5)
     assert _last_checkpoint(Storage(), str(tmp_path)) == "checkpoint_a"
     make("checkpoint_b", 10).joinpath("optimizer.pt").write_bytes(bytes(range(256)) * 3)  # cut short
@@ -353,7 +371,7 @@ def test_finetuned_reranker_beats_the_retriever_and_broken_inputs_break_it(train
         assert broken["ndcg@10"] <= own["ndcg@10"] - RERANK_MARGIN, (own, broken)
 
 
-def test_two_workers_match_one(trained: TrainedModels, tmp_path: Path) -> None:
+def test_two_workers_match_one(trained: TrainedModels, one_worker: Any, tmp_path: Path) -> None:
     """Data parallel correctness: same data, same global batch, 2 workers -> the same weights as 1."""
     import torch
     from safetensors.torch import load_file
@@ -361,11 +379,10 @@ def test_two_workers_match_one(trained: TrainedModels, tmp_path: Path) -> None:
     from pipelines.quickstart import TRAIN_CLIP_CONFIG
     from pipelines.train import run_train
 
+    two = run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(tmp_path / "root"), train={
+        **SMALL_TRAIN, "num_workers": 2, "name": "dp-2", "output": str(tmp_path / "dp-2")}))
     weights, cards = {}, {}
-    for n in (1, 2):
-        r = run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(tmp_path / "root"), train={
-            "epochs": 2, "batch_size": 16, "lr": 0.002, "num_workers": n, "worker_num_cpus": 0.5,
-            "name": f"dp-{n}", "output": str(tmp_path / f"dp-{n}")}))
+    for n, r in ((1, one_worker), (2, two)):
         weights[n] = load_file(str(Path(r.output) / "model.safetensors"))
         cards[n] = r.card
         assert r.card["training"]["num_workers"] == n
@@ -387,18 +404,20 @@ def test_two_workers_match_one(trained: TrainedModels, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(1800)
-def test_kill_9_of_train_resumes_from_its_last_checkpoint(trained: TrainedModels, tmp_path: Path) -> None:
+def test_kill_9_of_train_resumes_from_its_last_checkpoint(trained: TrainedModels, one_worker: Any,
+                                                          tmp_path: Path) -> None:
     """``mmrerank train`` SIGKILLed with its whole Ray (driver, GCS, raylet, workers) once an epoch checkpoint
     exists; the same command resumes from that checkpoint and ends with the weights and history of an
-    uninterrupted training of the same config."""
+    uninterrupted training of the same config (``one_worker``)."""
     import yaml
     from safetensors.torch import load_file
 
     from pipelines.quickstart import TRAIN_CLIP_CONFIG, _paths
-    from pipelines.train import _last_checkpoint, run_train
+    from pipelines.train import _last_checkpoint
 
-    train = {"epochs": 2, "batch_size": 16}  # the kill lands after epoch 1 of 2: epoch 2 is resumed
-    ref = run_train(trained.config(TRAIN_CLIP_CONFIG, root=str(tmp_path / "ref"), train={**train, "name": "ref"}))
+    # SMALL_TRAIN: the kill lands after epoch 1 of 2, epoch 2 is resumed
+    train = {**SMALL_TRAIN, "num_workers": 1}
+    ref = one_worker
 
     root = tmp_path / "root"
     data = yaml.safe_load(TRAIN_CLIP_CONFIG.read_text())

@@ -18,25 +18,32 @@ and ``/healthz`` reports the refusal. The model deployments batch requests with 
 # No `from __future__ import annotations` here: FastAPI must see real types on the ingress methods.
 import asyncio
 import base64
-import json
 import logging
 import threading
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from operators.storage import Storage, scheme_of
 from pipelines import explorer
 from pipelines.explorer.views import MAX_SUGGESTIONS, DocsRequest, Explorer, LikeRequest
+from pipelines.serve.http import install
 from pipelines.serve.live import LiveModels
+from pipelines.serve.schemas import (
+    IMAGE_FIELDS,
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankV2Request,
+    SearchRequest,
+    rerank_meta,
+)
 from pipelines.serve.store import ResultsStore, load_store
 
 log = logging.getLogger(__name__)
@@ -66,220 +73,13 @@ class ServeSettings(BaseModel):
     ingress: Literal["direct", "proxy"] = "direct"
 
 
-# --- request / response models ------------------------------------------------------------------
-
-
-def _unicode_text(v: str) -> str:
-    """JSON can carry lone surrogates (``"\\ud800"``): not text, nothing downstream can encode them."""
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
-    return v
-
-
-Text = Annotated[str, AfterValidator(_unicode_text)]
-
-
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: Text = Field(min_length=1)
-    top_k: int = Field(default=100, gt=0)
-    top_n: int | None = Field(default=None, gt=0)
-    rerank: bool = True
-
-
-IMAGE_FIELDS = ("image", "image_url", "image_b64")  # a document carries at most one of them
-
-
-class RerankDocument(BaseModel):
-    """A document of a rerank call: text (the caption) and/or one image.
-
-    ``image`` is Jina's form (jina-reranker-m0): an image URL (allowed schemes only), base64, or a
-    ``data:image/...;base64,`` URI. ``image_url`` / ``image_b64`` say which explicitly."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"text": "a red circle on a white background"}, {"image": "data:image/png;base64,iVBORw0KGgo..."},
-        {"image": "s3://bucket/images/0001.jpg", "text": "its caption"}]})
-
-    text: Text | None = Field(default=None, description="the document's text (a caption for image rerankers)")
-    image: Text | None = Field(default=None, description="Jina's form: an image URL (allowed schemes only), "
-                                                         "base64, or a data:image/...;base64, URI")
-    image_url: Text | None = Field(default=None, description="an image URL (allowed schemes only)")
-    image_b64: Text | None = Field(default=None, description="base64 image bytes")
-
-    @model_validator(mode="after")
-    def _one_image(self) -> "RerankDocument":
-        given = [f for f in IMAGE_FIELDS if getattr(self, f)]
-        if len(given) > 1:
-            raise ValueError(f"give one of {', '.join(IMAGE_FIELDS)}, not several")
-        if not (self.text or given):
-            raise ValueError(f"a document needs text or an image ({', '.join(IMAGE_FIELDS)})")
-        return self
-
-
-def _document_kind(v: Any) -> str:
-    return "string" if isinstance(v, str) else "object"
-
-
-# A document as Cohere (v1 and v2) and Jina send it: a string (its text) or an object. The discriminator makes a
-# bad document one error of its own kind (a plain union reports why it is neither).
-Document = Annotated[Annotated[Annotated[Text, Field(min_length=1)], Tag("string")]
-                     | Annotated[RerankDocument, Tag("object")],
-                     Discriminator(_document_kind),
-                     Field(description="a string (the document's text), or an object with text and/or an image")]
-
-
-class RerankRequest(BaseModel):
-    """``POST /v1/rerank``: Cohere v1's and Jina's request."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: Text = Field(min_length=1)
-    documents: list[Document] = Field(min_length=1)
-    top_n: int | None = Field(default=None, gt=0)
-    return_documents: bool | None = Field(default=False, description="echo each document (null: false)")
-    model: Text | None = Field(default=None, description="accepted and reported back; the served reranker is fixed")
-    # Cohere v1 parameters: the SDK sends them as null when an integration passes None; see NOT_APPLIED.
-    max_chunks_per_doc: int | None = Field(default=None, gt=0, description="accepted, not applied (meta.warnings)")
-    rank_fields: list[Text] | None = Field(default=None, description="accepted, not applied (meta.warnings)")
-
-
-class RerankV2Request(BaseModel):
-    """``POST /v2/rerank``: Cohere v2's request (documents may also be the objects of ``/v1/rerank``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text | None = Field(default=None, description="accepted and reported back; the served reranker is fixed")
-    query: Text = Field(min_length=1)
-    documents: list[Document] = Field(min_length=1)
-    top_n: int | None = Field(default=None, gt=0)
-    max_tokens_per_doc: int | None = Field(default=None, gt=0, description="accepted, not applied (meta.warnings)")
-    priority: int | None = Field(default=None, ge=0, description="accepted, not applied (meta.warnings)")
-
-
-class RerankResult(BaseModel):
-    index: int = Field(description="the document's position in the request")
-    relevance_score: float
-    document: RerankDocument | None = Field(default=None, description="/v1/rerank with return_documents: true")
-
-
-class ApiVersion(BaseModel):
-    version: str
-
-
-class RerankMeta(BaseModel):
-    """Cohere's ``meta``: the API version answered, and what of the request was not applied."""
-
-    api_version: ApiVersion
-    warnings: list[str] | None = None
-
-
-class RerankResponse(BaseModel):
-    """Cohere's response (``id``, ``results``, ``meta``) plus ``model``: the served reranker's name."""
-
-    id: str
-    model: str
-    results: list[RerankResult] = Field(description="best first")
-    meta: RerankMeta
-
-
-# Cohere parameters accepted so that its clients work, and not applied: why, for meta.warnings.
-NOT_APPLIED = {
-    "max_tokens_per_doc": "documents are truncated to the served reranker's max_length",
-    "max_chunks_per_doc": "documents are not chunked; they are truncated to the served reranker's max_length",
-    "rank_fields": "a document is ranked on its text and image",
-    "priority": "requests are served in arrival order",
-}
-
-
-def _rerank_meta(version: str, served: str, req: RerankRequest | RerankV2Request) -> RerankMeta:
-    """Cohere's ``meta``; ``warnings`` say what of the request was not applied (never echoing it).
-    Module level above ``Api``: ``serve.ingress`` pickles the handlers with the globals defined by then."""
-    warnings = [f"{name} is not applied: {why}" for name, why in NOT_APPLIED.items()
-                if getattr(req, name, None) is not None]
-    if req.model is not None and req.model != served:
-        warnings.append(f"the requested model is not served here; scored with {served}")
-    return RerankMeta(api_version=ApiVersion(version=version), warnings=warnings or None)
-
-
 # --- the HTTP ingress ----------------------------------------------------------------------------------
 
 api = FastAPI(title="mmrerank", version="0.1.0",
               description="Precomputed reranked multimodal results, and live search + rerank.")
 
 
-def _max_body_bytes() -> int:
-    try:  # this replica's settings: serve.ingress(api) pickled a copy of `api`, so api.state is not ours
-        return int(serve.get_replica_context().servable_object.settings.max_body_bytes)
-    except Exception:  # noqa: BLE001 - outside a replica (tests of the bare app)
-        return 8 << 20
-
-
-class _BodyLimit:
-    """Pure ASGI middleware (no BaseHTTPMiddleware task/stream per request): 413 over max_body_bytes,
-    by Content-Length up front, or counted while a chunked body streams in."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        limit = _max_body_bytes()
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            too_big = f"request body over {limit} bytes"
-            return await JSONResponse(status_code=413, content=_error_body(too_big, too_big))(
-                scope, receive, send)
-        seen = 0
-
-        async def counted() -> Any:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:  # FastAPI re-raises HTTPException from the body read -> a 413 response
-                    raise HTTPException(status_code=413, detail=f"request body over {limit} bytes")
-            return msg
-
-        return await self.app(scope, counted, send)
-
-
-api.add_middleware(_BodyLimit)
-
-
-class _SafeJSON(JSONResponse):
-    """Error bodies that always encode: ASCII escapes (a lone surrogate in an echoed id or field name)."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def _error_body(detail: Any, message: str) -> dict[str, Any]:
-    """Every error body: ``message`` (what Cohere's and Jina's SDKs show) and ``detail`` (FastAPI's shape)."""
-    return {"message": message, "detail": detail}
-
-
-async def _invalid_request(request: Any, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field, without echoing the input: it can be huge, NaN/inf (not JSON) or not text."""
-    detail = [{"type": str(e.get("type", "")), "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
-               "msg": str(e.get("msg", ""))} for e in exc.errors()]
-    parts = [f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail[:3]]
-    more = f" (+{len(detail) - 3} more)" if len(detail) > 3 else ""
-    return _SafeJSON(status_code=422, content=_error_body(detail, "invalid request: " + "; ".join(parts) + more))
-
-
-async def _http_error(request: Any, exc: StarletteHTTPException) -> JSONResponse:
-    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, ensure_ascii=True)
-    return _SafeJSON(status_code=exc.status_code, content=_error_body(exc.detail, message),
-                     headers=getattr(exc, "headers", None))
-
-
-# Before @serve.ingress(api) below: it freezes a pickled copy of the app.
-api.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
-api.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+install(api)  # before @serve.ingress(api) below: it freezes a pickled copy of the app
 
 
 @serve.deployment(logging_config={"enable_access_log": False})
@@ -508,7 +308,7 @@ class Api:
     async def rerank(self, req: RerankRequest) -> RerankResponse:
         """Cohere v1 / Jina: ``documents`` are strings or objects (text, image); ``return_documents`` echoes them."""
         served, docs, order, scores = await self._rerank(req.query, req.documents, req.top_n)
-        return RerankResponse(id=str(uuid.uuid4()), model=served, meta=_rerank_meta("1", served, req),
+        return RerankResponse(id=str(uuid.uuid4()), model=served, meta=rerank_meta("1", served, req),
                               results=[RerankResult(index=i, relevance_score=scores[i],
                                                     document=docs[i] if req.return_documents else None)
                                        for i in order])
@@ -517,7 +317,7 @@ class Api:
     async def rerank_v2(self, req: RerankV2Request) -> RerankResponse:
         """Cohere v2 (``cohere.ClientV2(...).rerank``): the same scores as ``/v1/rerank``."""
         served, _, order, scores = await self._rerank(req.query, req.documents, req.top_n)
-        return RerankResponse(id=str(uuid.uuid4()), model=served, meta=_rerank_meta("2", served, req),
+        return RerankResponse(id=str(uuid.uuid4()), model=served, meta=rerank_meta("2", served, req),
                               results=[RerankResult(index=i, relevance_score=scores[i]) for i in order])
 
     def _image(self, i: int, d: RerankDocument, limits: tuple[int, tuple[str, ...], int]) -> Any:
