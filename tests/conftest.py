@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,21 +185,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     """A fresh, empty, uniquely named bucket; yields ``s3://<bucket>``; emptied and deleted after."""
-    client = s3_server.client()
-    bucket = f"mmr-test-{uuid.uuid4().hex[:16]}"
-    client.create_bucket(Bucket=bucket)
-    clear_s3fs_caches()
-    try:
-        yield f"s3://{bucket}"
-    finally:
-        clear_s3fs_caches()
-        with contextlib.suppress(Exception):
-            paginator = client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket):
-                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if keys:
-                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-            client.delete_bucket(Bucket=bucket)
+    from tests.seaweed import fresh_bucket
+
+    with fresh_bucket(s3_server) as uri:
+        yield uri
 
 
 @pytest.fixture(params=["local", "s3"])
