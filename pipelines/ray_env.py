@@ -102,6 +102,45 @@ def _keep_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+# Ray waits a fixed 30 s for a new local raylet to register with its GCS (ray/_private/node.py); on a loaded
+# host (the raylet waits for its agents, Python processes that import a lot) that can run out. A second start
+# then usually succeeds: the local start is tried this many times.
+LOCAL_START_ATTEMPTS = 2
+_START_TIMEOUT = "timed out during startup"
+
+
+def _stop_partial_start() -> None:
+    """End the Ray processes a failed local start left behind (children of this process from the ray package:
+    GCS, raylet, agents, monitors), by PID; no other child of this process is touched."""
+    import psutil
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__)
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(ray_dir in part for part in [child.exe(), *child.cmdline()]):
+                child.kill()
+
+
+def _init_local(kwargs: dict[str, Any]) -> None:
+    """``ray.init`` of a new local instance, started again once when Ray's registration wait runs out."""
+    import ray
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            with _loopback_only():
+                ray.init(address="local", **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this timeout
+            if _START_TIMEOUT not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("the local Ray did not come up within Ray's 30 s registration wait (a loaded machine?): "
+                        "starting it again (attempt %d of %d)", attempt + 1, LOCAL_START_ATTEMPTS)
+            _stop_partial_start()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
+
 def ensure_ray(cfg: RayConfig) -> dict[str, float]:
     """Initialise Ray unless already connected; return the cluster's resources."""
     import ray
@@ -130,8 +169,7 @@ def ensure_ray(cfg: RayConfig) -> dict[str, float]:
             else:
                 # A new local instance, also when a `ray start` cluster runs on this machine (ray.init()
                 # alone would attach to it): `ray.address: null` means local.
-                with _loopback_only():
-                    ray.init(address="local", **kwargs)
+                _init_local(kwargs)
         if _QUIET["on"]:
             _filter_worker_logs()
     ctx = DataContext.get_current()
