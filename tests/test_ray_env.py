@@ -61,21 +61,22 @@ def test_other_failures_and_a_second_timeout_are_raised(monkeypatch: pytest.Monk
     assert len(seen) == ray_env.LOCAL_START_ATTEMPTS
 
 
+CLEANUP = """
+import os, subprocess, sys
+import ray
+from pipelines import ray_env
+sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+stand_in = subprocess.Popen([*sleep, os.path.join(os.path.dirname(ray.__file__), "core", "raylet")])
+other = subprocess.Popen(sleep)
+ray_env._stop_partial_start()
+print(stand_in.wait(timeout=10) != 0, other.poll() is None)
+other.kill()
+"""
+
+
 def test_cleanup_ends_only_ray_processes() -> None:
     """A child started from the ray package (here a stand-in naming a file there) is ended; a plain child
-    (a sleep) survives the cleanup of a failed start."""
-    import os
-
-    import ray
-
-    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-    stand_in = subprocess.Popen([*sleep, os.path.join(os.path.dirname(ray.__file__), "core", "raylet")])
-    other = subprocess.Popen(sleep)
-    try:
-        ray_env._stop_partial_start()
-        assert stand_in.wait(timeout=10) != 0  # killed
-        assert other.poll() is None
-    finally:
-        for p in (stand_in, other):
-            p.kill()
-            p.wait()
+    (a sleep) survives. In a process of its own: here it would end this test process's own Ray too."""
+    r = subprocess.run([sys.executable, "-c", CLEANUP], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True"], (r.stdout, r.stderr[-2000:])

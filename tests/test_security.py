@@ -91,16 +91,11 @@ def sample(scratch: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def bucket(s3_server: S3Server) -> Iterator[str]:
-    client = s3_server.client()
-    name = f"mmr-sec-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    yield name
-    with contextlib.suppress(Exception):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=name, Delete={"Objects": keys})
-        client.delete_bucket(Bucket=name)
+    """The module's bucket (its name); emptied and deleted after."""
+    from tests.seaweed import fresh_bucket
+
+    with fresh_bucket(s3_server, prefix="mmr-sec") as uri:
+        yield uri.removeprefix("s3://")
 
 
 def _cfg(root: str, sample: Any, storage: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -18,16 +19,33 @@ from operators import faiss_shards as F
 from operators.decode import decode_image
 from operators.layout import cache_dir
 
+if TYPE_CHECKING:
+    from operators.storage import Storage
+    from pipelines.config import Config
+
 log = logging.getLogger(__name__)
 
 THUMB_MIN, THUMB_MAX, THUMB_DEFAULT = 16, 512, 160
 JPEG_QUALITY = 85
 
 
+class DocSource(Protocol):
+    """What the explorer reads of the live path (:class:`pipelines.serve.live.Live` is one): the run's
+    config and storage, the index shards' searchers (their ``docs`` id tables), each corpus shard's source
+    uri and payload column, and content by ``(corpus shard, row)``."""
+
+    cfg: Config
+    storage: Storage
+    searchers: Sequence[Any]
+    corpus: dict[str, tuple[str, str]]
+
+    def contents(self, locs: list[tuple[str, int]]) -> list[tuple[bytes | None, str | None, str | None]]: ...
+
+
 class Docs:
     """Doc lookups of one loaded run (``live`` is the model replica's :class:`pipelines.serve.live.Live`)."""
 
-    def __init__(self, live: Any, index_uri: str) -> None:
+    def __init__(self, live: DocSource, index_uri: str) -> None:
         self.live = live
         t = pa.concat_tables([s.docs for s in live.searchers])
         self.shard = t.column("doc_shard").to_pylist()
