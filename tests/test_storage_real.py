@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators.storage import Storage, StorageError, StorageOptions, arrow_filesystem, join
+from operators.storage import Storage, StorageError, StorageOptions, arrow_filesystem, join, storage_error_of
 from pipelines import publish as P
 from pipelines.config import Config, ConfigError, parse_config
 from pipelines.sample import SampleInfo, make_sample
@@ -269,3 +269,60 @@ def test_run_rides_out_a_pause_and_a_restart(seaweed: SeaweedServer, bucket: str
     check_against_reference(st, cfg, report.run_dir, report.run_id, reference)
     for rel in ("_RUN.json", "stats.json", P.MANIFEST):  # the config's credentials reach no output
         _no_secrets(st.read_bytes(join(report.run_dir, rel)).decode())
+
+
+def test_a_run_stopped_by_an_outage_resumes_and_the_next_night_reuses_its_caches(
+        seaweed: SeaweedServer, bucket: str, sample: SampleInfo, reference: Reference, ray_local: None) -> None:
+    """The server goes down for good (2 s budget) once the rerank stage has candidates: the run fails with the
+    clear ``StorageError``, nothing is published. Server back: the same config resumes that run and publishes
+    it; the next night's run reuses every cached embedding and the index, and ``LATEST`` moves on. No object
+    in the bucket holds a credential."""
+    from pipelines import run as R
+
+    root = f"{bucket}/nights"
+    cfg = _cfg(seaweed, root, sample, retries=2, retry_deadline_s=2.0)
+    st = Storage(_options(seaweed))
+    prefix = root.removeprefix(bucket).lstrip("/") + "/"
+    try:
+        with Faults(seaweed, bucket, prefix, [("/candidates/", seaweed.kill)]) as faults, \
+                pytest.raises(Exception) as ei:  # noqa: PT011 - the type is asserted below
+            R.run(cfg)
+    finally:
+        if not seaweed.running:
+            seaweed.start()
+    assert not faults.errors and [m for m, _ in faults.fired] == ["/candidates/"], (faults.errors, faults.fired)
+    err = storage_error_of(ei.value)
+    assert err is not None, f"{type(ei.value).__name__}: {ei.value}"
+    msg = str(err).splitlines()[0]
+    assert msg.startswith(f"{root}/") and f"endpoint {seaweed.endpoint_url}" in msg, msg
+    _no_secrets(f"{ei.value} {ei.value!r}")
+    assert P.read_latest(st, root)[0] is None
+    unfinished = R.find_unfinished(st, cfg)
+    assert unfinished is not None
+
+    first = R.run(cfg)  # the server is back: the same job resumes
+    assert first.resumed and first.published and first.run_id == unfinished
+    check_manifest(st, first.run_dir, first.run_id)
+    check_against_reference(st, cfg, first.run_dir, first.run_id, reference)
+
+    second = R.run(cfg)  # the next night
+    assert second.published and not second.resumed and second.run_id != first.run_id
+    latest, _ = P.read_latest(st, root)
+    assert latest is not None and (latest["run_id"], latest["previous"]) == (second.run_id, first.run_id)
+    check_manifest(st, second.run_dir, second.run_id)
+    check_against_reference(st, cfg, second.run_dir, second.run_id, reference)
+    stages = st.read_json(join(second.run_dir, "stats.json"))["stages"]
+    for name in ("embed_corpus", "embed_queries"):
+        s = stages[name]
+        assert (s["shards_reused"], s["rows_embedded"]) == (s["shards"], 0), (name, s)
+    assert stages["index"]["reused"] is True, stages["index"]
+
+    client = seaweed.client()
+    name = bucket.removeprefix("s3://")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=name)
+            for o in page.get("Contents", [])]
+    assert any(k.startswith(f"{prefix}runs/{second.run_id}/") for k in keys)
+    for key in keys:
+        body = client.get_object(Bucket=name, Key=key)["Body"].read()
+        for s in SECRETS:
+            assert s.encode() not in body, f"secret {s[:6]}... in s3://{name}/{key}"
