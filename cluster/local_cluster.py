@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,7 +79,8 @@ class LocalCluster:
                                 env={**os.environ, **self.env})
         return Node(name, proc.pid, temp)
 
-    def start(self, timeout_s: float = 120) -> LocalCluster:
+    def start(self, timeout_s: float = 120, retries: int = 1) -> LocalCluster:
+        """Head, then the workers together; a worker whose start fails is started again (see :meth:`_join`)."""
         Path(self.state).mkdir(parents=True, exist_ok=True)
         port = _free_port()
         self.address = f"127.0.0.1:{port}"
@@ -90,9 +93,8 @@ class LocalCluster:
             "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", *dash,
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}", f"--ray-client-server-port={_free_port()}"]))
         self._wait(1, timeout_s)
-        for i in range(self.workers):
-            self.nodes.append(self._start_worker(f"worker{i}"))
-        self._wait(1 + self.workers, timeout_s)
+        self._join({f"worker{i}": functools.partial(self._start_worker, f"worker{i}") for i in range(self.workers)},
+                   1 + self.workers, timeout_s, retries)
         if self.dashboard:  # it comes up after the GCS: a `serve deploy` right after start() would be refused
             self._wait_dashboard(timeout_s)
         self.save()
@@ -107,28 +109,37 @@ class LocalCluster:
             f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
             f"--num-gpus={num_gpus}", f"--object-store-memory={self.object_store_mb * 1024 * 1024}"])
 
-    def add_worker(self, name: str, timeout_s: float = 120, num_cpus: float | None = None, num_gpus: int = 0,
-                   retries: int = 1) -> Node:
-        """Join one more worker node (as an autoscaler replacing a lost machine, or adding a GPU one, would).
-
-        A start that fails is retried ``retries`` times: `ray start` gives its raylet a fixed 30 s to register
-        with the GCS and exits when that runs out, which happens on a heavily loaded host."""
-        alive = self._alive_nodes()
+    def _join(self, starts: dict[str, Callable[[], Node]], n: int, timeout_s: float, retries: int) -> list[Node]:
+        """Start the named nodes and wait until the cluster counts ``n``. A node whose ``ray start`` exited is
+        started again, ``retries`` times: `ray start` gives its raylet a fixed 30 s to register with the GCS and
+        exits when that runs out, which happens on a heavily loaded host."""
+        started = {name: start() for name, start in starts.items()}
+        self.nodes.extend(started.values())
         for attempt in range(retries + 1):
-            node = self._start_worker(name, num_cpus, num_gpus)
-            self.nodes.append(node)
             try:
-                self._wait(alive + 1, timeout_s)
+                self._wait(n, timeout_s)
                 break
             except RuntimeError:
-                _killpg(node.pgid, signal.SIGKILL)  # whatever of it is left: it must not register later
-                node.lost = True
-                if attempt == retries:
+                failed = [name for name, node in started.items() if not _alive(node.pgid)]
+                if attempt == retries or not failed:
                     raise
-                lines = (Path(self.state) / f"{name}.log").read_text(errors="replace").strip().splitlines()
-                log.warning("node %s failed to start (%s); starting it again", name, lines[-1] if lines else "no log")
+                for name in failed:
+                    _killpg(started[name].pgid, signal.SIGKILL)  # whatever of it is left must not register later
+                    started[name].lost = True
+                    lines = (Path(self.state) / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                    log.warning("node %s failed to start (%s); starting it again", name,
+                                lines[-1] if lines else "no log")
+                    started[name] = starts[name]()
+                    self.nodes.append(started[name])
         self.save()
-        return node
+        return list(started.values())
+
+    def add_worker(self, name: str, timeout_s: float = 120, num_cpus: float | None = None, num_gpus: int = 0,
+                   retries: int = 1) -> Node:
+        """Join one more worker node (as an autoscaler replacing a lost machine, or adding a GPU one, would); a
+        failed start is retried (:meth:`_join`)."""
+        start = functools.partial(self._start_worker, name, num_cpus, num_gpus)
+        return self._join({name: start}, self._alive_nodes() + 1, timeout_s, retries)[0]
 
     def stop_node(self, name: str, timeout_s: float = 60) -> None:
         """Stop one node gracefully (SIGTERM to its process group, as ``ray stop`` would) and wait until the

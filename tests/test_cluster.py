@@ -406,6 +406,52 @@ def test_node_temp_dir_stays_short_whatever_the_node_name(tmp_path: Path, monkey
     assert [f"--temp-dir={n.temp_dir}" in args for n, args in zip(nodes, started, strict=True)] == [True] * 3
 
 
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_worker_whose_start_fails_is_started_again_once(failures: int, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """`ray start` exits when its raylet does not register within Ray's fixed 30 s (a loaded host): the cluster
+    starts that worker once more, and gives up with the error after that. Nodes here are plain processes (one
+    that prints Ray's message and exits, or one that stays up); the cluster counts the ones that stay up."""
+    import cluster.local_cluster as lc
+
+    attempts: dict[str, int] = {}
+    up: set[int] = set()
+
+    def start_node(self: LocalCluster, name: str, args: list[str]) -> lc.Node:
+        attempts[name] = attempts.get(name, 0) + 1
+        fails = name == "worker1" and attempts[name] <= failures
+        script = ("echo 'Exception: The current node timed out during startup.'; exit 1" if fails
+                  else "exec sleep 600")
+        with open(tmp_path / f"{name}.log", "wb") as logf:
+            proc = subprocess.Popen(["sh", "-c", script], stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        if not fails:
+            up.add(proc.pid)
+        return lc.Node(name, proc.pid, str(tmp_path / f"t{proc.pid}"))
+
+    monkeypatch.setattr(LocalCluster, "_start_node", start_node)
+    monkeypatch.setattr(LocalCluster, "_alive_nodes",
+                        lambda self: sum(1 for n in self.nodes if n.pgid in up and lc._alive(n.pgid)))
+    c = LocalCluster(state=str(tmp_path), workers=2)
+    try:
+        if failures == 1:
+            c.start(timeout_s=60)
+            assert attempts == {"head": 1, "worker0": 1, "worker1": 2}
+            assert [(n.name, n.lost) for n in c.nodes] == \
+                [("head", False), ("worker0", False), ("worker1", True), ("worker1", False)]
+            c.check_nodes()  # the lost start does not count as a node that died
+            assert "node worker1 failed to start (Exception: The current node timed out during startup.)" \
+                in caplog.text
+        else:
+            with pytest.raises(RuntimeError, match="worker1 exited"):
+                c.start(timeout_s=60)
+            assert attempts["worker1"] == 2
+    finally:
+        c.stop()
+    assert not any(lc._alive(pid) for pid in up)
+
+
 def test_an_exited_node_leader_is_not_alive() -> None:
     """`ray start --block` is our child: once it exits it must not count as alive (as an unreaped zombie it
     did, and LocalCluster.stop sat out its whole SIGTERM grace for every node)."""
