@@ -45,6 +45,7 @@ OTHER_SECRET_ACCESS_KEY = "other-secret-MMR-c0de77"
 
 START_TIMEOUT_S = 60.0  # a hang guard on a loaded 2-core box, not a performance claim
 S3_KINDS = ("moto", "seaweedfs")
+PROBE_BUCKET = "mmr-ready-probe"  # the server's own: wait_ready reads its object back
 
 # The AWS variables the moto fixture clears (conftest): nothing from the developer's machine leaks in.
 _AWS_ENV_CLEARED = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
@@ -160,7 +161,8 @@ class SeaweedServer:
         log.info("SeaweedFS pid %d answers on %s after %.1fs", self.pid, self.endpoint_url, time.monotonic() - t0)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Until a signed ListBuckets succeeds (the gateway is up and has loaded the identities)."""
+        """Until a signed ListBuckets succeeds (the gateway is up and has loaded the identities) and a stored
+        object reads back (:meth:`_probe`)."""
         client = self.client(connect_timeout=1, read_timeout=2, max_attempts=1)
         deadline = time.monotonic() + timeout
         last: object = None
@@ -171,6 +173,7 @@ class SeaweedServer:
                                    f"log tail ({self.log_path}):\n{log_tail(self.log_path)}")
             try:
                 client.list_buckets()
+                self._probe(client)
                 return
             except Exception as e:  # noqa: BLE001 - not up yet
                 last = e
@@ -178,6 +181,24 @@ class SeaweedServer:
                 raise RuntimeError(f"SeaweedFS did not answer on {self.endpoint_url} within {timeout:.0f}s "
                                    f"(last: {last!r}); log tail ({self.log_path}):\n{log_tail(self.log_path)}")
             time.sleep(0.1)
+
+    def _probe(self, client: Any) -> None:
+        """Read the probe object back (written on the first start). After a restart the gateway answers
+        ListBuckets before its volume server has registered again, and object reads fail with InternalError
+        meanwhile: a test right after :meth:`start` must meet a server that serves its data."""
+        from botocore.exceptions import ClientError
+
+        try:
+            body = client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("NoSuchBucket", "NoSuchKey"):
+                raise
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket=PROBE_BUCKET)
+            client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ok")
+            body = client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read()
+        if body != b"ok":
+            raise RuntimeError(f"SeaweedFS probe object read back as {body[:40]!r}")
 
     def _remove_sockets(self) -> None:
         """Unix sockets a SIGKILL (or the admin server, even on SIGTERM) leaves behind: ours in ``base``, and
