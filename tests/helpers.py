@@ -56,6 +56,12 @@ def closed_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+def bucket_keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
+    """Every object key of an S3 bucket (under ``prefix``), through a boto3 client."""
+    return [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+
+
 def log_tail(path: Path, n: int = 60) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server, free_port
+from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, S3Server, bucket_keys, free_port
 from tests.reference import lean
 
 # Config-borne credentials (moto accepts any): must never show up anywhere either.
@@ -253,8 +253,7 @@ def _parquet_text(data: bytes) -> bytes:
 
 def test_no_secret_in_any_object_of_the_bucket(runs: Runs, s3_server: S3Server) -> None:
     client = s3_server.client()
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=runs.bucket)
-            for o in page.get("Contents", [])]
+    keys = bucket_keys(client, runs.bucket)
     # The scan covers everything the runs publish (a vacuous scan would pass too).
     for run_id in runs.run_ids:
         for rel in ("_RUN.json", "_MANIFEST.json", "stats.json"):

@@ -29,7 +29,7 @@ from operators.storage import Storage, StorageError, StorageOptions, arrow_files
 from pipelines import publish as P
 from pipelines.config import Config, ConfigError, parse_config
 from pipelines.sample import SampleInfo, make_sample
-from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
+from tests.helpers import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, bucket_keys
 from tests.reference import (
     Reference,
     build_reference,
@@ -134,17 +134,11 @@ class Faults:
         self._stop.set()
         self._thread.join(timeout=60)
 
-    def _keys(self, client: Any) -> list[str]:
-        keys: list[str] = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-            keys += [o["Key"] for o in page.get("Contents", [])]
-        return keys
-
     def _loop(self) -> None:
         client = self.server.client(connect_timeout=1, read_timeout=2, max_attempts=1)
         while not self._stop.is_set() and self.triggers:
             try:
-                keys = self._keys(client)
+                keys = bucket_keys(client, self.bucket, self.prefix)
             except Exception:  # noqa: BLE001 - the server is down or frozen: look again
                 time.sleep(0.05)
                 continue
@@ -322,8 +316,7 @@ def test_a_run_stopped_by_an_outage_resumes_and_the_next_night_reuses_its_caches
 
     client = seaweed.client()
     name = bucket.removeprefix("s3://")
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=name)
-            for o in page.get("Contents", [])]
+    keys = bucket_keys(client, name)
     assert any(k.startswith(f"{prefix}runs/{second.run_id}/") for k in keys)
     for key in keys:
         body = client.get_object(Bucket=name, Key=key)["Body"].read()
