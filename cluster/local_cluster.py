@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipelines.ray_env import LOCAL_SYSTEM_CONFIG
+
 log = logging.getLogger("mmrerank.cluster")
 
 
@@ -91,7 +93,9 @@ class LocalCluster:
             dash = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
         self.nodes.append(self._start_node("head", [
             "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", *dash,
-            f"--object-store-memory={self.object_store_mb * 1024 * 1024}", f"--ray-client-server-port={_free_port()}"]))
+            f"--object-store-memory={self.object_store_mb * 1024 * 1024}", f"--ray-client-server-port={_free_port()}",
+            # the workers read the head's system config from its GCS
+            f"--system-config={json.dumps(LOCAL_SYSTEM_CONFIG)}"]))
         self._wait(1, timeout_s)
         self._join({f"worker{i}": functools.partial(self._start_worker, f"worker{i}") for i in range(self.workers)},
                    1 + self.workers, timeout_s, retries)

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pipelines.ray_env import LOCAL_SYSTEM_CONFIG
+
 # Sentinel credentials: never valid anywhere, easy to grep for in messages that must not contain them.
 TEST_ACCESS_KEY_ID = "testing-key-id-MMR"
 TEST_SECRET_ACCESS_KEY = "testing-secret-MMR-9f3a"
@@ -250,7 +252,7 @@ def ray_init_local(
             include_dashboard=False,
             log_to_driver=True,
             runtime_env=runtime_env,
-            **init_kwargs,
+            **{"_system_config": LOCAL_SYSTEM_CONFIG, **init_kwargs},
         )
         from ray.data import DataContext
 
