@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -104,6 +105,7 @@ from _common import (  # this script's directory is on sys.path; _common adds th
     wait_quiet,
 )
 
+log = logging.getLogger("bench_rerank")
 RUN_ID = "bench-candidates"
 BACKENDS = ("clip", "vlm_yesno")
 
@@ -165,7 +167,20 @@ def run_prepare(a: argparse.Namespace) -> dict[str, Any]:
     s = run_search(cfg, run_id=RUN_ID, storage=storage, index=index)
     ray.shutdown()
     return {"run_id": RUN_ID, "candidates": s.candidates, "queries": s.queries_in, "k": s.k,
-            "corpus_map": {sh.key: sh.source for sh in corpus.shards}, "prepare_s": time.time() - t}
+            "corpus_map": {sh.key: sh.source for sh in corpus.shards}, "prepare_s": time.time() - t,
+            "retrieval_fp": corpus.model_fingerprint}
+
+
+def _clear_rerank_caches(root: str, retrieval_fp: str) -> list[str]:
+    """Remove every model's embedding cache but the retrieval model's: each timed run is then a first night for
+    the clip reranker (it encodes the corpus, as the raw loop does), not a later night reading cached vectors."""
+    from operators import layout as L
+
+    keep = Path(L.embeddings_dir(root, retrieval_fp))
+    gone = [d.name for d in keep.parent.iterdir() if d.is_dir() and d != keep]
+    for name in gone:
+        shutil.rmtree(keep.parent / name)
+    return gone
 
 
 # --- the raw loop ------------------------------------------------------------------------------------------
@@ -432,6 +447,9 @@ def run_pipeline(a: argparse.Namespace) -> dict[str, Any]:
             runs_dir = Path(setup["root"]) / "runs"
             shutil.rmtree(runs_dir / run_id, ignore_errors=True)
             shutil.copytree(runs_dir / prep["run_id"] / "candidates", runs_dir / run_id / "candidates")
+            cleared = _clear_rerank_caches(setup["root"], prep["retrieval_fp"])
+            if cleared:
+                log.info("cleared the embedding caches of %s: the run encodes what it scores", cleared)
             events = Path(a.workdir) / f"pipeline-events-{a.backend}-{os.getpid()}-{k}.jsonl"
             events.unlink(missing_ok=True)
             for name, obj in _timed_operators(str(events)).items():
@@ -676,7 +694,8 @@ def main(argv: list[str] | None = None) -> None:
     t = time.time()
     setup = _ensure_sample(a)
     (wd / "setup.json").write_text(json.dumps(setup, indent=2))
-    params = {"embed_model": a.embed_model, "k": a.k, "sample": setup["sample"], "set": a.set}
+    # "prepared": bumped when prepared.json gains a field (2: retrieval_fp), so an older workdir is prepared again.
+    params = {"embed_model": a.embed_model, "k": a.k, "sample": setup["sample"], "set": a.set, "prepared": 2}
     prep_file = wd / "prepared.json"
     prep = json.loads(prep_file.read_text()) if prep_file.exists() else None
     if not prep or prep.get("params") != params:

@@ -104,8 +104,8 @@ def _keep_sigterm_handler() -> Iterator[None]:
 
 # Ray ends a task worker idle for 1 s beyond the node's CPU count (its default). A run's stages follow one another
 # with short gaps and run their tasks at num_cpus < 1, so on a small node every stage started its task workers
-# anew (~1.6 CPU-s each on this 2-core machine). Kept for 5 min, they serve the next stage. Measured on the test
-# suite's CLI run config (benchmarks/bench_local_ray.py): about a fifth less CPU and wall time per run.
+# anew (~1.6 CPU-s each on a 2-core machine). Kept for 5 min, they serve the next stage: a CLI run of the test
+# suite's config takes 0.89 of the CPU and wall time of Ray's default (benchmarks/bench_local_ray.py, 3 rounds).
 # Applied to the local instances this project starts (ensure_ray, cluster/local_cluster.py, the tests' own);
 # a cluster's own settings are left alone.
 LOCAL_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_ms": 300_000}
