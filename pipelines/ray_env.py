@@ -197,6 +197,15 @@ class PoolConfig(Protocol):
     torch_threads: int | str
 
 
+def auto_threads(n: int) -> int:
+    """Torch threads per process for an "auto" setting: ``n``, capped by ``OMP_NUM_THREADS`` when the driver's
+    environment sets it. That is how an operator (or a test session running two pytest workers on two cores)
+    says how many cores each process may use: more threads than cores given make every OpenMP barrier wait
+    for a preempted thread (a 2-thread training epoch ran 0.7 s alone and 23 s beside another pytest worker)."""
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, min(n, int(cap)) if cap.isdigit() and int(cap) > 0 else n)
+
+
 def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str, other_tasks_cpus: float,
                auto_cpu_actors: int = 1, auto_pool_share: float = 1.0) -> tuple[str, int, dict[str, Any], int]:
     """Device, pool size, per-actor resources and torch threads, resolved once for the cluster.
@@ -242,5 +251,5 @@ def actor_pool(cfg: PoolConfig, res: dict[str, float], section: str, other_tasks
             f"{section}.actor_num_cpus: {n} actor(s) x {cfg.actor_num_cpus} CPU leave no CPU for the stage's "
             f"other tasks ({other_tasks_cpus:g} CPU) on a cluster with {cpus:g} CPUs; lower "
             f"{section}.actor_num_cpus or {section}.num_actors")
-    threads = int(cfg.torch_threads) if cfg.torch_threads != "auto" else max(1, node_cpus // n)
+    threads = int(cfg.torch_threads) if cfg.torch_threads != "auto" else auto_threads(node_cpus // n)
     return device, n, {"num_cpus": per_actor}, threads

@@ -148,7 +148,7 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
     from ray.train.torch import TorchTrainer
 
     from pipelines.evaluate import load_qrels
-    from pipelines.ray_env import ensure_ray
+    from pipelines.ray_env import auto_threads, ensure_ray
 
     t0 = time.monotonic()
     tc, name, output = _checked(cfg)
@@ -186,7 +186,7 @@ def run_train(cfg: Config, storage: Storage | None = None) -> TrainReport:
               "batch_size": tc.batch_size, "loss": tc.loss, "lr": tc.lr, "weight_decay": tc.weight_decay,
               "hard_negatives": tc.negatives != "none", "lora": tc.lora.model_dump(),
               "eval_batch_size": cfg.rerank.batch_size, "storage_options": cfg.storage.options(),
-              "torch_threads": max(1, cores // tc.num_workers) if not use_gpu else 0}
+              "torch_threads": auto_threads(cores // tc.num_workers) if not use_gpu else 0}
     fs, path = arrow_filesystem(join(cfg.root, L.TRAINING), cfg.storage.options())
     resume = _last_checkpoint(storage, L.training_dir(cfg.root, name))
     if resume is not None:
