@@ -222,10 +222,13 @@ def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # them on two pytest-xdist workers, whole modules each (`--dist loadfile --no-loadscope-reorder` keeps this order),
 # so the long ones start early and the short ones fill in at the end. test_live_batch comes early because its setup
 # builds the session's trained models, which later modules (train, serve, notebooks) then find in the cache. The
-# modules not named follow in alphabetical order.
+# modules not named follow in alphabetical order: all of them short. The tail matters because xdist hands a worker
+# its next module while the worker still has two tests to go; a long module there leaves the other worker idle
+# (ci13: test_storage_real, 124 s, was the second-to-last module and the two workers ended 76 s apart).
 _FIRST = ("test_cluster", "test_live_batch", "test_faults_s3", "test_run", "test_rerank_scale", "test_train",
-          "test_stop", "test_serve", "test_rerank", "test_security", "test_index_search", "test_embed",
-          "test_notebooks", "test_serve_clients", "test_explorer")
+          "test_stop", "test_serve", "test_rerank", "test_storage_real", "test_security", "test_index_search",
+          "test_embed", "test_storage", "test_notebooks", "test_serve_clients", "test_explorer", "test_console",
+          "test_gpu_check")
 
 
 def _module_rank(item: pytest.Item) -> int:
