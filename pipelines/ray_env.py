@@ -197,12 +197,18 @@ class PoolConfig(Protocol):
     torch_threads: int | str
 
 
+# A cap on "auto" torch threads per process, read from the driver's environment (see auto_threads).
+MAX_THREADS_ENV = "MMR_MAX_TORCH_THREADS"
+
+
 def auto_threads(n: int) -> int:
-    """Torch threads per process for an "auto" setting: ``n``, capped by ``OMP_NUM_THREADS`` when the driver's
-    environment sets it. That is how an operator (or a test session running two pytest workers on two cores)
-    says how many cores each process may use: more threads than cores given make every OpenMP barrier wait
-    for a preempted thread (a 2-thread training epoch ran 0.7 s alone and 23 s beside another pytest worker)."""
-    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    """Torch threads per process for an "auto" setting: ``n``, capped by ``MMR_MAX_TORCH_THREADS`` when the
+    driver's environment sets it: how an operator (or a test session running two pytest workers on two cores)
+    says how many cores each process may use. More threads than cores given make every OpenMP barrier wait for a
+    preempted thread (a 2-thread training epoch ran 0.7 s alone and 23 s beside another pytest worker). Not
+    ``OMP_NUM_THREADS``: Ray sets that in its worker processes (1 for an actor holding no CPU, such as the job
+    supervisor that starts a submitted job's entrypoint, which inherits it) and the cluster launcher's commands."""
+    cap = os.environ.get(MAX_THREADS_ENV, "").strip()
     return max(1, min(n, int(cap)) if cap.isdigit() and int(cap) > 0 else n)
 
 

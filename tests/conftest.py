@@ -1,7 +1,7 @@
 """Shared fixtures: a real S3-compatible server (moto server mode), fresh buckets, a local Ray instance.
 
-Nothing here touches the process environment at import time (``pytest_configure`` sets ``OMP_NUM_THREADS`` under
-pytest-xdist only): AWS settings exist only while the
+Nothing here touches the process environment at import time (``pytest_configure`` sets ``OMP_NUM_THREADS`` and
+``MMR_MAX_TORCH_THREADS`` under pytest-xdist only): AWS settings exist only while the
 ``s3_server`` fixture is alive, ``RAY_AUTH_MODE`` only while a local Ray instance started by
 :func:`ray_init_local` is alive.
 """
@@ -84,9 +84,13 @@ def pytest_configure(config: pytest.Config) -> None:
     two workers each running 2-thread torch on 2 cores made every OpenMP barrier wait on a preempted thread (a
     training epoch of the kill -9 test: 0.7 s alone, 23 s in the suite). Set before torch is imported; a value
     the caller set is kept."""
+    from pipelines.ray_env import MAX_THREADS_ENV
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    for var in ("OMP_NUM_THREADS", MAX_THREADS_ENV):  # torch's own default; the pipeline's "auto" threads
+        if workers > 1 and var not in os.environ:
+            os.environ[var] = share
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -214,7 +214,7 @@ def test_cpu_pool_auto_is_two_actors_that_leave_room_for_a_task(monkeypatch: pyt
         monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": cpus}}])
         monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": cpus if free is None else free})
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the suite's pytest-xdist cap (conftest): checked last
+    monkeypatch.delenv("MMR_MAX_TORCH_THREADS", raising=False)  # the suite's pytest-xdist cap (conftest): checked last
     e = parse_config({"root": "r", "corpus": "c"}).embed
     nodes(2.0)
     assert actor_pool(e, {"CPU": 2.0}, "embed", 0.5, auto_cpu_actors=2) == ("cpu", 2, {"num_cpus": 0.75}, 1)
@@ -237,14 +237,17 @@ def test_cpu_pool_auto_is_two_actors_that_leave_room_for_a_task(monkeypatch: pyt
     assert actor_pool(e, {"CPU": 1.0}, "rerank", 0.5, auto_cpu_actors=2, auto_pool_share=0.5) == (
         "cpu", 1, {"num_cpus": 0.5}, 1)
     assert actor_pool(e, {"CPU": 8.0, "GPU": 2.0}, "embed", 0.5, auto_cpu_actors=2)[:2] == ("cuda", 2)
-    # OMP_NUM_THREADS in the driver's environment caps "auto" threads; an explicit torch_threads is kept.
+    # MMR_MAX_TORCH_THREADS in the driver's environment caps "auto" threads; an explicit torch_threads is kept;
+    # OMP_NUM_THREADS (Ray sets it in its processes; a submitted job's entrypoint inherits it) does not cap them.
     nodes(16.0)
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert actor_pool(e, {"CPU": 16.0}, "embed", 0.5, auto_cpu_actors=2)[3] == 8
+    monkeypatch.setenv("MMR_MAX_TORCH_THREADS", "3")
     assert actor_pool(e, {"CPU": 16.0}, "embed", 0.5, auto_cpu_actors=2)[3] == 3
     assert actor_pool(e.model_copy(update={"torch_threads": 6}), {"CPU": 16.0}, "embed", 0.5, auto_cpu_actors=2)[3] == 6
-    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a cap
+    monkeypatch.setenv("MMR_MAX_TORCH_THREADS", "0")  # not a cap
     assert actor_pool(e, {"CPU": 16.0}, "embed", 0.5, auto_cpu_actors=2)[3] == 8
-    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("MMR_MAX_TORCH_THREADS")
     # An explicit pool that leaves no room for the read task would hang: refused, naming the field.
     nodes(2.0)
     tight = parse_config({"root": "r", "corpus": "c", "embed": {"num_actors": 1, "actor_num_cpus": 1.75}}).embed
