@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -24,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from _common import add_quiet_args, markdown_table, parser, side_logging, spread, wait_quiet
+from cpu_profile import sample  # the /proc reader: (pid, start tick) -> CPU seconds, command line
 
 log = logging.getLogger("bench_local_ray")
-HZ = os.sysconf("SC_CLK_TCK")
 # Ray's default for the other side: the same CLI with the project's local system config emptied first.
 SIDES = {
     "ours": "from pipelines.cli import main; main()",
@@ -34,38 +33,24 @@ SIDES = {
 }
 
 
-def _snapshot() -> dict[tuple[str, str], tuple[float, bytes]]:
-    """(pid, start tick) -> (CPU seconds so far, cmdline head) of every process."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()[:80]
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()
-        out[(pid, rest[19])] = ((int(rest[11]) + int(rest[12])) / HZ, cmd)
-    return out
-
-
 def run_once(side: str, cfg_path: Path, log_path: Path, env: dict[str, str]) -> dict[str, Any]:
-    before = _snapshot()
-    seen = dict(before)
+    first: dict[tuple[str, str], float] = {}
+    seen: dict[tuple[str, str], tuple[float, str]] = {}
+    sample(first, seen)
+    before = set(seen)
     t0 = time.perf_counter()
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", SIDES[side], "run", str(cfg_path)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
-            seen.update(_snapshot())
+            sample(first, seen)
             time.sleep(0.5)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{side}: the run exited {proc.returncode}; see {log_path}")
     new = [v for k, v in seen.items() if k not in before]
     return {"wall_s": wall, "cpu_s": sum(c for c, _ in new), "processes": len(new),
-            "workers": sum(1 for _, cmd in new if cmd.startswith(b"ray::") or b"default_worker" in cmd)}
+            "workers": sum(1 for _, cmd in new if cmd.startswith("ray::") or "default_worker" in cmd)}
 
 
 def main(argv: list[str] | None = None) -> None:
